@@ -1,0 +1,82 @@
+"""Short names for what users type often, and import paths for everything else."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from distill.errors import ConfigError
+
+
+class Registry:
+    """Maps short names to builders (classes or functions).
+
+    `build(name=..., class_path=..., init_args=...)` instantiates either a registered name or
+    any importable `package.module.Name`. Registering a name twice warns and keeps the latest.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None):
+        def deco(obj):
+            key = name or obj.__name__.lower()
+            if key in self._items and self._items[key] is not obj:
+                warnings.warn(f"{self.kind} '{key}' is registered again; the new one replaces the old",
+                              stacklevel=2)
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: Callable[..., Any]) -> None:
+        self.register(name)(obj)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._items:
+            near = difflib.get_close_matches(name, self._items, n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(self.names())}, "
+                "or give class_path: package.module.Name"
+            )
+        return self._items[name]
+
+    def build(self, name: str | None = None, class_path: str | None = None,
+              init_args: dict[str, Any] | None = None, **extra: Any) -> Any:
+        target = import_path(class_path) if class_path else self.get(name or "")
+        kwargs = {**(init_args or {}), **extra}
+        try:
+            return target(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{self.kind} '{class_path or name}': {e}") from e
+
+
+def import_path(path: str) -> Any:
+    """Imports `package.module.Name` (or `package.module:Name`)."""
+    mod_name, _, attr = path.replace(":", ".").rpartition(".")
+    if not mod_name:
+        raise ConfigError(f"class_path '{path}' is not of the form package.module.Name")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"class_path '{path}': cannot import {mod_name} ({e})") from e
+    if not hasattr(module, attr):
+        raise ConfigError(f"class_path '{path}': {mod_name} has no attribute {attr}")
+    return getattr(module, attr)
+
+
+LOSSES = Registry("loss")
+MODELS = Registry("model")
+SCHEDULES = Registry("schedule")
+DATASETS = Registry("dataset")
