@@ -17,8 +17,16 @@ from distill.outputs import Batch, Outputs
 
 Adapter = Callable[[nn.Module, Batch], Outputs]
 
-_EXTRA_FIELDS = ("hidden_states", "attentions", "last_hidden_state", "pooler_output", "loss",
-                 "sentence_embedding", "token_embeddings", "embeddings")
+_EXTRA_FIELDS = (
+    "hidden_states",
+    "attentions",
+    "last_hidden_state",
+    "pooler_output",
+    "loss",
+    "sentence_embedding",
+    "token_embeddings",
+    "embeddings",
+)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

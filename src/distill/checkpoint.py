@@ -33,8 +33,12 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
         tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": key}
     if isinstance(obj, Mapping):
-        return {"__dict__": [[_json_key(k), _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors)]
-                             for k, v in obj.items()]}
+        return {
+            "__dict__": [
+                [_json_key(k), _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors)]
+                for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, list | tuple):
         kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
         return {kind: [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
@@ -83,8 +87,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing {path}; free space and resume "
-                                  "(the previous file is intact)") from e
+            raise CheckpointError(
+                f"disk full while writing {path}; free space and resume (the previous file is intact)"
+            ) from e
         raise
 
 
@@ -118,8 +123,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     tensors, meta = _read_safetensors(path)
     if _META_KEY not in meta:
-        raise CheckpointError(f"{path} is a safetensors file but not a distill training checkpoint "
-                              "(no distill metadata); load it as weights instead")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a distill training checkpoint "
+            "(no distill metadata); load it as weights instead"
+        )
     return _unflatten(json.loads(meta[_META_KEY]), tensors)
 
 
@@ -127,8 +134,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_safetensors(path):
-        raise CheckpointError(f"{path} is not a safetensors file (truncated, corrupted, or another "
-                              "format); distill reads weights only from safetensors or weights-only files")
+        raise CheckpointError(
+            f"{path} is not a safetensors file (truncated, corrupted, or another "
+            "format); distill reads weights only from safetensors or weights-only files"
+        )
     try:
         from safetensors import safe_open
 
@@ -153,8 +162,9 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return head[8:9] == b"{" and 8 + n <= size
 
 
-def save_weights(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(
+    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Saves plain model weights (readable by anyone with safetensors), atomically."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
@@ -199,8 +209,11 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "chec
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -209,8 +222,10 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "chec
             parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"shape mismatch {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {'; '.join(parts)}; "
-                              "is it a checkpoint of another architecture?")
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: {'; '.join(parts)}; "
+            "is it a checkpoint of another architecture?"
+        )
     model.load_state_dict(state, strict=True)
 
 

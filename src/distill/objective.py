@@ -42,17 +42,22 @@ class Objective(nn.Module):
         weights = dict(weights or {})
         for name in weights:
             if name not in self.terms:
-                raise ConfigError(f"objective weight for unknown term '{name}'; terms: {', '.join(self.terms)}")
+                raise ConfigError(
+                    f"objective weight for unknown term '{name}'; terms: {', '.join(self.terms)}"
+                )
         self.weights: dict[str, Schedule] = {n: as_schedule(weights.get(n, 1.0)) for n in self.terms}
         self.schedules: dict[str, Schedule] = {}
         for key, sched in dict(schedules or {}).items():
             term_name, _, attr = key.partition(".")
             if term_name not in self.terms or not attr:
-                raise ConfigError(f"objective schedule '{key}' must be '<term>.<attribute>' with a term "
-                                  f"among {', '.join(self.terms)}")
+                raise ConfigError(
+                    f"objective schedule '{key}' must be '<term>.<attribute>' with a term "
+                    f"among {', '.join(self.terms)}"
+                )
             if not isinstance(getattr(self.terms[term_name], attr, None), int | float):
-                raise ConfigError(f"objective schedule '{key}': term '{term_name}' has no numeric "
-                                  f"attribute '{attr}'")
+                raise ConfigError(
+                    f"objective schedule '{key}': term '{term_name}' has no numeric attribute '{attr}'"
+                )
             self.schedules[key] = as_schedule(sched)
         self.current: dict[str, float] = {}
         self.update(Progress())

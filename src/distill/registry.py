@@ -21,13 +21,20 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy(self, name: str, path: str) -> None:
+        """Registers `name` as the import path `package.module.Name`, imported on first use, so
+        entries that need an optional extra cost nothing until they are used."""
+        self._lazy[name] = path
 
     def register(self, name: str | None = None):
         def deco(obj):
             key = name or obj.__name__.lower()
             if key in self._items and self._items[key] is not obj:
-                warnings.warn(f"{self.kind} '{key}' is registered again; the new one replaces the old",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{self.kind} '{key}' is registered again; the new one replaces the old", stacklevel=2
+                )
             self._items[key] = obj
             return obj
 
@@ -37,14 +44,16 @@ class Registry:
         self.register(name)(obj)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._lazy))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._items and name in self._lazy:
+            self._items[name] = import_path(self._lazy[name])
         if name not in self._items:
-            near = difflib.get_close_matches(name, self._items, n=3)
+            near = difflib.get_close_matches(name, self.names(), n=3)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise ConfigError(
                 f"unknown {self.kind} '{name}'{hint}; known: {', '.join(self.names())}, "
@@ -52,8 +61,13 @@ class Registry:
             )
         return self._items[name]
 
-    def build(self, name: str | None = None, class_path: str | None = None,
-              init_args: dict[str, Any] | None = None, **extra: Any) -> Any:
+    def build(
+        self,
+        name: str | None = None,
+        class_path: str | None = None,
+        init_args: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> Any:
         target = import_path(class_path) if class_path else self.get(name or "")
         kwargs = {**(init_args or {}), **extra}
         try:

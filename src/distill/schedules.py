@@ -75,7 +75,9 @@ class _Ramp(Schedule):
         _check_fraction(f"{type(self).__name__.lower()}.start_at", start_at)
         _check_fraction(f"{type(self).__name__.lower()}.end_at", end_at)
         if end_at < start_at:
-            raise ConfigError(f"schedule {type(self).__name__.lower()}: end_at {end_at} < start_at {start_at}")
+            raise ConfigError(
+                f"schedule {type(self).__name__.lower()}: end_at {end_at} < start_at {start_at}"
+            )
         self.start, self.end, self.start_at, self.end_at = float(start), float(end), start_at, end_at
 
     def _a(self, progress: Progress) -> float:
@@ -108,8 +110,10 @@ class Step(Schedule):
 
     def __init__(self, values: list[float], milestones: list[float]):
         if len(values) != len(milestones) + 1:
-            raise ConfigError(f"schedule step: {len(values)} values need {len(values) - 1} milestones, "
-                              f"got {len(milestones)}")
+            raise ConfigError(
+                f"schedule step: {len(values)} values need {len(values) - 1} milestones, "
+                f"got {len(milestones)}"
+            )
         for m in milestones:
             _check_fraction("step.milestones", m)
         if sorted(milestones) != list(milestones):
@@ -130,7 +134,9 @@ def as_schedule(value: float | int | Schedule | dict) -> Schedule:
     if isinstance(value, dict):
         spec = dict(value)
         if "class_path" in spec:
-            return SCHEDULES.build(class_path=spec.pop("class_path"), init_args=spec.pop("init_args", {}), **spec)
+            return SCHEDULES.build(
+                class_path=spec.pop("class_path"), init_args=spec.pop("init_args", {}), **spec
+            )
         name = spec.pop("name", None)
         if name is None:
             raise ConfigError(f"schedule {value} needs a name (one of {', '.join(SCHEDULES.names())})")

@@ -69,7 +69,11 @@ class Teacher:
 
     def __call__(self, batch: Batch) -> Outputs:
         self.model.eval()
-        if self.dtype is not None and isinstance(batch.inputs, torch.Tensor) and batch.inputs.is_floating_point():
+        if (
+            self.dtype is not None
+            and isinstance(batch.inputs, torch.Tensor)
+            and batch.inputs.is_floating_point()
+        ):
             batch = Batch(batch.inputs.to(self.dtype), batch.targets, batch.index, batch.raw)
         with torch.inference_mode():
             out = self._forward(self.model, batch)
@@ -85,5 +89,6 @@ def _to_float(out: Outputs) -> Outputs:
     def f(v):
         return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
-    return Outputs(f(out.logits), {k: f(v) for k, v in out.features.items()},
-                   {k: f(v) for k, v in out.extras.items()})
+    return Outputs(
+        f(out.logits), {k: f(v) for k, v in out.features.items()}, {k: f(v) for k, v in out.extras.items()}
+    )

@@ -47,8 +47,9 @@ def check_same_shape(student: Tensor, teacher: Tensor, what: str = "logits") -> 
                 f"teacher has {teacher.shape[-1]} classes but student has {student.shape[-1]}: "
                 "give both models the same number of outputs"
             )
-        raise DistillError(f"student {what} {tuple(student.shape)} and teacher {what} "
-                           f"{tuple(teacher.shape)} differ in shape")
+        raise DistillError(
+            f"student {what} {tuple(student.shape)} and teacher {what} {tuple(teacher.shape)} differ in shape"
+        )
 
 
 def flatten_logits(logits: Tensor) -> Tensor:

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.losses.base import LossTerm, check_positive, check_range, check_same_shape, flatten_logits, reduce
+from distill.losses.base import (
+    LossTerm,
+    check_positive,
+    check_range,
+    check_same_shape,
+    flatten_logits,
+    reduce,
+)
 from distill.outputs import Batch, Outputs
 from distill.registry import LOSSES
 
@@ -66,8 +73,9 @@ def soft_cross_entropy(
     return reduce(per_sample, weights, reduction) * temperature**2
 
 
-def logit_mse(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor | None = None,
-              reduction: str = "mean") -> Tensor:
+def logit_mse(
+    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
     """Mean squared error between raw logits (Ba & Caruana 2014), averaged over classes."""
     check_same_shape(student_logits, teacher_logits)
     s = flatten_logits(student_logits).float()
@@ -94,18 +102,21 @@ class CrossEntropy(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         if batch.targets is None:
-            raise DistillError("the ce term needs labels but the batch has none; drop the ce term "
-                               "for unlabeled data")
+            raise DistillError(
+                "the ce term needs labels but the batch has none; drop the ce term for unlabeled data"
+            )
         logits = flatten_logits(student.require_logits("student")).float()
         targets = batch.targets.reshape(-1).long()
         n = logits.shape[-1]
         bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= n))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise DistillError(f"label {int(targets[i])} is out of range for {n} classes "
-                               f"(at position {i} of the batch)")
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing,
-                               ignore_index=self.ignore_index)
+            raise DistillError(
+                f"label {int(targets[i])} is out of range for {n} classes (at position {i} of the batch)"
+            )
+        return F.cross_entropy(
+            logits, targets, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index
+        )
 
 
 @LOSSES.register("kd")
@@ -127,8 +138,12 @@ class KD(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         fn = kd_loss if self.form == "kl" else soft_cross_entropy
-        return fn(student.require_logits("student"), teacher.require_logits("teacher"),
-                  self.temperature, weights=_sample_weights(batch))
+        return fn(
+            student.require_logits("student"),
+            teacher.require_logits("teacher"),
+            self.temperature,
+            weights=_sample_weights(batch),
+        )
 
 
 @LOSSES.register("logit_mse")
@@ -136,8 +151,11 @@ class LogitMSE(LossTerm):
     """MSE between student and teacher logits; see `logit_mse`."""
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
-        return logit_mse(student.require_logits("student"), teacher.require_logits("teacher"),
-                         weights=_sample_weights(batch))
+        return logit_mse(
+            student.require_logits("student"),
+            teacher.require_logits("teacher"),
+            weights=_sample_weights(batch),
+        )
 
 
 def _sample_weights(batch: Batch) -> Tensor | None:
