@@ -126,7 +126,12 @@ def build_detector(
         body = build_backbone(backbone, fpn_channels, "p6p7")
         head = FCOSHead(body.out_channels, 1, num_classes, num_convs=head_convs)
         return FCOS(
-            body, num_classes, head=head, score_thresh=score_thresh, detections_per_img=detections_per_img, **size
+            body,
+            num_classes,
+            head=head,
+            score_thresh=score_thresh,
+            detections_per_img=detections_per_img,
+            **size,
         )
     if arch == "retinanet":
         body = build_backbone(backbone, fpn_channels, "p6p7")
@@ -286,7 +291,9 @@ class DetectionEvaluator:
         try:
             from torchmetrics.detection import MeanAveragePrecision
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise DistillError("detection mAP needs torchmetrics and pycocotools: pip install distill[vision]") from e
+            raise DistillError(
+                "detection mAP needs torchmetrics and pycocotools: pip install distill[vision]"
+            ) from e
         self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
 
     def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:

@@ -48,7 +48,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.images = Path(images)
         ann_path = Path(annotations)
         if not ann_path.is_file():
-            raise DistillError(f"COCO annotation file {ann_path} not found; pass the path of annotations.json")
+            raise DistillError(
+                f"COCO annotation file {ann_path} not found; pass the path of annotations.json"
+            )
         if not self.images.is_dir():
             raise DistillError(f"image folder {self.images} not found; pass the folder the file_names are in")
         try:
@@ -57,22 +59,30 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DistillError(f"{ann_path} is not valid JSON ({e}); is it a COCO annotation file?") from e
         for key in ("images", "annotations", "categories"):
             if key not in coco:
-                raise DistillError(f"{ann_path} has no '{key}' list; a COCO file needs images, annotations, categories")
+                raise DistillError(
+                    f"{ann_path} has no '{key}' list; a COCO file needs images, annotations, categories"
+                )
         self.transforms = transforms
         self.categories = list(coco["categories"])
         ids = [c["id"] for c in self.categories]
-        self.label_of = {cid: k + 1 for k, cid in enumerate(ids)} if contiguous_labels else {c: c for c in ids}
+        self.label_of = (
+            {cid: k + 1 for k, cid in enumerate(ids)} if contiguous_labels else {c: c for c in ids}
+        )
         self.class_names = [c.get("name", str(c["id"])) for c in self.categories]
         self.num_classes = (len(ids) if contiguous_labels else max(ids, default=0)) + 1  # + background
         self.records = sorted(coco["images"], key=lambda r: r["id"])
         self._anns: dict[int, list[dict]] = {r["id"]: [] for r in self.records}
         for a in coco["annotations"]:
             if a["image_id"] not in self._anns:
-                raise DistillError(f"{ann_path}: annotation {a.get('id')} refers to unknown image {a['image_id']}")
+                raise DistillError(
+                    f"{ann_path}: annotation {a.get('id')} refers to unknown image {a['image_id']}"
+                )
             if skip_crowd and a.get("iscrowd", 0):
                 continue
             if a["category_id"] not in self.label_of:
-                raise DistillError(f"{ann_path}: annotation {a.get('id')} has unknown category {a['category_id']}")
+                raise DistillError(
+                    f"{ann_path}: annotation {a.get('id')} has unknown category {a['category_id']}"
+                )
             self._anns[a["image_id"]].append(a)
 
     def __len__(self) -> int:

@@ -153,13 +153,17 @@ def generate_shapes(
     classes = tuple(classes)
     unknown = [c for c in classes if c not in SHAPE_CLASSES]
     if unknown or not classes:
-        raise DistillError(f"unknown shape classes {unknown or classes}; choose from {', '.join(SHAPE_CLASSES)}")
+        raise DistillError(
+            f"unknown shape classes {unknown or classes}; choose from {', '.join(SHAPE_CLASSES)}"
+        )
     if image_size < 16:
         raise DistillError(f"image_size must be >= 16, got {image_size}")
     min_size = int(min_size or max(4, image_size // 8))
     max_size = int(max_size or max(min_size, int(image_size / 2.5)))
     if not 2 <= min_size <= max_size <= image_size:
-        raise DistillError(f"need 2 <= min_size <= max_size <= image_size, got {min_size}, {max_size}, {image_size}")
+        raise DistillError(
+            f"need 2 <= min_size <= max_size <= image_size, got {min_size}, {max_size}, {image_size}"
+        )
     if not 0 <= min_objects <= max_objects:
         raise DistillError(f"need 0 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if num_images < 1:

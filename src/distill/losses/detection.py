@@ -173,7 +173,9 @@ class FPNImitation(LossTerm):
     another size is resized (bilinear) to the teacher's.
     """
 
-    def __init__(self, levels: Sequence[str] | Mapping[str, str] | None = None, mask: str = "gt", expand: float = 0.5):
+    def __init__(
+        self, levels: Sequence[str] | Mapping[str, str] | None = None, mask: str = "gt", expand: float = 0.5
+    ):
         super().__init__()
         if mask not in ("gt", "none"):
             raise DistillError(f"fpn_imitation mask must be 'gt' or 'none', got '{mask}'")
@@ -181,7 +183,11 @@ class FPNImitation(LossTerm):
         if isinstance(levels, str):
             levels = [levels]
         self.pairs: dict[str, str] | None = (
-            None if levels is None else dict(levels) if isinstance(levels, Mapping) else {l: l for l in levels}
+            None
+            if levels is None
+            else dict(levels)
+            if isinstance(levels, Mapping)
+            else {name: name for name in levels}
         )
         self.mask = mask
         self.expand = float(expand)
@@ -196,7 +202,9 @@ class FPNImitation(LossTerm):
                 "detection_adapter (student) and teacher_detection_adapter (teacher)"
             )
         pairs = self.pairs if self.pairs is not None else {k: k for k in s if k in t}
-        missing = [f"student '{a}'" for a in pairs if a not in s] + [f"teacher '{b}'" for b in pairs.values() if b not in t]
+        missing = [f"student '{a}'" for a in pairs if a not in s] + [
+            f"teacher '{b}'" for b in pairs.values() if b not in t
+        ]
         if missing or not pairs:
             raise DistillError(
                 f"fpn_imitation levels {', '.join(missing) or '(none shared)'} not found; student has "
@@ -218,7 +226,9 @@ class FPNImitation(LossTerm):
         if teacher is None:
             raise DistillError("fpn_imitation needs a teacher")
         if self.pairs is None or not len(self.adapters):
-            raise DistillError("fpn_imitation has no adapters yet: the trainer calls setup() on a first batch")
+            raise DistillError(
+                "fpn_imitation has no adapters yet: the trainer calls setup() on a first batch"
+            )
         s, t = _levels(student), _levels(teacher)
         per_level = []
         for a, b in self.pairs.items():
