@@ -65,7 +65,7 @@ def test_coco_round_trip(shapes):
     for i in range(len(ds)):
         image, target = ds[i]
         assert image.shape == (3, 64, 64) and image.dtype == torch.float32
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert image.min() >= 0.0 and image.max() <= 1.0
         anns = [a for a in coco["annotations"] if a["image_id"] == target["image_id"]]
         want = torch.tensor(
             [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32
