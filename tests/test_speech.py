@@ -66,6 +66,9 @@ def test_speech_commands_folder(tmp_path):
     assert {train.voice(i) for i in range(len(train))} == {"alice"}
     x, y = train[0]
     assert x.shape == (1, 40, 101) and y == 0
+    assert len(list((tmp_path / ".features").glob("*.npy"))) == 1  # features cached on disk
+    again = SpeechCommands(tmp_path, split="train")
+    assert torch.equal(again[0][0], x) and torch.equal(again[0][0], again.features(again.audio(0)))
     assert len(SpeechCommands(tmp_path, split="test")) == 2 and len(SpeechCommands(tmp_path, split=None)) == 6
     assert SpeechCommands(tmp_path, split=None, words=["up"]).labels == [0, 0, 0]
     with pytest.raises(DistillError, match="no word folders"):

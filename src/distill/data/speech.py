@@ -14,6 +14,7 @@ are log-mel spectrograms computed with librosa.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -295,23 +296,29 @@ class LogMel:
         self.hop = int(round(sample_rate * hop_ms / 1000))
         self.fmin = fmin
         self.fmax = fmax
+        self._basis: np.ndarray | None = None
 
     def frames(self, num_samples: int) -> int:
         return 1 + num_samples // self.hop  # librosa's centred framing
 
+    def key(self) -> str:
+        """Identifies the feature settings (part of the on-disk feature cache key)."""
+        return (
+            f"logmel-sr{self.sample_rate}-m{self.n_mels}-n{self.n_fft}-h{self.hop}-f{self.fmin}-{self.fmax}"
+        )
+
     def __call__(self, audio: np.ndarray) -> Tensor:
         import librosa
 
-        mel = librosa.feature.melspectrogram(
-            y=np.asarray(audio, dtype=np.float32),
-            sr=self.sample_rate,
-            n_fft=self.n_fft,
-            hop_length=self.hop,
-            n_mels=self.n_mels,
-            fmin=self.fmin,
-            fmax=self.fmax,
+        if self._basis is None:  # the mel filterbank is the same for every clip: build it once
+            self._basis = librosa.filters.mel(
+                sr=self.sample_rate, n_fft=self.n_fft, n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax
+            )
+        power = (
+            np.abs(librosa.stft(np.asarray(audio, dtype=np.float32), n_fft=self.n_fft, hop_length=self.hop))
+            ** 2
         )
-        db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=80.0)
+        db = librosa.power_to_db(self._basis @ power, ref=1.0, amin=1e-10, top_db=80.0)
         return torch.from_numpy(db.astype(np.float32)).unsqueeze(0)  # (1, n_mels, frames)
 
 
@@ -329,6 +336,9 @@ class SpeechCommands(torch.utils.data.Dataset):
         words: the classes in label order (default: every word folder, sorted).
         sample_rate, clip_seconds: what every clip is brought to.
         features: a callable audio -> tensor (default `LogMel(sample_rate)`).
+        cache: compute every clip's features once and keep them in `<root>/.features/` (an .npy
+            keyed by the feature settings and the clips' names, sizes and times), so later runs
+            on the same folder start at once. Needs a `key()` method on `features`.
 
     Item `i` is `(features (1, n_mels, frames) float32, label int)`.
     """
@@ -341,6 +351,7 @@ class SpeechCommands(torch.utils.data.Dataset):
         sample_rate: int = SAMPLE_RATE,
         clip_seconds: float = 1.0,
         features: Any = None,
+        cache: bool = True,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -375,6 +386,37 @@ class SpeechCommands(torch.utils.data.Dataset):
         if not self.files:
             raise DistillError(f"no .wav clips for split '{split}' in {root}")
         self._cache: dict[int, Tensor] = {}
+        if cache and hasattr(self.features, "key"):
+            self._load_or_build_cache()
+
+    def _cache_path(self) -> Path:
+        h = hashlib.sha256(f"{self.features.key()}|{self.sample_rate}|{self.length}".encode())
+        for rel in self.files:
+            st = (self.root / rel).stat()
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return self.root / ".features" / f"{h.hexdigest()[:20]}.npy"
+
+    def _load_or_build_cache(self) -> None:
+        from distill.checkpoint import atomic_write
+
+        path = self._cache_path()
+        if path.is_file():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.shape[0] == len(self.files):
+                    self._cache = dict(enumerate(torch.from_numpy(arr).unbind(0)))
+                    return
+            except (OSError, ValueError):
+                pass  # unreadable cache: rebuild it
+        arr = np.stack([self.features(self.audio(i)).numpy() for i in range(len(self.files))])
+        self._cache = dict(enumerate(torch.from_numpy(arr).unbind(0)))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a handle: np.save would append ".npy" to a temp name
+                np.save(f, arr, allow_pickle=False)
+
+        with contextlib.suppress(OSError):  # a read-only folder still works, only without the cache
+            atomic_write(path, write)
 
     @property
     def num_classes(self) -> int:
