@@ -240,3 +240,23 @@ def test_fpn_imitation_level_errors(shapes):
     assert term(s, t, b).item() == pytest.approx(0.0)
     with pytest.raises(DistillError, match="no FPN levels"):
         FPNImitation().setup(Outputs(), t, b)
+
+
+def test_detect_recipe_parses_and_builds(tmp_path):
+    from pathlib import Path
+
+    from distill.config import load_recipe
+    from distill.data.bundle import build_data
+    from distill.models.build import build_model
+    from distill.pipeline import build_objective
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "detect_shapes.yaml"
+    size = ["data.init_args.train_images=4", "data.init_args.val_images=2", "data.init_args.test_images=2"]
+    cfg = load_recipe(recipe, [f"data.init_args.root={tmp_path}", *size])
+    data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+    assert data.num_classes == 5 and len(data.train) == 4 and data.collate_fn is detection_collate
+    teacher, student = build_model(cfg.teacher.spec(), data), build_model(cfg.student.spec(), data)
+    assert sum(p.numel() for p in student.parameters()) * 5 < sum(p.numel() for p in teacher.parameters())
+    objective = build_objective(cfg)
+    assert set(objective.terms) == {"det", "fpn", "head_kd"}
+    assert cfg.trainer.monitor == "map"

@@ -147,3 +147,31 @@ def test_speech_kd_step(tiny_speech):
         opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_speech_recipe_parses_and_builds_models():
+    from pathlib import Path
+
+    from distill.config import load_recipe
+    from distill.models.build import build_model
+    from distill.pipeline import build_objective
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits.yaml")
+    assert cfg.data.class_path == "distill.data.speech.speech_data"
+    teacher = build_model({**cfg.teacher.spec(), "init_args": {**cfg.teacher.init_args, "num_classes": 18}})
+    student = build_model({**cfg.student.spec(), "init_args": {**cfg.student.init_args, "num_classes": 18}})
+    x = torch.randn(2, 1, 40, 101)
+    assert teacher(x).shape == student(x).shape == (2, 18)
+    assert set(build_objective(cfg).terms) == {"ce", "kd"}
+
+
+@needs_espeak
+def test_speech_data_bundle(tiny_speech):
+    from distill.data.speech import speech_data
+
+    root, kw = tiny_speech
+    data = speech_data(root=root, seed=0, synth_seed=0, **kw)
+    assert data.num_classes == 3 and data.input_shape == (1, 40, 101)
+    assert len(data.train) + len(data.val) + len(data.test) == 15
+    torch.manual_seed(0)
+    assert data.train[0][0].shape == (1, 40, 101)

@@ -253,3 +253,58 @@ def shapes_splits(
         "train": generate_shapes(root / "train", num_images=train_images, seed=seed, **kwargs),
         "val": generate_shapes(root / "val", num_images=val_images, seed=seed + 10_000, **kwargs),
     }
+
+
+def default_data_dir() -> Path:
+    """Where generated sets are cached: `$DISTILL_DATA_DIR`, else `~/.cache/distill`."""
+    return Path(os.environ.get("DISTILL_DATA_DIR") or Path.home() / ".cache" / "distill").expanduser()
+
+
+def shapes_data(
+    root: str | os.PathLike | None = None,
+    train_images: int = 512,
+    val_images: int = 128,
+    test_images: int = 256,
+    image_size: int = 64,
+    classes: tuple[str, ...] | list[str] = SHAPE_CLASSES,
+    min_objects: int = 1,
+    max_objects: int = 4,
+    flip: bool = True,
+    data_seed: int = 0,
+    seed: int = 0,
+):
+    """The shapes detection task as a recipe's `data`: a `DataBundle` of train/val/test.
+
+    The three splits are generated once (from `data_seed`, `data_seed + 10000`, `+ 20000`) under
+    `root` (default `<data dir>/shapes-<image_size>px`) and reused; the run's `seed` does not
+    change the data, so seeds compare training only. Batches are `(list of images, list of
+    targets)` from `detection_collate`; `num_classes` counts the background class (K + 1).
+
+    Args:
+        flip: random horizontal flips of the training images (drawn from torch's global RNG).
+    """
+    from distill.data.bundle import DataBundle
+    from distill.data.coco import coco_folder, detection_collate, horizontal_flip
+
+    base = Path(root) if root is not None else default_data_dir() / f"shapes-{image_size}px"
+    kw = {
+        "image_size": image_size,
+        "classes": tuple(classes),
+        "min_objects": min_objects,
+        "max_objects": max_objects,
+    }
+    paths = {
+        "train": generate_shapes(base / "train", num_images=train_images, seed=data_seed, **kw),
+        "val": generate_shapes(base / "val", num_images=val_images, seed=data_seed + 10_000, **kw),
+        "test": generate_shapes(base / "test", num_images=test_images, seed=data_seed + 20_000, **kw),
+    }
+    train = coco_folder(paths["train"], transforms=horizontal_flip() if flip else None)
+    return DataBundle(
+        train=train,
+        val=coco_folder(paths["val"]),
+        test=coco_folder(paths["test"]),
+        num_classes=train.num_classes,
+        input_shape=(3, image_size, image_size),
+        collate_fn=detection_collate,
+        meta={"root": str(base), "classes": list(classes), "task": "detection"},
+    )

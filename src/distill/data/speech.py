@@ -339,6 +339,8 @@ class SpeechCommands(torch.utils.data.Dataset):
         cache: compute every clip's features once and keep them in `<root>/.features/` (an .npy
             keyed by the feature settings and the clips' names, sizes and times), so later runs
             on the same folder start at once. Needs a `key()` method on `features`.
+        time_shift: augmentation: roll each access's features by up to this many frames either
+            way (drawn from torch's global RNG, so a seeded run sees the same views).
 
     Item `i` is `(features (1, n_mels, frames) float32, label int)`.
     """
@@ -352,6 +354,7 @@ class SpeechCommands(torch.utils.data.Dataset):
         clip_seconds: float = 1.0,
         features: Any = None,
         cache: bool = True,
+        time_shift: int = 0,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -371,6 +374,7 @@ class SpeechCommands(torch.utils.data.Dataset):
         self.sample_rate = sample_rate
         self.length = int(round(clip_seconds * sample_rate))
         self.features = features or LogMel(sample_rate)
+        self.time_shift = int(time_shift)
         held = {
             s: _read_list(root / f) for s, f in (("val", "validation_list.txt"), ("test", "testing_list.txt"))
         }
@@ -448,7 +452,10 @@ class SpeechCommands(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         if i not in self._cache:
             self._cache[i] = self.features(self.audio(i))
-        return self._cache[i], self.labels[i]
+        x = self._cache[i]
+        if self.time_shift:
+            x = torch.roll(x, int(torch.randint(-self.time_shift, self.time_shift + 1, ()).item()), dims=-1)
+        return x, self.labels[i]
 
 
 def _read_list(path: Path) -> set[str]:
@@ -464,6 +471,61 @@ def speech_digits(
     root = synthesize_speech(root, seed=seed, **synth)
     words = _read_json(Path(root) / "manifest.json")["words"]
     return SpeechCommands(root, split=split, words=words, features=LogMel(SAMPLE_RATE, n_mels=n_mels))
+
+
+def speech_data(
+    root: str | os.PathLike | None = None,
+    words: Sequence[str] = WORDS,
+    voices: Sequence[str] = VOICES,
+    clips_per_voice: int = 2,
+    n_mels: int = 40,
+    time_shift: int = 10,
+    folder: str | os.PathLike | None = None,
+    synth_seed: int = 0,
+    seed: int = 0,
+    **synth: Any,
+):
+    """Spoken-word recognition as a recipe's `data`: a `DataBundle` of train/val/test.
+
+    With `folder` set, reads a user's Speech Commands folder (its own split lists) instead of
+    synthesising. Otherwise the espeak-ng set is made once under `root` (default
+    `<data dir>/speech-<hash of the arguments>`) from `synth_seed`, split by voice; the run's
+    `seed` does not change the data.
+
+    Args:
+        time_shift: training augmentation, in feature frames (10 ms each).
+        synth: further `synthesize_speech` arguments (snr_db, speed_range, ...).
+    """
+    from distill.data.bundle import DataBundle
+    from distill.data.shapes import default_data_dir
+
+    if folder is not None:
+        root, word_list = Path(folder), (list(words) if words is not None else None)
+    else:
+        key = json.dumps(
+            [list(words), list(voices), clips_per_voice, synth_seed, sorted(synth.items())], default=str
+        )
+        root = (
+            Path(root)
+            if root is not None
+            else default_data_dir() / f"speech-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        )
+        root = synthesize_speech(
+            root, words=words, voices=voices, clips_per_voice=clips_per_voice, seed=synth_seed, **synth
+        )
+        word_list = list(words)
+    feats = LogMel(SAMPLE_RATE, n_mels=n_mels)
+    train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift)
+    val = SpeechCommands(root, "val", train.words, features=feats)
+    test = SpeechCommands(root, "test", train.words, features=feats)
+    return DataBundle(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=train.num_classes,
+        input_shape=tuple(train[0][0].shape),
+        meta={"root": str(root), "words": train.words, "task": "speech"},
+    )
 
 
 def fingerprint(root: str | os.PathLike) -> str:
