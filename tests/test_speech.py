@@ -157,7 +157,7 @@ def test_speech_recipe_parses_and_builds_models():
     from distill.pipeline import build_objective
 
     cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits.yaml")
-    assert cfg.data.class_path == "distill.data.speech.speech_data"
+    assert cfg.data.name == "speech_words"
     teacher = build_model({**cfg.teacher.spec(), "init_args": {**cfg.teacher.init_args, "num_classes": 18}})
     student = build_model({**cfg.student.spec(), "init_args": {**cfg.student.init_args, "num_classes": 18}})
     x = torch.randn(2, 1, 40, 101)
