@@ -225,6 +225,9 @@ def test_detection_kd_step_decreases_loss(shapes):
         losses.append(out["loss"].item())
     assert losses[-1] < losses[0]
     assert objective.terms["fpn"].adapters["0"].weight.grad is not None
+    with torch.inference_mode():  # one image alone: the 1x1 top level must not break GroupNorm
+        dets = detection_adapter(student.eval(), Batch(inputs=[ds[0][0]])).extras["detections"]
+    assert len(dets) == 1
 
 
 def test_fpn_imitation_level_errors(shapes):

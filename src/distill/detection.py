@@ -64,8 +64,8 @@ def build_backbone(name: str, fpn_channels: int = 128, extra: str = "p6p7") -> n
 
     Args:
         name: one of `BACKBONES`; built with `weights=None` (random initialisation).
-        fpn_channels: channels of every FPN level (a multiple of 32: the FCOS head uses
-            GroupNorm with 32 groups).
+        fpn_channels: channels of every FPN level (a multiple of 16: the FCOS head uses
+            GroupNorm with min(32, fpn_channels / 2) groups).
         extra: which extra levels follow stride 32.
     """
     import torchvision
@@ -74,8 +74,8 @@ def build_backbone(name: str, fpn_channels: int = 128, extra: str = "p6p7") -> n
 
     if name not in BACKBONES:
         raise DistillError(f"unknown detection backbone '{name}'; choose from {', '.join(BACKBONES)}")
-    if fpn_channels % 32 or fpn_channels <= 0:
-        raise DistillError(f"fpn_channels must be a positive multiple of 32, got {fpn_channels}")
+    if fpn_channels % 16 or fpn_channels <= 0:
+        raise DistillError(f"fpn_channels must be a positive multiple of 16, got {fpn_channels}")
     if name.startswith("resnet"):
         body = getattr(torchvision.models, name)(weights=None)
         return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
@@ -113,7 +113,7 @@ def build_detector(
     """
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
     from torchvision.ops import MultiScaleRoIAlign
 
     if arch not in ARCHS:
@@ -125,6 +125,14 @@ def build_detector(
     if arch == "fcos":
         body = build_backbone(backbone, fpn_channels, "p6p7")
         head = FCOSHead(body.out_channels, 1, num_classes, num_convs=head_convs)
+        if fpn_channels < 64:
+            # torchvision's GroupNorm(32) leaves one channel per group below 64 channels, which fails
+            # on the 1x1 top level of a single small image; two channels per group do not.
+            norm = partial(nn.GroupNorm, fpn_channels // 2)
+            head.classification_head = FCOSClassificationHead(
+                fpn_channels, 1, num_classes, head_convs, norm_layer=norm
+            )
+            head.regression_head = FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=norm)
         return FCOS(
             body,
             num_classes,
