@@ -75,14 +75,23 @@ def _ckpt_teacher(path: str) -> dict:
     [
         ({"trainer.optimizer.lr": {"type": "float", "low": 0.1, "high": 0.01}}, "empty range"),
         ({"trainer.epochs": {"type": "int", "low": 5, "high": 5}}, "empty range"),
-        ({"trainer.optimiser.lr": {"type": "float", "low": 0.001, "high": 0.1}}, "did you mean 'trainer.optimizer.lr'"),
+        (
+            {"trainer.optimiser.lr": {"type": "float", "low": 0.001, "high": 0.1}},
+            "did you mean 'trainer.optimizer.lr'",
+        ),
         ({"trainer.lr": {"type": "float", "low": 0.001, "high": 0.1}}, "unknown recipe key"),
         ({"trainer.optimizer.lr": {"type": "floot", "low": 0.001, "high": 0.1}}, "is not one of"),
         ({"trainer.optimizer.lr": {"type": "float", "lo": 0.001, "high": 0.1}}, "did you mean"),
-        ({"trainer.optimizer.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, "log scale needs low > 0"),
+        (
+            {"trainer.optimizer.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}},
+            "log scale needs low > 0",
+        ),
         ({"trainer.epochs": {"type": "int", "low": 1.5, "high": 4}}, "whole numbers"),
         ({"trainer.epochs": {"type": "float", "low": 1.0, "high": 4.5}}, "does not fit the recipe"),
-        ({"trainer.optimizer.name": {"type": "categorical", "choices": ["adamw", "lion"]}}, "'lion' is not one of"),
+        (
+            {"trainer.optimizer.name": {"type": "categorical", "choices": ["adamw", "lion"]}},
+            "'lion' is not one of",
+        ),
         ({"trainer.optimizer.name": {"type": "categorical", "choices": []}}, "non-empty 'choices'"),
         ({"trainer.optimizer.lr": {"type": "float", "high": 0.1}}, "needs both 'low' and 'high'"),
         ({"teacher.train.epochs": {"type": "int", "low": 1, "high": 3}}, "shared by all trials"),
@@ -235,7 +244,10 @@ def test_multi_objective_pareto(tmp_path, teacher_ckpt):
     }
     data["tune"] = {
         "seed": 0,
-        "objectives": [{"metric": "accuracy", "direction": "maximize"}, {"metric": "params", "direction": "minimize"}],
+        "objectives": [
+            {"metric": "accuracy", "direction": "maximize"},
+            {"metric": "params", "direction": "minimize"},
+        ],
     }
     cfg = tune.parse_tune_recipe(data)
     out = tmp_path / "study"
@@ -268,3 +280,27 @@ def test_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "empty range" in err
+
+
+@pytest.mark.parametrize("name", ["tune_digits.yaml", "tune_digits_pareto.yaml"])
+def test_shipped_tune_recipes_parse_and_sample(name):
+    from pathlib import Path
+
+    cfg = tune.load_tune_recipe(Path(__file__).parent.parent / "recipes" / name)
+    study = optuna.create_study(
+        directions=[o.direction for o in cfg.tune.objectives], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    for _ in range(5):
+        trial = study.ask()
+        recipe, _ = tune.suggest(trial, cfg)
+        parse_recipe(recipe)
+        study.tell(trial, [0.0] * len(cfg.tune.objectives))
+    assert tune._pruner(cfg) is not None and tune._sampler(cfg.tune, len(cfg.tune.objectives) > 1) is not None
+
+
+def test_hyperband_covers_the_searched_epochs():
+    data = _recipe(TRAINED_TEACHER)
+    data["search"]["trainer.epochs"] = {"type": "int", "low": 2, "high": 9}
+    data["tune"] = {"pruner": "hyperband"}
+    pruner = tune._pruner(tune.parse_tune_recipe(data))
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._max_resource == 9

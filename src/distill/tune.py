@@ -449,7 +449,9 @@ def _pruner(cfg: TuneRecipe):
     if t.pruner == "none" or len(t.objectives) > 1:
         return optuna.pruners.NopPruner()
     if t.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.trainer.epochs)
+        epochs = cfg.search.get("trainer.epochs")
+        max_epochs = max(cfg.trainer.epochs, int(epochs.high) if epochs and epochs.high else 0)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
     return optuna.pruners.MedianPruner(
         n_startup_trials=t.pruner_startup_trials, n_warmup_steps=t.pruner_warmup_epochs
     )
