@@ -619,8 +619,14 @@ def _importances(cfg: TuneRecipe, study) -> dict[str, dict[str, float]]:
     if len(complete) < 3:
         return out
     for i, o in enumerate(cfg.tune.objectives):
+        # the default evaluator (PED-ANOVA in Optuna 4+) ranks what leads to LOW target values
+        sign = -1.0 if o.direction == "maximize" else 1.0
         try:
-            imp = optuna.importance.get_param_importances(study, target=(lambda t, i=i: t.values[i]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                imp = optuna.importance.get_param_importances(
+                    study, target=(lambda t, i=i, sign=sign: sign * t.values[i])
+                )
             out[_metric_key(o)] = {k: round(float(v), 4) for k, v in imp.items()}
         except (RuntimeError, ValueError, ZeroDivisionError, ImportError):
             continue  # e.g. a single distinct value per parameter: no importance to measure
@@ -750,12 +756,25 @@ def _fmt(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"))
 
 
+def _short_names(keys: list[str]) -> list[str]:
+    """The shortest dotted suffix of each key that tells it apart from the others."""
+    names = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if sum(k == suffix or k.endswith("." + suffix) for k in keys) == 1:
+                break
+        names.append(suffix)
+    return names
+
+
 def trials_table(cfg: TuneRecipe, rows: list[dict[str, Any]]) -> str:
     keys = [_metric_key(o) for o in cfg.tune.objectives]
     extra = [k for k in ("accuracy", "params", "latency_ms_b1") if k not in keys]
     searched = list(cfg.search)
     head = ["trial", "state", *keys, *[f"test {k}" if k == "accuracy" else k for k in extra]]
-    head += [k.split(".")[-1] if k.count(".") else k for k in searched]
+    head += _short_names(searched)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -767,6 +786,14 @@ def trials_table(cfg: TuneRecipe, rows: list[dict[str, Any]]) -> str:
         cells += [_fmt(ps[k])[:40] if k in ps else "" for k in searched]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _study_wall(study) -> float | None:
+    """Seconds from the first trial's start to the last trial's end, over every session."""
+    ts = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in ts if t.datetime_start]
+    ends = [t.datetime_complete for t in ts if t.datetime_complete]
+    return round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None
 
 
 def write_outputs(cfg: TuneRecipe, study, out: Path, base: RecipeConfig) -> dict[str, Any]:
@@ -790,6 +817,7 @@ def write_outputs(cfg: TuneRecipe, study, out: Path, base: RecipeConfig) -> dict
         "objectives": [o.model_dump() for o in cfg.tune.objectives],
         "optuna": optuna.__version__,
         "counts": counts,
+        "study_wall_seconds": _study_wall(study),
         "teacher": teacher_row,
         "best": [r for r in rows if r["number"] in {t.number for t in best}][:1],
         "pareto": [t.number for t in best] if len(cfg.tune.objectives) > 1 else [],
