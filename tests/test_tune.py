@@ -304,3 +304,13 @@ def test_hyperband_covers_the_searched_epochs():
     data["tune"] = {"pruner": "hyperband"}
     pruner = tune._pruner(tune.parse_tune_recipe(data))
     assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._max_resource == 9
+
+
+def test_concurrent_workers_get_different_sampler_seeds(tmp_path):
+    cfg = tune.parse_tune_recipe(_recipe(TRAINED_TEACHER))
+    assert [tune._worker_index(tmp_path) for _ in range(3)] == [0, 1, 2]
+    draws = []
+    for worker in (0, 1):
+        study = optuna.create_study(sampler=tune._sampler(cfg.tune, False, worker))
+        draws.append(study.ask().suggest_float("x", 0, 1))
+    assert draws[0] != draws[1]

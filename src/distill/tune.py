@@ -431,15 +431,27 @@ def _short(values: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the study
 
 
-def _sampler(cfg: TuneConfig, multi: bool):
+def _sampler(cfg: TuneConfig, multi: bool, worker: int = 0):
+    """The sampler; `worker` (0 for the first process on a study folder) shifts the seed so that
+    concurrent workers do not draw the same values."""
     import optuna
 
+    seed = None if cfg.seed is None else cfg.seed + 7_919 * worker
     kind = cfg.sampler if cfg.sampler != "auto" else ("nsga2" if multi else "tpe")
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(cfg.trials // 3, 50)))
-    return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(cfg.trials // 3, 50)))
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _worker_index(out: Path) -> int:
+    """How many processes opened the study in `out` before this one (a counter under a file lock)."""
+    path = out / "workers.json"
+    with _FileLock(out / ".workers.lock"):
+        k = json.loads(path.read_text())["opened"] if path.exists() else 0
+        atomic_write_text(path, json.dumps({"opened": k + 1}))
+    return k
 
 
 def _pruner(cfg: TuneRecipe):
@@ -479,7 +491,7 @@ def open_study(cfg: TuneRecipe, out: Path, study_name: str | None = None, storag
             study = optuna.create_study(
                 study_name=name,
                 storage=storage_obj,
-                sampler=_sampler(cfg.tune, multi),
+                sampler=_sampler(cfg.tune, multi, _worker_index(out)),
                 pruner=_pruner(cfg),
                 directions=directions,
                 load_if_exists=True,
