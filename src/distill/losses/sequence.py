@@ -41,7 +41,16 @@ from distill.outputs import Batch, Outputs
 from distill.registry import LOSSES
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = None  # auto: about 4M logits (16 MB in fp32) per chunk, see `auto_chunk_size`
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Tokens per chunk so one chunk's fp32 temporaries stay ~16 MB each (83 tokens at V=50k).
+
+    Small chunks cost little time (each is still millions of elements) and stay below the
+    allocator's mmap threshold on CPU, so they are reused instead of page-faulted in again.
+    """
+    return max(16, (1 << 22) // max(1, vocab))
 
 # --------------------------------------------------------------------------------------------
 # Per-token formulas on one chunk: (c, V) fp32 student logits, (c, V) fp32 teacher logits -> (c,)
@@ -55,8 +64,10 @@ def _kl_from_logs(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
-    log_q = F.log_softmax(s / temperature, dim=-1)  # student
-    log_p = F.log_softmax(t / temperature, dim=-1)  # teacher
+    if temperature != 1:
+        s, t = s / temperature, t / temperature
+    log_q = F.log_softmax(s, dim=-1)  # student
+    log_p = F.log_softmax(t, dim=-1)  # teacher
     if kind == "fkl":
         return _kl_from_logs(log_p, log_q)
     if kind == "rkl":
@@ -101,26 +112,29 @@ def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) ->
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """sum_i w_i · f(s[rows_i]) / denom, with d/ds written chunk by chunk into one buffer."""
+    """sum_i w_i · f(s_i) / denom over spans of rows, with d/ds written span by span into one buffer.
+
+    The spans are contiguous row ranges of valid tokens, so each chunk is a view of the logits
+    (gathering rows with an index would copy them, and is slow on CPU).
+    """
 
     @staticmethod
-    def forward(ctx, s2d, rows, row_w, denom, per_token, chunk_size):  # noqa: D401
+    def forward(ctx, s2d, spans, w, denom, per_token):
         needs_grad = ctx.needs_input_grad[0]
         s_const = s2d.detach()
         grad = torch.zeros_like(s_const) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=s2d.device)
-        for start in range(0, rows.numel(), chunk_size):
-            r = rows[start : start + chunk_size]
-            w = row_w[start : start + chunk_size]
-            s_c = s_const.index_select(0, r).float()
+        for a, b in spans:
+            s_c = s_const[a:b].float().detach()  # a view when the logits are fp32
+            w_c = w[a:b]
             if needs_grad:
                 with torch.enable_grad():
                     s_c.requires_grad_(True)
-                    part = (per_token(s_c, r) * w).sum() / denom
+                    part = (per_token(s_c, a, b) * w_c).sum() / denom
                     (g,) = torch.autograd.grad(part, s_c)
-                grad.index_copy_(0, r, g.to(grad.dtype))
+                grad[a:b].copy_(g)
             else:
-                part = (per_token(s_c, r) * w).sum() / denom
+                part = (per_token(s_c, a, b) * w_c).sum() / denom
             total += part.detach()
         ctx.save_for_backward(grad if needs_grad else None)
         ctx.used = False
@@ -137,13 +151,11 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.used = True
         (grad,) = ctx.saved_tensors
         # In place: the buffer is the size of the logits and is used once.
-        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None, None
+        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None
 
 
-def _flat_rows_and_weights(
-    logits: Tensor, mask: Tensor | None, weights: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(N,) valid row ids, (N,) their weights, and the weight total, for (B, T, V) or (N, V) logits."""
+def _token_weights(logits: Tensor, mask: Tensor | None, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(N,) float weight per token row (0 where masked) and the (N,) bool mask, for (B, T, V) or (N, V)."""
     lead = logits.shape[:-1]
     n = math.prod(lead)
     device = logits.device
@@ -156,50 +168,62 @@ def _flat_rows_and_weights(
                 "give one entry per token position"
             )
         m = mask.reshape(-1).to(device).bool()
-    w = torch.ones(n, dtype=torch.float32, device=device)
+    w = m.float()
     if weights is not None:
         weights = weights.to(device).float()
         if weights.dim() == 1 and len(lead) == 2 and weights.shape[0] == lead[0]:
-            w = weights[:, None].expand(*lead).reshape(-1)  # per-sample -> per-token
+            w = w * weights[:, None].expand(*lead).reshape(-1)  # per-sample -> per-token
         elif weights.numel() == n:
-            w = weights.reshape(-1)
+            w = w * weights.reshape(-1)
         else:
             raise DistillError(
                 f"weights of shape {tuple(weights.shape)} fit neither the batch ({lead[0]},) nor the tokens {tuple(lead)}"
             )
-    rows = m.nonzero().squeeze(-1)
-    row_w = w.index_select(0, rows)
-    return rows, row_w, row_w.sum()
+    return w, m
+
+
+def _spans(m: Tensor, chunk_size: int) -> list[tuple[int, int]]:
+    """Contiguous runs of True in the (N,) mask, cut into pieces of at most chunk_size rows."""
+    if m.numel() == 0:
+        return []
+    x = m.to(torch.int8).cpu()
+    edges = torch.diff(x, prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
+    starts = (edges == 1).nonzero().squeeze(-1).tolist()
+    ends = (edges == -1).nonzero().squeeze(-1).tolist()
+    out = []
+    for a, b in zip(starts, ends):
+        out.extend((i, min(i + chunk_size, b)) for i in range(a, b, chunk_size))
+    return out
 
 
 def _reduce_chunked(
     s2d: Tensor,
-    rows: Tensor,
-    row_w: Tensor,
-    wsum: Tensor,
-    per_token: Callable[[Tensor, Tensor], Tensor],
-    chunk_size: int,
+    w: Tensor,
+    m: Tensor,
+    per_token: Callable[[Tensor, int, int], Tensor],
+    chunk_size: int | None,
     reduction: str,
 ) -> Tensor:
     if reduction not in ("mean", "sum", "none"):
         raise DistillError(f"reduction '{reduction}' is not one of mean, sum, none")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(s2d.shape[-1])
     if chunk_size < 1:
         raise DistillError(f"chunk_size must be >= 1, got {chunk_size}")
+    spans = _spans(m, chunk_size)
     if reduction == "none":
         # Per-token values (masked positions 0); plain autograd, so memory is not bounded here.
-        out = s2d.new_zeros(s2d.shape[0], dtype=torch.float32)
-        parts = [
-            per_token(s2d.index_select(0, rows[i : i + chunk_size]).float(), rows[i : i + chunk_size])
-            for i in range(0, rows.numel(), chunk_size)
-        ]
-        if parts:
-            out = out.index_put((rows,), torch.cat(parts) * row_w)
-        return out
-    if rows.numel() == 0:
+        parts, pos = [], 0
+        for a, b in spans:
+            parts += [s2d.new_zeros(a - pos, dtype=torch.float32), per_token(s2d[a:b].float(), a, b) * w[a:b]]
+            pos = b
+        parts.append(s2d.new_zeros(s2d.shape[0] - pos, dtype=torch.float32))
+        return torch.cat(parts)
+    if not spans:
         # Nothing to distil in this batch (all prompt/padding): a zero that still has a graph.
         return s2d.sum() * 0.0
-    denom = float(wsum.clamp_min(1e-12)) if reduction == "mean" else 1.0
-    return _ChunkedLoss.apply(s2d, rows, row_w, denom, per_token, chunk_size)
+    denom = float(w.sum().clamp_min(1e-12)) if reduction == "mean" else 1.0
+    return _ChunkedLoss.apply(s2d, spans, w, denom, per_token)
 
 
 def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -226,7 +250,7 @@ def token_divergence(
     alpha: float = 0.1,
     temperature: float = 1.0,
     weights: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     reduction: str = "mean",
 ) -> Tensor:
     """A token-level divergence between student and teacher, over unmasked tokens, in chunks.
@@ -240,7 +264,8 @@ def token_divergence(
         alpha: the skew in [0, 1) for skl / srkl.
         temperature: both distributions are softmax(logits / temperature); no T² factor.
         weights: per-sample (B,) or per-token weights.
-        chunk_size: tokens per chunk; peak extra memory is about 6 · chunk_size · V floats.
+        chunk_size: tokens per chunk (None: `auto_chunk_size(V)`); the extra memory beyond the
+            logits and their gradient is about 10 · chunk_size · V floats.
         reduction: "mean" (weighted mean over valid tokens), "sum", or "none" ((N,) per token,
             0 where masked; memory not bounded in that mode).
 
@@ -251,12 +276,12 @@ def token_divergence(
     _check_params(kind, beta, alpha, temperature)
     s2d = student_logits.reshape(-1, student_logits.shape[-1])
     t2d = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    rows, row_w, wsum = _flat_rows_and_weights(student_logits, mask, weights)
+    w, m = _token_weights(student_logits, mask, weights)
 
-    def per_token(s_c: Tensor, r: Tensor) -> Tensor:
-        return _per_token(kind, s_c, t2d.index_select(0, r).float(), temperature, beta, alpha)
+    def per_token(s_c: Tensor, a: int, b: int) -> Tensor:
+        return _per_token(kind, s_c, t2d[a:b].float(), temperature, beta, alpha)
 
-    return _reduce_chunked(s2d, rows, row_w, wsum, per_token, chunk_size, reduction)
+    return _reduce_chunked(s2d, w, m, per_token, chunk_size, reduction)
 
 
 def topk_forward_kl(
@@ -267,7 +292,7 @@ def topk_forward_kl(
     *,
     temperature: float = 1.0,
     weights: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     reduction: str = "mean",
 ) -> Tensor:
     """Forward KL against sparse teacher logits (top-k values + token ids, as a teacher store keeps).
@@ -296,13 +321,13 @@ def topk_forward_kl(
         )
     s2d = student_logits.reshape(-1, v)
     vals = topk_values.detach().reshape(-1, topk_values.shape[-1])
-    idx = topk_indices.reshape(-1, topk_indices.shape[-1]).long()
-    rows, row_w, wsum = _flat_rows_and_weights(student_logits, mask, weights)
+    idx = topk_indices.reshape(-1, topk_indices.shape[-1]).long()  # gather needs int64
+    w, m = _token_weights(student_logits, mask, weights)
 
-    def per_token(s_c: Tensor, r: Tensor) -> Tensor:
-        return _topk_fkl(s_c, vals.index_select(0, r).float(), idx.index_select(0, r), temperature)
+    def per_token(s_c: Tensor, a: int, b: int) -> Tensor:
+        return _topk_fkl(s_c, vals[a:b].float(), idx[a:b], temperature)
 
-    return _reduce_chunked(s2d, rows, row_w, wsum, per_token, chunk_size, reduction)
+    return _reduce_chunked(s2d, w, m, per_token, chunk_size, reduction)
 
 
 def _check_params(kind: str, beta: float, alpha: float, temperature: float) -> None:
@@ -390,7 +415,7 @@ class TokenDivergence(LossTerm):
 
     Args:
         temperature: > 0; schedulable as `<term>.temperature`.
-        chunk_size: tokens per chunk (bounds peak memory; see `token_divergence`).
+        chunk_size: tokens per chunk, None for automatic (bounds peak memory; see `token_divergence`).
         shift_labels: True for causal LMs (logits at t predict token t+1), False when the
             logits are aligned with the labels (token classification, masked LMs).
         ignore_index: the label value marking tokens that do not count.
@@ -401,16 +426,16 @@ class TokenDivergence(LossTerm):
     def __init__(
         self,
         temperature: float = 1.0,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int | None = DEFAULT_CHUNK,
         shift_labels: bool = True,
         ignore_index: int = -100,
     ):
         super().__init__()
         check_positive(f"{self.kind}.temperature", temperature)
-        if int(chunk_size) < 1:
-            raise DistillError(f"{self.kind}.chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise DistillError(f"{self.kind}.chunk_size must be >= 1 (or null for auto), got {chunk_size}")
         self.temperature = temperature
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
 
