@@ -160,7 +160,9 @@ def main() -> int:
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[variant] = r
-            print(f"{kind:5} {variant:10} {r['extra_peak_mb']:>14.1f} {r['seconds']:>8.2f} {r['loss']:>12.7f}")
+            print(
+                f"{kind:5} {variant:10} {r['extra_peak_mb']:>14.1f} {r['seconds']:>8.2f} {r['loss']:>12.7f}"
+            )
         if len(res) == 2:
             a, b = res["unchunked"], res["chunked"]
             dloss = abs(a["loss"] - b["loss"])

@@ -195,3 +195,22 @@ def test_fkl_term_reads_topk_extras_and_others_refuse_them():
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(DistillError, match="top-k"):
         LOSSES.build("rkl")(Outputs(logits=s), teacher, batch)
+
+
+def test_token_cross_entropy_matches_shifted_cross_entropy_and_lm_ce_term():
+    s, _, _ = _data(b=2, t=6, v=9, seed=9)
+    labels = torch.tensor([[-100, -100, 1, 2, 3, 4], [-100, 5, 6, 7, -100, -100]])
+    x = s.clone().requires_grad_(True)
+    got = seq.token_cross_entropy(x, labels, chunk_size=2)
+    got.backward()
+    y = s.clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(
+        y[:, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    want.backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+    term = LOSSES.build("lm_ce")
+    assert torch.allclose(term(Outputs(logits=s), None, Batch(inputs={}, targets=labels)), want, atol=1e-5)
+    with pytest.raises(DistillError, match="out of range"):
+        seq.token_cross_entropy(s, labels.clamp_max(20) * 3)

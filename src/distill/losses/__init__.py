@@ -1,5 +1,6 @@
 """Loss terms. Each is an `nn.Module` over a plain function on tensors."""
 
+from distill.losses import embeddings, transformer  # noqa: F401  (register embed_*, hidden_*, attn_kl)
 from distill.losses.base import LossTerm
 from distill.losses.logits import KD, CrossEntropy, LogitMSE, kd_loss, logit_mse, soft_cross_entropy
 from distill.losses.sequence import (
@@ -8,6 +9,7 @@ from distill.losses.sequence import (
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
+    token_cross_entropy,
     token_divergence,
     topk_forward_kl,
     total_variation,
@@ -26,6 +28,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "token_cross_entropy",
     "token_divergence",
     "topk_forward_kl",
     "total_variation",

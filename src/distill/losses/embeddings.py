@@ -42,7 +42,9 @@ def embedding_mse(student: Tensor, teacher: Tensor, weights: Tensor | None = Non
 def embedding_cosine(student: Tensor, teacher: Tensor, weights: Tensor | None = None) -> Tensor:
     """1 - cosine similarity per embedding, averaged over the batch: (B, D) -> ()."""
     _check(student, teacher)
-    return reduce(1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8), weights, "mean")
+    return reduce(
+        1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8), weights, "mean"
+    )
 
 
 def _check(student: Tensor, teacher: Tensor) -> None:
@@ -66,8 +68,10 @@ class _Embed(LossTerm):
         s, t = get_embeddings(student, "student"), get_embeddings(teacher, "teacher")
         if s.shape[-1] != t.shape[-1]:
             if not self.projection:
-                raise DistillError(f"{self.name}: student width {s.shape[-1]} != teacher width {t.shape[-1]}; "
-                                   "set projection: true")
+                raise DistillError(
+                    f"{self.name}: student width {s.shape[-1]} != teacher width {t.shape[-1]}; "
+                    "set projection: true"
+                )
             self.proj = nn.Linear(s.shape[-1], t.shape[-1]).to(s.device)
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:

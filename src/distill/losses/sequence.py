@@ -52,6 +52,7 @@ def auto_chunk_size(vocab: int) -> int:
     """
     return max(16, (1 << 22) // max(1, vocab))
 
+
 # --------------------------------------------------------------------------------------------
 # Per-token formulas on one chunk: (c, V) fp32 student logits, (c, V) fp32 teacher logits -> (c,)
 # --------------------------------------------------------------------------------------------
@@ -330,6 +331,48 @@ def topk_forward_kl(
     return _reduce_chunked(s2d, w, m, per_token, chunk_size, reduction)
 
 
+def token_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    attention_mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK,
+) -> Tensor:
+    """Next-token cross-entropy on the labels, chunked like the divergences (bounded memory).
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T) token ids, `ignore_index` where no loss is taken (prompt, padding).
+        shift: True for causal LMs (logits at t predict labels at t+1, as Hugging Face does).
+        attention_mask: optional (B, T); zeros are excluded as well.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise DistillError(
+            f"token cross-entropy needs (B, T, V) logits and (B, T) labels, got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    batch = Batch(inputs={} if attention_mask is None else {"attention_mask": attention_mask}, targets=labels)
+    mask = token_mask(batch, logits, shift, ignore_index)
+    target = labels.to(logits.device).long()
+    if shift:
+        target = torch.cat([target[:, 1:], torch.full_like(target[:, :1], ignore_index)], dim=1)
+    v = logits.shape[-1]
+    bad = mask & ((target < 0) | (target >= v))
+    if bad.any():
+        raise DistillError(f"label {int(target[bad][0])} is out of range for a vocabulary of {v} tokens")
+    s2d = logits.reshape(-1, v)
+    tgt = target.reshape(-1).clamp(0, v - 1)
+    w, m = _token_weights(logits, mask, weights)
+
+    def per_token(s_c: Tensor, a: int, b: int) -> Tensor:
+        return -F.log_softmax(s_c, dim=-1).gather(-1, tgt[a:b, None]).squeeze(-1)
+
+    return _reduce_chunked(s2d, w, m, per_token, chunk_size, "mean")
+
+
 def _check_params(kind: str, beta: float, alpha: float, temperature: float) -> None:
     if kind not in KINDS:
         raise DistillError(f"unknown token divergence '{kind}'; use one of {', '.join(KINDS)}")
@@ -551,3 +594,44 @@ class TotalVariation(TokenDivergence):
     """Total variation distance ½·Σ|p - q| per token (bounded in [0, 1])."""
 
     kind = "tvd"
+
+
+@LOSSES.register("lm_ce")
+class LMCrossEntropy(LossTerm):
+    """Next-token cross-entropy on the batch's labels (`labels == -100` not counted), chunked.
+
+    The `ce` term compares logits and labels position by position; causal LMs need the shift
+    (the logits at t predict token t+1), which this term does, as Hugging Face models do
+    internally.
+
+    Args:
+        shift_labels: False for models whose logits are already aligned with the labels.
+        chunk_size: tokens per chunk (None: automatic).
+    """
+
+    needs_teacher = False
+
+    def __init__(
+        self, shift_labels: bool = True, ignore_index: int = -100, chunk_size: int | None = DEFAULT_CHUNK
+    ):
+        super().__init__()
+        self.shift_labels = shift_labels
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
+        labels = batch.targets
+        if labels is None:
+            raise DistillError(
+                "the lm_ce term needs labels in the batch (input_ids with -100 on prompt/padding)"
+            )
+        attn = batch.inputs.get("attention_mask") if isinstance(batch.inputs, Mapping) else None
+        return token_cross_entropy(
+            student.require_logits("student"),
+            labels,
+            shift=self.shift_labels,
+            ignore_index=self.ignore_index,
+            attention_mask=attn,
+            weights=batch.weights,
+            chunk_size=self.chunk_size,
+        )

@@ -36,7 +36,9 @@ def _pairs(layer_map: LayerMap, n_student: int, n_teacher: int, first: int) -> l
         if layer_map == "last":
             return [(n_student - 1, n_teacher - 1)]
         if layer_map != "uniform":
-            raise DistillError(f"layer_map '{layer_map}' is not one of uniform, last, or a {{student: teacher}} dict")
+            raise DistillError(
+                f"layer_map '{layer_map}' is not one of uniform, last, or a {{student: teacher}} dict"
+            )
         if first == 0:  # hidden states: n = blocks + 1 entries, 0 = embeddings
             ls, lt = n_student - 1, n_teacher - 1
             return [(i, round(i * lt / max(ls, 1))) for i in range(n_student)]
@@ -48,7 +50,10 @@ def _pairs(layer_map: LayerMap, n_student: int, n_teacher: int, first: int) -> l
         if len(item) != 2:
             raise DistillError(f"layer_map entry {item} must be a (student, teacher) pair")
         s, t = int(item[0]), int(item[1])
-        s2, t2 = s % n_student if -n_student <= s < n_student else None, t % n_teacher if -n_teacher <= t < n_teacher else None
+        s2, t2 = (
+            s % n_student if -n_student <= s < n_student else None,
+            t % n_teacher if -n_teacher <= t < n_teacher else None,
+        )
         if s2 is None or t2 is None:
             raise DistillError(
                 f"layer_map pair ({s}, {t}) is out of range: the student has {n_student} and the teacher "
@@ -67,7 +72,14 @@ def _extra(out: Outputs, key: str, who: str) -> tuple:
         raise DistillError(
             f"the {who} outputs have no {key}; use distill.nlp.hf_adapter({flag}) as the {who}'s adapter"
         )
-    return tuple(v)
+    # A Teacher's outputs come from inference mode; tensors nested in tuples are not cloned by
+    # Outputs.clone(), and inference tensors cannot be saved for backward.
+    return tuple(_plain(x) if isinstance(x, Tensor) else x for x in v)
+
+
+def _plain(x: Tensor) -> Tensor:
+    """A copy usable in autograd when `x` was made under inference mode (a frozen teacher's)."""
+    return x.clone() if x.is_inference() else x
 
 
 def _token_mask(out: Outputs, batch: Batch, b: int, t: int, device) -> Tensor:
@@ -79,10 +91,12 @@ def _token_mask(out: Outputs, batch: Batch, b: int, t: int, device) -> Tensor:
     return torch.ones(b, t, dtype=torch.bool, device=device)
 
 
-def hidden_state_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None, kind: str = "mse") -> Tensor:
+def hidden_state_loss(
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, kind: str = "mse"
+) -> Tensor:
     """Per-token MSE (mean over features) or 1 - cosine between (B, T, H) states, averaged over
     the tokens where `mask` (B, T) is True. Student and teacher widths must already agree."""
-    s, t = student.float(), teacher.float()
+    s, t = student.float(), _plain(teacher.float())
     if s.shape != t.shape:
         raise DistillError(f"hidden states {tuple(s.shape)} vs {tuple(t.shape)}: project the student first")
     per = (s - t).pow(2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
@@ -102,7 +116,7 @@ def attention_kl(student: Tensor, teacher: Tensor, mask: Tensor | None = None, e
     Returns:
         The KL summed over keys, averaged over heads and real query positions.
     """
-    s, t = student.float(), teacher.float()
+    s, t = student.float(), _plain(teacher.float())
     per = (t * (t.clamp_min(eps).log() - s.clamp_min(eps).log())).sum(-1).mean(1)  # (B, T)
     if mask is None:
         return per.mean()
@@ -116,7 +130,9 @@ class _HiddenState(LossTerm):
     def __init__(self, layer_map: LayerMap = "uniform", projection: bool = True):
         super().__init__()
         if not isinstance(layer_map, str | Mapping | Sequence):
-            raise DistillError(f"{self._name}.layer_map must be 'uniform', 'last' or a {{student: teacher}} dict")
+            raise DistillError(
+                f"{self._name}.layer_map must be 'uniform', 'last' or a {{student: teacher}} dict"
+            )
         if isinstance(layer_map, str) and layer_map not in ("uniform", "last"):
             raise DistillError(f"{self._name}.layer_map '{layer_map}' is not one of uniform, last, or a dict")
         self.layer_map = layer_map
@@ -205,12 +221,11 @@ class AttentionKL(LossTerm):
         total = 0.0
         for i, j in pairs:
             s, te = a_s[i], a_t[j]
-            if s.shape[1] != te.shape[1]:
-                if self.heads == "match":
-                    raise DistillError(
-                        f"attn_kl: student block {i} has {s.shape[1]} heads, teacher block {j} has "
-                        f"{te.shape[1]}; set attn_kl.heads: mean"
-                    )
+            if s.shape[1] != te.shape[1] and self.heads == "match":
+                raise DistillError(
+                    f"attn_kl: student block {i} has {s.shape[1]} heads, teacher block {j} has "
+                    f"{te.shape[1]}; set attn_kl.heads: mean"
+                )
             if self.heads == "mean":
                 s, te = s.mean(1, keepdim=True), te.mean(1, keepdim=True)
             total = total + attention_kl(s, te, mask)

@@ -118,19 +118,37 @@ def mean_pool(token_embeddings: Tensor, attention_mask: Tensor | None) -> Tensor
 
 
 @torch.no_grad()
-def encode(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128,
-           device: str | torch.device = "cpu", normalize: bool = True) -> Tensor:
+def encode(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 64,
+    max_length: int = 128,
+    device: str | torch.device = "cpu",
+    normalize: bool = True,
+) -> Tensor:
     """Sentence embeddings from a SentenceTransformer (its own `encode`) or a plain encoder
     (mean pooling over the last hidden state), as one (N, D) float32 tensor on the CPU."""
     if hasattr(model, "encode") and tokenizer is None:
-        emb = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, device=str(device),
-                           normalize_embeddings=normalize, show_progress_bar=False)
+        emb = model.encode(
+            texts,
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            device=str(device),
+            normalize_embeddings=normalize,
+            show_progress_bar=False,
+        )
         return emb.float().cpu()
     out = []
     model.eval()
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
         h = model(**enc).last_hidden_state
         e = mean_pool(h, enc["attention_mask"])
         out.append(torch.nn.functional.normalize(e, dim=-1) if normalize else e)

@@ -77,7 +77,9 @@ class EmbeddingCache:
             self._chunks.append(vectors[keep])
             self._matrix = None
 
-    def build(self, texts: Sequence[str], encode: Callable[[list[str]], Tensor], batch_size: int = 128) -> int:
+    def build(
+        self, texts: Sequence[str], encode: Callable[[list[str]], Tensor], batch_size: int = 128
+    ) -> int:
         """Encodes the texts not yet cached, `batch_size` at a time; returns how many were new."""
         todo = list(dict.fromkeys(t for t in texts if t not in self))
         for i in range(0, len(todo), batch_size):

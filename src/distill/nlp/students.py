@@ -14,6 +14,7 @@ projections of the hidden-state and embedding terms (`hidden_mse`, `embed_mse`, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -59,8 +60,12 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda pm: len(pm[1]))
 
 
-def choose_layers(n_teacher: int, layers: Sequence[int] | None = None, every: int | None = None,
-                  num_layers: int | None = None) -> list[int]:
+def choose_layers(
+    n_teacher: int,
+    layers: Sequence[int] | None = None,
+    every: int | None = None,
+    num_layers: int | None = None,
+) -> list[int]:
     """Which teacher layers the student keeps.
 
     Exactly one of: `layers` (explicit indices), `every` (every k-th, DistilBERT: 0, k, 2k, ...),
@@ -68,7 +73,9 @@ def choose_layers(n_teacher: int, layers: Sequence[int] | None = None, every: in
     """
     given = sum(x is not None for x in (layers, every, num_layers))
     if given != 1:
-        raise DistillError("give exactly one of layers=[...], every=k or num_layers=n to choose the student's layers")
+        raise DistillError(
+            "give exactly one of layers=[...], every=k or num_layers=n to choose the student's layers"
+        )
     if layers is not None:
         out = [int(i) for i in layers]
     elif every is not None:
@@ -77,14 +84,18 @@ def choose_layers(n_teacher: int, layers: Sequence[int] | None = None, every: in
         out = list(range(0, n_teacher, every))
     else:
         if not 1 <= num_layers <= n_teacher:
-            raise DistillError(f"num_layers must be in [1, {n_teacher}] (the teacher's depth), got {num_layers}")
+            raise DistillError(
+                f"num_layers must be in [1, {n_teacher}] (the teacher's depth), got {num_layers}"
+            )
         if num_layers == 1:
             out = [n_teacher - 1]
         else:
             out = sorted({round(i * (n_teacher - 1) / (num_layers - 1)) for i in range(num_layers)})
     bad = [i for i in out if not 0 <= i < n_teacher]
     if bad or not out:
-        raise DistillError(f"student layers {out} must be distinct indices in [0, {n_teacher - 1}] (the teacher has {n_teacher})")
+        raise DistillError(
+            f"student layers {out} must be distinct indices in [0, {n_teacher - 1}] (the teacher has {n_teacher})"
+        )
     if len(set(out)) != len(out):
         raise DistillError(f"student layers {out} repeat an index; list each teacher layer once")
     return out
@@ -165,7 +176,7 @@ def make_student(
     new_state = {}
     for key, value in student.state_dict().items():
         m = pattern.match(key)
-        src = key if m is None else f"{path}.{kept[int(m.group(1))]}.{key[m.end():]}"
+        src = key if m is None else f"{path}.{kept[int(m.group(1))]}.{key[m.end() :]}"
         if src not in t_state:
             continue  # e.g. buffers the student builds itself
         tv = t_state[src]
@@ -220,10 +231,8 @@ def _fix_pooling_dim(st, dim: int) -> None:
     for module in st:
         for attr in ("word_embedding_dimension", "embedding_dimension"):
             if hasattr(module, attr):
-                try:
+                with contextlib.suppress(AttributeError):
                     setattr(module, attr, dim)
-                except AttributeError:
-                    pass
         cfg = getattr(module, "config", None)
         if isinstance(cfg, dict):
             for key in ("word_embedding_dimension", "embedding_dimension"):
