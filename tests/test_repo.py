@@ -23,6 +23,11 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     code = code.replace('precision="bf16"', 'precision="fp32"').replace("epochs=30", "epochs=1")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    ns = {"student": nn.Linear(8, 3), "teacher": nn.Linear(8, 3), "train_set": blobs(), "val_set": blobs(seed=1)}
+    ns = {
+        "student": nn.Linear(8, 3),
+        "teacher": nn.Linear(8, 3),
+        "train_set": blobs(),
+        "val_set": blobs(seed=1),
+    }
     exec(compile(code, "README.md", "exec"), ns)
     assert (tmp_path / "runs" / "mine" / "metrics.jsonl").exists()

@@ -92,7 +92,12 @@ class TrainerConfig(_Strict):
 
 
 class ModelConfig(Component):
+    """A model: a registered `name` or a `class_path`, `init_args`, optional weights to load, and
+    the adapter that calls it on a batch (default `auto`: `model(x)` or `model(**batch)`).
+    A builder that takes a `teacher` argument (layer-subset students) receives the built teacher."""
+
     checkpoint: str | None = None
+    adapter: Component | None = None
 
 
 class TeacherConfig(ModelConfig):
@@ -149,6 +154,7 @@ class RecipeConfig(_Strict):
     student: ModelConfig = Field(default_factory=_digits_student)
     objective: ObjectiveConfig = Field(default_factory=_digits_objective)
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=30))
+    evaluator: Component | None = Field(None, description="default: classification accuracy")
     baselines: list[Literal["scratch"]] = Field(
         default_factory=lambda: ["scratch"], description="extra students trained for comparison"
     )
