@@ -505,6 +505,12 @@ class CTKD(LossTerm):
         """The current learned temperature, for logging."""
         return float(self.t_min + self.t_range * torch.sigmoid(self.theta.detach()))
 
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        raise DistillError(
+            "ctkd.temperature is learned, not scheduled: set init_temperature, or schedule the kd term instead"
+        )
+
     def on_progress(self, progress: Progress) -> None:
         a = 1.0 if self.ramp == 0 else min(progress.fraction / self.ramp, 1.0)
         self.lam = self.lambda_min + (self.lambda_max - self.lambda_min) * 0.5 * (1 - math.cos(math.pi * a))
