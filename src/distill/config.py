@@ -1,0 +1,278 @@
+"""Typed recipe configuration. YAML is only its saved form; every key is validated here.
+
+A recipe names components by a registered short name (`name: kd`) or by import path
+(`class_path: my_pkg.MyStudent`), each with `init_args`. Errors name the key, the bad value and
+what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component(_Strict):
+    """`name` (registered short name) or `class_path` (package.module.Name), plus `init_args`."""
+
+    name: str | None = None
+    class_path: str | None = None
+    init_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.name is None) == (self.class_path is None):
+            raise ValueError("give exactly one of 'name' or 'class_path'")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "class_path": self.class_path, "init_args": dict(self.init_args)}
+
+
+class DataConfig(Component):
+    name: str | None = "digits"
+    init_args: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LRScheduleConfig(_Strict):
+    """Learning-rate schedule over optimizer steps. `warmup` and `milestones` are fractions of
+    training; `step` multiplies the LR by `gamma` at each milestone."""
+
+    name: Literal["constant", "cosine", "linear", "step"] = "cosine"
+    warmup: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    milestones: list[float] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainerConfig(_Strict):
+    epochs: int = Field(30, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, gt=0)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    eval_every: int = Field(1, gt=0, description="evaluate every N epochs")
+    log_every: int = Field(20, gt=0, description="log training metrics every N optimizer steps")
+    checkpoint_every: int = Field(
+        0, ge=0, description="also checkpoint every N optimizer steps (0: epochs only)"
+    )
+    monitor: str = "accuracy"
+    monitor_mode: Literal["max", "min"] = "max"
+    progress: Literal["auto", "on", "off"] = "auto"
+    tensorboard: bool = True
+    deterministic: bool = False
+
+
+class ModelConfig(Component):
+    checkpoint: str | None = None
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: loaded from `checkpoint`, or trained first with `train` when none is given."""
+
+    train: TrainerConfig | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+
+
+class TermConfig(Component):
+    weight: float | dict[str, Any] = 1.0
+
+
+class ObjectiveConfig(_Strict):
+    terms: dict[str, TermConfig]
+    schedules: dict[str, float | dict[str, Any]] = Field(default_factory=dict)
+
+
+class ReportConfig(_Strict):
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    latency_threads: int = Field(1, gt=0)
+    latency_repeats: int = Field(50, gt=0)
+
+
+def _digits_teacher() -> TeacherConfig:
+    return TeacherConfig(
+        name="cnn",
+        init_args={"channels": [32, 64, 128], "dropout": 0.1},
+        train=TrainerConfig(epochs=30, optimizer=OptimizerConfig(lr=3e-3)),
+    )
+
+
+def _digits_student() -> ModelConfig:
+    return ModelConfig(name="mlp", init_args={"hidden": [128]})
+
+
+def _digits_objective() -> ObjectiveConfig:
+    return ObjectiveConfig(
+        terms={
+            "ce": TermConfig(name="ce", weight=0.5),
+            "kd": TermConfig(name="kd", weight=0.5, init_args={"temperature": 4.0}),
+        }
+    )
+
+
+class RecipeConfig(_Strict):
+    """A whole run. The defaults are the demo: digits, a CNN teacher, an MLP student, Hinton KD."""
+
+    name: str = "digits"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=_digits_teacher)
+    student: ModelConfig = Field(default_factory=_digits_student)
+    objective: ObjectiveConfig = Field(default_factory=_digits_objective)
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=30))
+    baselines: list[Literal["scratch"]] = Field(
+        default_factory=lambda: ["scratch"], description="extra students trained for comparison"
+    )
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading and errors
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping with the safe loader (tags that would build objects are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).replace("\n", " ")
+        raise ConfigError(f"{path} is not valid YAML (tags that build objects are refused): {first}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of keys (name:, data:, teacher:, ...), not a {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `a.b.c=value` overrides (values parsed as YAML: numbers, lists, null...)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override '{key}': '{p}' is not a mapping")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> RecipeConfig:
+    """Validates a recipe mapping; the first problem becomes a one-line ConfigError."""
+    try:
+        return RecipeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e, RecipeConfig)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return parse_recipe(data, source=str(path))
+
+
+def format_validation_error(e: ValidationError, root: type[BaseModel]) -> str:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        near = _suggest(root, loc)
+        hint = f" (did you mean '{near}'?)" if near else ""
+        more = f" [{len(e.errors()) - 1} more problem(s)]" if len(e.errors()) > 1 else ""
+        return f"unknown key '{key}'{hint}{more}"
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        msg = f"{err.get('input')!r} is not one of {expected}"
+    elif "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" [{len(e.errors()) - 1} more problem(s)]" if len(e.errors()) > 1 else ""
+    return f"{key}: {msg}{more}"
+
+
+def _suggest(root: type[BaseModel], loc: list[str]) -> str | None:
+    """The nearest valid key for an unknown one, following the model tree along `loc`."""
+    model: Any = root
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            # inside a dict of models (objective.terms.<name>): step into the value type
+            model = _value_model(model)
+            if model is None:
+                return None
+            continue
+        model = _field_model(fields[part].annotation)
+        if model is None:
+            return None
+    fields = getattr(model, "model_fields", None) or {}
+    near = difflib.get_close_matches(loc[-1], list(fields), n=1, cutoff=0.5)
+    return ".".join(loc[:-1] + near[:1]) if near else None
+
+
+def _field_model(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        m = _field_model(arg)
+        if m is not None:
+            return m
+    return annotation if typing.get_origin(annotation) is dict else None
+
+
+def _value_model(annotation: Any) -> Any:
+    import typing
+
+    args = typing.get_args(annotation)
+    return _field_model(args[1]) if len(args) == 2 else None

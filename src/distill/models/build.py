@@ -1,0 +1,44 @@
+"""Builds a model from a recipe component, filling in what the data tells (classes, input size)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+from torch import nn
+
+from distill.data.bundle import DataBundle
+from distill.errors import ConfigError
+from distill.registry import MODELS, import_path
+
+
+def build_model(spec: dict[str, Any], data: DataBundle | None = None) -> nn.Module:
+    """`spec` is `{name | class_path, init_args}`. When the builder takes `num_classes`,
+    `in_features` or `in_channels` and the recipe does not set them, they come from the data."""
+    target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    args = dict(spec.get("init_args") or {})
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if data is not None:
+        fill = {}
+        if data.num_classes is not None:
+            fill["num_classes"] = data.num_classes
+        if data.input_shape:
+            fill["in_features"] = math.prod(data.input_shape)
+            fill["in_channels"] = data.input_shape[0]
+        for k, v in fill.items():
+            if k in params and k not in args:
+                args[k] = v
+    try:
+        model = target(**args)
+    except TypeError as e:
+        raise ConfigError(f"model '{spec.get('class_path') or spec.get('name')}': {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model '{spec.get('class_path') or spec.get('name')}' built a "
+            f"{type(model).__name__}, not an nn.Module"
+        )
+    return model

@@ -1,0 +1,235 @@
+"""Runs a recipe end to end: teacher, baseline student, distilled student, measurements, report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.bench import count_params, latency_ms, size_mb
+from distill.checkpoint import atomic_write_text, load_weights, save_weights
+from distill.config import RecipeConfig, TrainerConfig
+from distill.data.bundle import DataBundle, build_data
+from distill.errors import ConfigError
+from distill.evaluate import evaluate
+from distill.losses import CrossEntropy
+from distill.models.build import build_model
+from distill.objective import Objective
+from distill.registry import LOSSES
+from distill.report import write_report
+from distill.rundir import RunDir
+from distill.teachers import Teacher
+from distill.trainer import Trainer, make_loader, seed_everything
+
+
+def build_objective(cfg: RecipeConfig) -> Objective:
+    terms = {
+        n: LOSSES.build(name=t.name, class_path=t.class_path, init_args=t.init_args)
+        for n, t in cfg.objective.terms.items()
+    }
+    weights = {n: t.weight for n, t in cfg.objective.terms.items()}
+    return Objective(terms, weights, cfg.objective.schedules)
+
+
+def scratch_objective(cfg: RecipeConfig) -> Objective:
+    """Labels alone, with the recipe's own label smoothing if its ce term sets one."""
+    for t in cfg.objective.terms.values():
+        if t.name == "ce":
+            return Objective({"ce": LOSSES.build(name="ce", init_args=t.init_args)})
+    return Objective({"ce": CrossEntropy()})
+
+
+def _example_input(data: DataBundle) -> torch.Tensor | None:
+    x = data.train[0][0] if isinstance(data.train[0], tuple | list) else None
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else None
+
+
+def _train_stage(
+    stage: str,
+    model: nn.Module,
+    objective: Objective,
+    data: DataBundle,
+    cfg: RecipeConfig,
+    trainer_cfg: TrainerConfig,
+    out: Path,
+    teacher: Any = None,
+) -> nn.Module:
+    final = out / "checkpoints" / stage / "final.safetensors"
+    if final.exists():  # finished in an earlier, interrupted invocation
+        return load_weights(model, final)
+    trainer = Trainer(
+        model,
+        objective,
+        data.train,
+        teacher=teacher,
+        val_data=data.val,
+        config=trainer_cfg,
+        out_dir=out,
+        stage=stage,
+        seed=cfg.seed,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        collate_fn=data.collate_fn,
+        resume=True,
+    )
+    trainer.fit()
+    save_weights(final, model.state_dict(), {"stage": stage})
+    return model
+
+
+def measure(
+    name: str,
+    model: nn.Module,
+    data: DataBundle,
+    cfg: RecipeConfig,
+    teacher: Teacher | None,
+    split: str = "test",
+) -> dict[str, Any]:
+    ds = getattr(data, split) or data.val
+    loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
+    metrics = evaluate(model, loader, teacher=teacher)
+    row: dict[str, Any] = {"name": name, **metrics, "params": count_params(model), "size_mb": size_mb(model)}
+    if teacher is None:
+        row["agreement"] = 1.0
+    example = _example_input(data)
+    if example is not None:
+        model_cpu = copy.deepcopy(model).to("cpu")
+        for b in cfg.report.latency_batch_sizes:
+            lat = latency_ms(
+                model_cpu, example, b, repeats=cfg.report.latency_repeats, threads=cfg.report.latency_threads
+            )
+            row[f"latency_ms_b{b}"] = lat["p50"]
+    return row
+
+
+def run_recipe(
+    cfg: RecipeConfig, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "run"
+) -> dict[str, Any]:
+    """Trains and measures everything the recipe asks for; writes the run folder; returns the summary."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+        data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+
+        seed_everything(cfg.seed)
+        teacher_model = build_model(cfg.teacher.spec(), data)
+        if cfg.teacher.checkpoint:
+            load_weights(teacher_model, cfg.teacher.checkpoint)
+        elif cfg.teacher.train is not None:
+            _train_stage("teacher", teacher_model, scratch_objective(cfg), data, cfg, cfg.teacher.train, out)
+        else:
+            raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
+        teacher = Teacher(teacher_model, dtype=dtype, compile=cfg.teacher.compile)
+
+        students: dict[str, nn.Module] = {}
+        stages = [("student_scratch", scratch_objective(cfg), None)] if "scratch" in cfg.baselines else []
+        stages.append(("student_kd", build_objective(cfg), teacher))
+        for stage, objective, t in stages:
+            seed_everything(cfg.seed)  # the same initial student for every stage
+            student = build_model(cfg.student.spec(), data)
+            if cfg.student.checkpoint:
+                load_weights(student, cfg.student.checkpoint)
+            students[stage] = _train_stage(stage, student, objective, data, cfg, cfg.trainer, out, t)
+
+        teacher_row = measure("teacher", teacher.model, data, cfg, None)
+        rows = [teacher_row] + [measure(n, m, data, cfg, teacher) for n, m in students.items()]
+        summary = {
+            "command": command,
+            "recipe": cfg.name,
+            "seed": cfg.seed,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "rows": rows,
+        }
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_report(out)
+        return summary
+
+
+def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
+    """One summary over several seeds: each numeric metric's mean, with `<metric>_std` beside it."""
+    names = [r["name"] for r in summaries[0]["rows"]]
+    rows = []
+    for name in names:
+        per_seed = [next(r for r in s["rows"] if r["name"] == name) for s in summaries]
+        row: dict[str, Any] = {"name": name}
+        for k, v in per_seed[0].items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                vals = [float(r[k]) for r in per_seed if k in r]
+                row[k] = statistics.fmean(vals)
+                if k not in ("params", "size_mb"):
+                    row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return {
+        "command": command,
+        "recipe": summaries[0]["recipe"],
+        "seeds": [s["seed"] for s in summaries],
+        "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
+        "rows": rows,
+    }
+
+
+def run_seeds(
+    cfg: RecipeConfig,
+    out: str | Path,
+    seeds: int,
+    resume: bool = False,
+    overwrite: bool = False,
+    command: str = "run",
+) -> dict[str, Any]:
+    """`seeds` runs of the recipe (seed, seed+1, ...) in `out/seed<k>/`, summarised together in `out/`."""
+    out = Path(out)
+    if seeds == 1:
+        return run_recipe(cfg, out, resume, overwrite, command)
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+        summaries = []
+        for k in range(seeds):
+            seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
+            summaries.append(run_recipe(seed_cfg, out / f"seed{cfg.seed + k}", resume=True, command=command))
+        summary = aggregate(summaries, command)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_report(out)
+        return summary
+
+
+def evaluate_checkpoint(
+    cfg: RecipeConfig,
+    run_dir: Path | None,
+    checkpoint: str | None,
+    which: str = "student",
+    split: str = "test",
+) -> dict[str, Any]:
+    """Scores a checkpoint of the recipe's student (or teacher) on a split; with a run folder,
+    also its agreement with the run's teacher."""
+    if checkpoint is None:
+        if run_dir is None:
+            raise ConfigError("give --checkpoint, or a run folder whose checkpoints to score")
+        stage = "student_kd" if which == "student" else "teacher"
+        checkpoint = str(run_dir / "checkpoints" / stage / "final.safetensors")
+    data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+    model = build_model((cfg.student if which == "student" else cfg.teacher).spec(), data)
+    load_weights(model, checkpoint)
+    teacher = None
+    teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
+    if cfg.teacher.checkpoint:
+        teacher_ckpt = Path(cfg.teacher.checkpoint)
+    if which == "student" and teacher_ckpt is not None and teacher_ckpt.exists():
+        teacher = Teacher(load_weights(build_model(cfg.teacher.spec(), data), teacher_ckpt))
+    ds = getattr(data, split)
+    if ds is None:
+        raise ConfigError(f"the dataset has no {split} split")
+    loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
+    return {
+        "checkpoint": checkpoint,
+        "split": split,
+        **evaluate(model, loader, teacher=teacher),
+        "params": count_params(model),
+    }
