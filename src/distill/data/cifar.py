@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import DistillError
+from distill.registry import DATASETS
 
 # Per-channel statistics of the CIFAR-100 training set, the normalisation the benchmarks use.
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -102,3 +103,37 @@ class CifarStandIn(torch.utils.data.Dataset):
         if self.augment:
             x = crop_flip(x)
         return x, int(self.targets[i])
+
+
+@DATASETS.register("cifar100")
+def cifar100_data(root: str = "data", seed: int = 0):
+    """CIFAR-100 as a recipe's data: train (augmented) and the test split, which also serves as
+    `val` — CIFAR-100 has no validation split and the KD literature reports test accuracy."""
+    from distill.data.bundle import DataBundle
+
+    test = cifar100(root, train=False)
+    return DataBundle(
+        train=cifar100(root, train=True),
+        val=test,
+        test=test,
+        num_classes=100,
+        input_shape=(3, 32, 32),
+        meta={"source": "cifar100", "root": str(root)},
+    )
+
+
+@DATASETS.register("cifar100_standin")
+def cifar100_standin(n_train: int = 256, n_test: int = 128, num_classes: int = 100, seed: int = 0):
+    """The generated `CifarStandIn` in CIFAR-100's shapes, for tests of the CIFAR recipes
+    (`data.name=cifar100_standin`). The patterns are fixed (seed 0); `seed` is the run's."""
+    from distill.data.bundle import DataBundle
+
+    test = CifarStandIn(n_test, num_classes, train=False)
+    return DataBundle(
+        train=CifarStandIn(n_train, num_classes, train=True),
+        val=test,
+        test=test,
+        num_classes=num_classes,
+        input_shape=(3, 32, 32),
+        meta={"source": "cifar100_standin"},
+    )

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from distill.errors import DistillError
+from distill.registry import DATASETS
 
 
 class IndexedDataset:
@@ -50,3 +51,26 @@ class IndexedDataset:
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def indexed(dataset: str | dict = "digits", seed: int = 0):
+    """A recipe's `data` wrapper that gives the training split sample indices (for `crd`):
+    `data: {name: indexed, init_args: {dataset: {name: digits, init_args: {...}}}}`.
+
+    Returns the inner `DataBundle` with `train` wrapped in `IndexedDataset`; its size is in
+    `meta["n_train"]` (CRD's `n_data`).
+    """
+    import dataclasses
+
+    from distill.data.bundle import build_data
+
+    spec = {"name": dataset} if isinstance(dataset, str) else dict(dataset)
+    unknown = set(spec) - {"name", "class_path", "init_args"}
+    if unknown:
+        raise DistillError(f"indexed.dataset: unknown keys {sorted(unknown)}; use name/class_path/init_args")
+    inner = build_data(spec.get("name"), spec.get("class_path"), spec.get("init_args"), seed=seed)
+    meta = {**inner.meta, "indexed": True, "n_train": len(inner.train)}
+    return dataclasses.replace(inner, train=IndexedDataset(inner.train), meta=meta)
+
+
+DATASETS.register("indexed")(indexed)
