@@ -538,7 +538,7 @@ class Trainer:
             cause = f"; the inputs hold NaN/Inf (samples {idx[:5]})"
         kept = " the last good checkpoint is kept;" if self.ckpt_dir is not None else ""
         raise TrainingDiverged(
-            f"loss became {float(loss)} at {where}{cause};{kept} lower the learning rate, "
+            f"loss became {float(loss.detach())} at {where}{cause};{kept} lower the learning rate, "
             "enable clip_grad_norm or check the data"
         )
 
