@@ -298,7 +298,7 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
     from distill.checkpoint import load_weights, save_weights
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import _train_stage, measure, scratch_objective
+    from distill.pipeline import _train_stage, build_adapter, measure, scratch_objective
     from distill.rundir import RunDir
     from distill.trainer import seed_everything
 
@@ -310,14 +310,22 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
         model = build_model(cfg.teacher.spec(), data)
         if path.exists() and row_path.exists():
             return str(path.resolve()), json.loads(row_path.read_text())
+        adapter = build_adapter(cfg.teacher.adapter)
         teacher_cfg = cfg.model_copy(update={"baselines": []})
         with RunDir(out / "teacher", teacher_cfg.to_yaml(), resume=True):
             _train_stage(
-                "teacher", model, scratch_objective(cfg), data, cfg, cfg.teacher.train, out / "teacher"
+                "teacher",
+                model,
+                scratch_objective(cfg),
+                data,
+                cfg,
+                cfg.teacher.train,
+                out / "teacher",
+                adapter=adapter,
             )
         save_weights(path, model.state_dict(), {"stage": "teacher"})
         load_weights(model, path)
-        row = measure("teacher", model, data, cfg, None)
+        row = measure("teacher", model, data, cfg, None, adapter=adapter)
         atomic_write_text(row_path, json.dumps(row, indent=2))
         return str(path.resolve()), row
 
@@ -744,8 +752,11 @@ def _plot_pareto(cfg: TuneRecipe, rows: list[dict[str, Any]], front: set[int], p
     )
     fr = sorted((x, y, n) for x, y, n in pts if n in front)
     ax.plot([x for x, _, _ in fr], [y for _, y, _ in fr], "o-", color="C3", label="Pareto front")
-    for x, y, n in fr:
-        ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    labels: dict[tuple[float, float], list[str]] = {}
+    for x, y, n in fr:  # trials with equal values share one label
+        labels.setdefault((x, y), []).append(str(n))
+    for (x, y), ns in labels.items():
+        ax.annotate(",".join(ns), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if kx in ("params", "size_mb") or (
         pts and max(p[0] for p in pts) > 20 * max(min(p[0] for p in pts), 1e-12)
     ):
