@@ -314,3 +314,43 @@ def test_concurrent_workers_get_different_sampler_seeds(tmp_path):
         study = optuna.create_study(sampler=tune._sampler(cfg.tune, False, worker))
         draws.append(study.ask().suggest_float("x", 0, 1))
     assert draws[0] != draws[1]
+
+
+def test_trainer_on_evaluate_hook_and_ambient_callbacks():
+    from torch import nn
+
+    from distill import CrossEntropy, Objective
+    from distill.trainer import Trainer, use_callbacks
+    from helpers import blobs
+
+    class Recorder:
+        def __init__(self, stop_at=None):
+            self.epochs, self.stop_at = [], stop_at
+
+        def on_evaluate(self, trainer, metrics):
+            self.epochs.append(metrics["epoch"])
+            assert "accuracy" in metrics and trainer.epoch == metrics["epoch"]
+            if metrics["epoch"] == self.stop_at:
+                raise StopIteration("stop")
+
+    def make(**kw):
+        model = nn.Sequential(nn.Linear(8, 3))
+        return Trainer(
+            model,
+            Objective({"ce": CrossEntropy()}),
+            blobs(),
+            val_data=blobs(seed=1),
+            epochs=3,
+            progress="off",
+            batch_size=32,
+            **kw,
+        )
+
+    direct, ambient, other = Recorder(), Recorder(stop_at=2), Recorder()
+    with use_callbacks(ambient):
+        trainer = make(callbacks=[direct])
+    with pytest.raises(StopIteration):  # an exception in a hook stops training and propagates
+        trainer.fit()
+    assert direct.epochs == [1, 2] and ambient.epochs == [1, 2] and trainer.epoch == 2
+    make(callbacks=[other]).fit()  # outside the with block: only its own callback
+    assert other.epochs == [1, 2, 3] and ambient.epochs == [1, 2]
