@@ -254,3 +254,58 @@ def test_trainer_with_cached_teacher_matches_online(tmp_path):
             if json.loads(line)["split"] == "train"
         ]
     np.testing.assert_allclose(losses["cached"], losses["online"], rtol=1e-5)
+
+
+def _cli(argv):
+    import argparse
+
+    from distill import cli_cache
+
+    parser = argparse.ArgumentParser(prog="distill")
+    cli_cache.add_parser(parser.add_subparsers(dest="command"))
+    return cli_cache.main(parser.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_cli_cache_teacher_then_recipe_uses_the_store(tmp_path, capsys):
+    import yaml
+
+    from distill.checkpoint import save_weights
+    from distill.config import RecipeConfig
+    from distill.data.bundle import build_data
+    from distill.models.build import build_model
+    from distill.pipeline import run_recipe
+
+    cfg = RecipeConfig()
+    data = build_data("digits")
+    teacher = build_model(cfg.teacher.spec(), data)
+    save_weights(tmp_path / "t.safetensors", teacher.state_dict())
+    recipe = cfg.model_dump(mode="json")
+    recipe["teacher"].update(checkpoint=str(tmp_path / "t.safetensors"), train=None)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    assert _cli(["cache-teacher", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "store")]) == 0
+    assert "per sample" in capsys.readouterr().out
+    assert _cli(["cache-teacher", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _cli(["cache-teacher", str(tmp_path / "r.yaml"), "--topk", "zero"]) == 2
+
+    run_cfg = RecipeConfig.model_validate(
+        {
+            **recipe,
+            "teacher": {**recipe["teacher"], "cache": str(tmp_path / "store")},
+            "trainer": {**recipe["trainer"], "epochs": 1, "progress": "off", "tensorboard": False},
+            "baselines": [],
+            "report": {"latency_batch_sizes": [1], "latency_repeats": 2},
+        }
+    )
+    summary = run_recipe(run_cfg, tmp_path / "run")
+    assert [r["name"] for r in summary["rows"]] == ["teacher", "student_kd"]
+    # a store of another teacher is refused before training
+    torch.manual_seed(123)  # run_recipe reseeds the global RNG: draw other weights on purpose
+    other = build_model(cfg.teacher.spec(), data)
+    save_weights(tmp_path / "t2.safetensors", other.state_dict())
+    bad = run_cfg.model_copy(deep=True)
+    bad.teacher.checkpoint = str(tmp_path / "t2.safetensors")
+    with pytest.raises(DistillError, match="teacher weights"):
+        run_recipe(bad, tmp_path / "run2")

@@ -590,11 +590,9 @@ class CachedTeacher:
             dataset = dataset.dataset
         if dataset is not None:
             given.update(dataset_fingerprint(dataset))
-        stored = manifest["fingerprint"]
-        if dataset is not None:
-            given["augment_copies"] = augment_copies if augment_copies is not None else None
-            given["augment_seed"] = augment_seed if augment_copies is not None else None
-            stored = {"augment_copies": None, "augment_seed": None, **stored}
+        stored = {"augment_copies": None, "augment_seed": None, **manifest["fingerprint"]}
+        if augment_copies is not None:  # the caller says which views it trains on: they must match
+            given.update(augment_copies=augment_copies, augment_seed=augment_seed)
         diff = _differences(stored, given)
         if diff:
             raise DistillError(
@@ -617,6 +615,16 @@ class CachedTeacher:
             for k in manifest["fields"]
         }
         self._device: torch.device | None = None
+
+    def training_dataset(self, dataset: Any) -> Dataset:
+        """`dataset` (the one the store was written from) as the student must see it: with sample
+        indices, and, for a store of augmented copies, as those same seeded views."""
+        if isinstance(dataset, IndexedDataset | AugmentedCopies):
+            return dataset
+        copies = self.manifest["fingerprint"].get("augment_copies")
+        if copies:
+            return AugmentedCopies(dataset, copies, self.manifest["fingerprint"].get("augment_seed", 0))
+        return IndexedDataset(dataset)
 
     # The Trainer treats a teacher as: callable on a Batch, `.to(device)`, `.add_taps(paths)`.
     @property

@@ -100,6 +100,10 @@ class TeacherConfig(ModelConfig):
     train: TrainerConfig | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    cache: str | None = Field(
+        None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
+    )
+    cache_fill: Literal["tail", "min", "renorm"] = "tail"
 
 
 class TermConfig(Component):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -130,15 +131,30 @@ def run_recipe(
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(teacher_model, dtype=dtype, compile=cfg.teacher.compile)
 
+        kd_teacher, kd_data = teacher, data
+        if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+            from distill.cache import CachedTeacher
+
+            kd_teacher = CachedTeacher(
+                cfg.teacher.cache,
+                dataset=data.train,
+                teacher=teacher_model,
+                fallback=teacher,
+                fill=cfg.teacher.cache_fill,
+            )
+            kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
+
         students: dict[str, nn.Module] = {}
-        stages = [("student_scratch", scratch_objective(cfg), None)] if "scratch" in cfg.baselines else []
-        stages.append(("student_kd", build_objective(cfg), teacher))
-        for stage, objective, t in stages:
+        stages = (
+            [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
+        )
+        stages.append(("student_kd", build_objective(cfg), kd_teacher, kd_data))
+        for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
             student = build_model(cfg.student.spec(), data)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
-            students[stage] = _train_stage(stage, student, objective, data, cfg, cfg.trainer, out, t)
+            students[stage] = _train_stage(stage, student, objective, stage_data, cfg, cfg.trainer, out, t)
 
         teacher_row = measure("teacher", teacher.model, data, cfg, None)
         rows = [teacher_row] + [measure(n, m, data, cfg, teacher) for n, m in students.items()]
