@@ -673,7 +673,16 @@ class CachedTeacher:
                 "CachedTeacher a fallback teacher for validation data"
             )
         device = self._device or batch.index.device
-        idx = batch.index.detach().cpu().numpy().astype(np.int64).reshape(-1)
+        index = batch.index
+        if index.device.type != "cpu" and batch.raw is not None:
+            # The loader's own (host) copy of the index avoids a device-to-host sync per step.
+            try:
+                host = as_batch(batch.raw).index
+            except DistillError:
+                host = None
+            if isinstance(host, Tensor) and host.device.type == "cpu" and host.shape == index.shape:
+                index = host
+        idx = index.detach().cpu().numpy().astype(np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.rows):
             raise DistillError(
                 f"sample index {int(idx.max() if idx.max() >= self.rows else idx.min())} is outside the "
