@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill import distributed as dist
 from distill.bench import count_params, latency_ms, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.config import RecipeConfig, TrainerConfig
@@ -82,7 +83,9 @@ def _train_stage(
         resume=True,
     )
     trainer.fit()
-    save_weights(final, model.state_dict(), {"stage": stage})
+    if dist.is_main():
+        save_weights(final, model.state_dict(), {"stage": stage})
+    dist.barrier()  # every rank sees the same finished stages on a later --resume
     return model
 
 
@@ -156,6 +159,8 @@ def run_recipe(
                 load_weights(student, cfg.student.checkpoint)
             students[stage] = _train_stage(stage, student, objective, stage_data, cfg, cfg.trainer, out, t)
 
+        if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary
+            return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         teacher_row = measure("teacher", teacher.model, data, cfg, None)
         rows = [teacher_row] + [measure(n, m, data, cfg, teacher) for n, m in students.items()]
         summary = {
@@ -210,6 +215,8 @@ def run_seeds(
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
             summaries.append(run_recipe(seed_cfg, out / f"seed{cfg.seed + k}", resume=True, command=command))
+        if not dist.is_main():
+            return summaries[0]
         summary = aggregate(summaries, command)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
