@@ -30,7 +30,9 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, widths=(32, 64, 128, 256), num_classes: int = 100):
         super().__init__()
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths[1:]):
             for j in range(n):

@@ -246,15 +246,28 @@ def torchdistill_row():
 
 def run_pair(name, a, device):
     make_t, make_s, size, classes = PAIRS[name]()
-    batch = a.batch_size or (32 if device.type == "cpu" and size == 32 else 8 if device.type == "cpu" else 256)
+    batch = a.batch_size or (
+        32 if device.type == "cpu" and size == 32 else 8 if device.type == "cpu" else 256
+    )
     g = torch.Generator().manual_seed(0)
     k = a.distinct_batches
     xs = [torch.randn(batch, 3, size, size, generator=g).to(device) for _ in range(k)]
     ys = [torch.randint(0, classes, (batch,), generator=g).to(device) for _ in range(k)]
-    r = {"pair": name, "batch": batch, "image": size, "device": str(device), "precision": a.precision,
-         "channels_last": a.channels_last, "compile": a.compile, "steps": a.steps}
-    print(f"\n== {name}: batch {batch}, {size}x{size}, {a.precision}, channels_last={a.channels_last}, "
-          f"compile={a.compile}, {a.steps} timed steps after {a.warmup} warm-up", flush=True)
+    r = {
+        "pair": name,
+        "batch": batch,
+        "image": size,
+        "device": str(device),
+        "precision": a.precision,
+        "channels_last": a.channels_last,
+        "compile": a.compile,
+        "steps": a.steps,
+    }
+    print(
+        f"\n== {name}: batch {batch}, {size}x{size}, {a.precision}, channels_last={a.channels_last}, "
+        f"compile={a.compile}, {a.steps} timed steps after {a.warmup} warm-up",
+        flush=True,
+    )
     r["student_alone"] = student_alone(make_s, xs, ys, a, device)
     print(f"  student alone       {r['student_alone']:10.1f} img/s", flush=True)
     r["teacher_inference"] = teacher_inference(make_t, xs, a, device)
@@ -270,15 +283,21 @@ def run_pair(name, a, device):
         r["cache_write"] = write_rate
         r["cache_bytes_per_sample"] = info.bytes_per_sample
         r["distill_cached"] = distill_run(make_t, make_s, xs, ys, a, device, store=Path(tmp) / "store")
-    print(f"  distill cached      {r['distill_cached']:10.1f} img/s   (store {info.bytes_per_sample:.0f} B/sample, "
-          f"written at {write_rate:.0f} img/s)", flush=True)
+    print(
+        f"  distill cached      {r['distill_cached']:10.1f} img/s   (store {info.bytes_per_sample:.0f} B/sample, "
+        f"written at {write_rate:.0f} img/s)",
+        flush=True,
+    )
     td = torchdistill_row()
     print(f"  torchdistill        {'not installed (skipped)' if td is None else td}")
     r["online_over_limit"] = r["distill_online"] / r["limit"]
     r["cached_over_student"] = r["distill_cached"] / r["student_alone"]
     r["online_over_plain"] = r["distill_online"] / r["plain_fp32_kd"]
-    print(f"  online / limit = {r['online_over_limit']:.3f}   cached / student alone = "
-          f"{r['cached_over_student']:.3f}   online / plain = {r['online_over_plain']:.2f}", flush=True)
+    print(
+        f"  online / limit = {r['online_over_limit']:.3f}   cached / student alone = "
+        f"{r['cached_over_student']:.3f}   online / plain = {r['online_over_plain']:.2f}",
+        flush=True,
+    )
     return r
 
 
@@ -290,7 +309,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 50 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 / 15)")
     p.add_argument("--distinct-batches", type=int, default=2)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 CPU, bf16 GPU")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 CPU, bf16 GPU"
+    )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (all rows)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     from distill.objective import Objective
     from distill.trainer import Trainer
 
-    out, batch_size, epochs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    out, batch_size, epochs, parallel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=g), torch.randint(0, 4, (64,), generator=g)
@@ -35,7 +35,7 @@ WORKER = textwrap.dedent(
     obj = Objective({"ce": CrossEntropy(), "kd": KD(2.0)}, {"ce": 0.5, "kd": 0.5})
     tr = Trainer(student, obj, TensorDataset(x, y), teacher=teacher, val_data=TensorDataset(x, y),
                  epochs=epochs, batch_size=batch_size, device="cpu", progress="off", tensorboard=False,
-                 log_every=1, out_dir=out, stage="s", resume=True, seed=5,
+                 log_every=1, out_dir=out, stage="s", resume=True, seed=5, parallel=parallel,
                  optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.0},
                  lr_schedule={"name": "constant"})
     tr.fit()
@@ -49,7 +49,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, out: Path, world: int, batch_size: int, epochs: int) -> None:
+def _launch(
+    tmp_path: Path, out: Path, world: int, batch_size: int, epochs: int, parallel: str = "ddp"
+) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     src = str(Path(distill.__file__).resolve().parents[1])
@@ -69,7 +71,7 @@ def _launch(tmp_path: Path, out: Path, world: int, batch_size: int, epochs: int)
                 LOCAL_RANK=str(rank),
                 WORLD_SIZE=str(world),
             )
-        cmd = [sys.executable, str(script), str(out), str(batch_size), str(epochs)]
+        cmd = [sys.executable, str(script), str(out), str(batch_size), str(epochs), parallel]
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
@@ -98,6 +100,23 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path):
     torch.testing.assert_close(
         torch.tensor(_train_losses(tmp_path / "resumed")), torch.tensor(one), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_gloo_processes_follows_the_same_trajectory_and_resumes(tmp_path):
+    _launch(tmp_path, tmp_path / "one", world=1, batch_size=16, epochs=2)
+    _launch(tmp_path, tmp_path / "fsdp", world=2, batch_size=8, epochs=1, parallel="fsdp2")
+    _launch(tmp_path, tmp_path / "fsdp", world=2, batch_size=8, epochs=2, parallel="fsdp2")  # resumed
+    torch.testing.assert_close(
+        torch.tensor(_train_losses(tmp_path / "fsdp")),
+        torch.tensor(_train_losses(tmp_path / "one")),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    from distill.checkpoint import load_weights_file
+
+    best = load_weights_file(tmp_path / "fsdp" / "checkpoints" / "s" / "best.safetensors")
+    assert set(best) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # full, unsharded weights
 
 
 def test_rank_zero_first_single_process_and_helpers():

@@ -100,25 +100,30 @@ def rank_zero_first(fn):
     return None
 
 
-def wrap_fsdp2(module: nn.Module, device: torch.device, block_params: int = 1_000_000) -> nn.Module:
+def wrap_fsdp2(
+    module: nn.Module, device: torch.device, block_params: int = 1_000_000, units: tuple[str, ...] = ()
+) -> nn.Module:
     """Shards `module` (the trainable task: student + adapters) across ranks with FSDP2
     (`torch.distributed.fsdp.fully_shard`): each block of a layer stack (a child of an
     `nn.ModuleList` / `nn.Sequential`) holding at least `block_params` parameters becomes its own
-    unit, so only one block's full weights exist at a time; the root takes the rest. Build the
-    optimizer after this call: the parameters become DTensors."""
+    unit, so only one block's full weights exist at a time; the submodules named in `units` (the
+    task's `student`, so it can be evaluated on its own) and then the root take the rest. Build
+    the optimizer after this call: the parameters become DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     init_if_needed(device)
     mesh = init_device_mesh(device.type, (world_size(),))
     containers = {name for name, m in module.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential)}
-    units: list[str] = []
+    done: list[str] = []
     for name, m in module.named_modules():  # parents before children: the outermost block wins
         parent = name.rpartition(".")[0]
-        if not name or parent not in containers or any(name.startswith(u + ".") for u in units):
+        if not name or parent not in containers or any(name.startswith(u + ".") for u in done):
             continue
         if sum(p.numel() for p in m.parameters()) >= block_params:
             fully_shard(m, mesh=mesh)
-            units.append(name)
+            done.append(name)
+    for name in units:
+        fully_shard(module.get_submodule(name), mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module

@@ -65,6 +65,8 @@ def _train_stage(
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
         return load_weights(model, final)
+    sharded = trainer_cfg.parallel == "fsdp2" and dist.world_size() > 1
+    blank = copy.deepcopy(model) if sharded else None  # the Trainer shards `model` in place
     trainer = Trainer(
         model,
         objective,
@@ -83,9 +85,14 @@ def _train_stage(
         resume=True,
     )
     trainer.fit()
+    weights = trainer.student_state_dict()  # gathered in full on rank 0 under FSDP2
     if dist.is_main():
-        save_weights(final, model.state_dict(), {"stage": stage})
+        save_weights(final, weights, {"stage": stage})
     dist.barrier()  # every rank sees the same finished stages on a later --resume
+    if blank is not None:
+        if dist.is_main():
+            blank.load_state_dict(weights)
+        return blank  # a plain module, for measurement on rank 0
     return model
 
 

@@ -325,12 +325,16 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, stage)
         self._preflight()
         self._compile_pending = cfg.compile and self._compile_student()
+        # FSDP2 shards the parameters in place, so it must come before the optimizer is built.
+        self.sharded = getattr(cfg, "parallel", "ddp") == "fsdp2" and dist.world_size() > 1
+        if self.sharded:
+            dist.wrap_fsdp2(self.task, self.device, units=("student",))
         self.optimizer = build_optimizer(self.task.parameters(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.model = dist.wrap_ddp(self.task, self.device)
+        self.model = self.task if self.sharded else dist.wrap_ddp(self.task, self.device)
         self.epoch, self.batch_in_epoch = 0, 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -446,11 +450,33 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
+    def _states(self, optimizer: bool = True) -> tuple[dict, dict, dict | None]:
+        """(student, objective, optimizer) state dicts; under FSDP2 gathered in full onto rank 0
+        (a collective: every rank must call it)."""
+        if not self.sharded:
+            return (
+                self.task.student.state_dict(),
+                self.task.objective.state_dict(),
+                self.optimizer.state_dict() if optimizer else None,
+            )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.task, self.optimizer if optimizer else [], options=opts)
+        student = {k[len("student.") :]: v for k, v in model_sd.items() if k.startswith("student.")}
+        objective = {k[len("objective.") :]: v for k, v in model_sd.items() if k.startswith("objective.")}
+        return student, objective, optim_sd if optimizer else None
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's full weights (under FSDP2 a collective; complete on rank 0)."""
+        return self._states(optimizer=False)[0]
+
     def state(self) -> dict[str, Any]:
+        student, objective, optim = self._states()
         return {
-            "model": self.task.student.state_dict(),
-            "objective": self.task.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": student,
+            "objective": objective,
+            "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -463,14 +489,17 @@ class Trainer:
 
     def save_checkpoint(self, which: str = "last") -> None:
         self._check_pending()  # never save weights from steps whose loss is unchecked
-        if self.ckpt_dir is None or not dist.is_main():
+        if self.ckpt_dir is None or (not dist.is_main() and not self.sharded):
+            return
+        state = self.state() if which == "last" else self.student_state_dict()  # collective under FSDP2
+        if not dist.is_main():
             return
         if which == "last":
-            save_state(self.ckpt_dir / "last.safetensors", self.state())
+            save_state(self.ckpt_dir / "last.safetensors", state)
         else:
             save_weights(
                 self.ckpt_dir / f"{which}.safetensors",
-                self.task.student.state_dict(),
+                state,
                 {"stage": self.stage, "step": str(self.progress.step)},
             )
 
@@ -480,13 +509,27 @@ class Trainer:
             return False
         state = load_state(path)
         try:
-            self.task.student.load_state_dict(state["model"])
-            self.task.objective.load_state_dict(state["objective"])
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                full = {f"student.{k}": v for k, v in state["model"].items()}
+                full.update({f"objective.{k}": v for k, v in state["objective"].items()})
+                set_state_dict(
+                    self.task,
+                    self.optimizer,
+                    model_state_dict=full,
+                    optim_state_dict=state["optimizer"],
+                    options=StateDictOptions(full_state_dict=True),
+                )
+            else:
+                self.task.student.load_state_dict(state["model"])
+                self.task.objective.load_state_dict(state["objective"])
         except RuntimeError as e:
             raise CheckpointError(
                 f"{path} does not fit this student/objective: {str(e).splitlines()[0]}"
             ) from e
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
