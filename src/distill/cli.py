@@ -111,13 +111,10 @@ def _default_out(name: str, auto_increment: bool) -> Path:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    from rich.console import Console
-
     from distill.report import table
 
-    console = Console()
-    console.print(table(summary["rows"]), markup=False, highlight=False)
-    console.print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)", markup=False)
+    print(table(summary["rows"]))
+    print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)")
 
 
 def cmd_run(args, recipe_path: str | None) -> int:
@@ -179,7 +176,15 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options: collect stray key=value words as overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if "=" not in w or w.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0

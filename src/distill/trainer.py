@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -107,7 +108,7 @@ class ResumableSampler(Sampler[int]):
         return iter(self._order()[self.start :])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) - self.start
+        return max(math.ceil(self.n / self.world_size) - self.start, 0)
 
 
 def make_loader(
@@ -140,7 +141,7 @@ def make_loader(
     sampler = ResumableSampler(n, shuffle, seed, dist.rank(), dist.world_size())
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        data,
+        GuardedDataset(data),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -151,6 +152,44 @@ def make_loader(
         persistent_workers=False,
     )
     return loader, sampler
+
+
+class SampleError(DistillError):
+    """Reading one sample failed; the message names its index."""
+
+
+class GuardedDataset(Dataset):
+    """Passes reads through to `dataset`; a failure becomes a `SampleError` naming the index, also
+    from inside a data-loader worker process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as e:
+            raise SampleError(f"reading sample {i} failed: {type(e).__name__}: {e}") from e
+
+
+def guarded_batches(batches, where: Callable[[], str]):
+    """Yields from a loader; sample errors and dead workers become one-line errors with the position."""
+    try:
+        yield from batches
+    except SampleError as e:
+        found = re.search(r"reading sample \d+ failed: .*", str(e))
+        line = found.group(0) if found else str(e).splitlines()[0]
+        raise DistillError(f"{line} (in {where()}); fix or remove that sample") from None
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DistillError(
+            f"a data-loader worker died in {where()}: {str(e).splitlines()[0]}; rerun with "
+            "data.num_workers=0 to see the failing sample"
+        ) from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -588,7 +627,10 @@ class Trainer:
         running: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
+        position = {"i": start}
+        batches = guarded_batches(batches, lambda: f"epoch {self.epoch}, batch {position['i']}")
         for i, raw in batches:
+            position["i"] = i + 1
             batch = as_batch(raw)
             if self._flags:
                 self._host_label_check(batch)
@@ -666,7 +708,7 @@ class Trainer:
             cause = f"; the inputs hold NaN/Inf (samples {idx[:5]})"
         kept = " the last good checkpoint is kept;" if self.ckpt_dir is not None else ""
         raise TrainingDiverged(
-            f"loss became {float(loss)} at {where}{cause};{kept} lower the learning rate, "
+            f"loss became {float(loss.detach())} at {where}{cause};{kept} lower the learning rate, "
             "enable clip_grad_norm or check the data"
         )
 
