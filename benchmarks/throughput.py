@@ -32,17 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
 # --------------------------------------------------------------------------- models
 
 
 def cifar_pair(classes: int = 100):
-    try:
-        from distill.models.cifar import resnet8x4, resnet32x4
-    except ImportError:
-        from _cifar_nets import resnet8x4, resnet32x4
+    from distill.models.cifar import resnet8x4, resnet32x4
+
     return (lambda: resnet32x4(num_classes=classes)), (lambda: resnet8x4(num_classes=classes)), 32, classes
 
 
