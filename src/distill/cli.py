@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from distill.errors import DistillError
+
+PLUGINS = [
+    "distill.cli_cache",
+    "distill.cli_teachers",
+    "distill.cli_compress",
+    "distill.cli_tune",
+    "distill.cli_federated",
+]
+PLUGINS = [m for m in PLUGINS if importlib.util.find_spec(m) is not None]
 
 EPILOG = """examples:
   distill demo                                  teacher -> student on bundled digits, with a report
@@ -15,6 +26,7 @@ EPILOG = """examples:
   distill run recipes/digits.yaml trainer.epochs=10 objective.terms.kd.init_args.temperature=2
   distill eval runs/digits                      score the run's distilled student on the test split
   distill report runs/digits                    rebuild report.md and plots from a finished run
+  distill tune recipes/tune_digits.yaml --trials 20   Optuna search over temperature, weights, lr, ...
 """
 
 
@@ -96,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's summary.json and metrics.jsonl, and prints the table.",
     )
     p.add_argument("run_dir", help="a finished run folder")
+
+    # Commands that live in their own modules (each imports its optional extra only when run).
+    for module_name in PLUGINS:
+        module = importlib.import_module(module_name)
+        before = set(sub.choices)
+        module.add_parser(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(_plugin_main=module.main)
     return parser
 
 
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "report":
             return cmd_report(args)
+        if getattr(args, "_plugin_main", None) is not None:
+            return args._plugin_main(args)
     except DistillError as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2

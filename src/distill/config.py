@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError
 
@@ -90,6 +90,12 @@ class TrainerConfig(_Strict):
     monitor: str = "accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     progress: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):  # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     tensorboard: bool = True
     deterministic: bool = False
 

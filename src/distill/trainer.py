@@ -7,12 +7,14 @@ Methods never bring their own loop: they are loss terms.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,25 @@ class MetricsLog:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
 
 
+# --------------------------------------------------------------------------- callbacks
+
+# Callbacks added to every Trainer built inside `use_callbacks(...)`: lets a caller (e.g. `distill tune`)
+# observe trainers that other code (the pipeline) constructs, without threading an argument through.
+_AMBIENT_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "distill_trainer_callbacks", default=()
+)
+
+
+@contextlib.contextmanager
+def use_callbacks(*callbacks: Any) -> Iterator[None]:
+    """Adds `callbacks` to every Trainer constructed inside the `with` block."""
+    token = _AMBIENT_CALLBACKS.set(_AMBIENT_CALLBACKS.get() + callbacks)
+    try:
+        yield
+    finally:
+        _AMBIENT_CALLBACKS.reset(token)
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -304,6 +325,9 @@ class Trainer:
         batch_size, num_workers, pin_memory, collate_fn: used when `train_data` is a Dataset.
         seed: for initialisation order, data order and dropout.
         resume: continue from `out_dir/checkpoints/<stage>/last.safetensors` if it exists.
+        callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
+            evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
+            `optuna.TrialPruned`) stops training and propagates out of `fit()`.
     """
 
     def __init__(
@@ -325,8 +349,10 @@ class Trainer:
         collate_fn: Callable | None = None,
         seed: int = 0,
         resume: bool = False,
+        callbacks: Sequence[Any] = (),
         **overrides: Any,
     ):
+        self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
         cfg = config or TrainerConfig()
         if overrides:
             cfg = TrainerConfig.model_validate({**cfg.model_dump(), **overrides})
@@ -738,6 +764,10 @@ class Trainer:
             self.best = float(value)
             self.save_checkpoint("best")
         self.save_checkpoint("last")
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_evaluate", None)
+            if hook is not None:
+                hook(self, rec)
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
