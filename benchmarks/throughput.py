@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -85,15 +86,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(step, n_warmup, n_steps, device, batch):
+def warmed(step, n_warmup):
+    """Runs `step` n_warmup times; returns a runner `run(n)` doing n more steps."""
     for _ in range(n_warmup):
         step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    sync(device)
-    return n_steps * batch / (time.perf_counter() - t0)
+
+    def run(n):
+        for _ in range(n):
+            step()
+
+    return run
+
+
+def measure(runners, a, device, batch):
+    """images/s per runner: `a.rounds` rounds of `a.steps` steps each, the runners interleaved
+    (in a rotating order) so that machine noise hits every row alike; the median round counts."""
+    rates = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(a.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            runners[name](a.steps)
+            sync(device)
+            rates[name].append(a.steps * batch / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 def autocast(device, precision):
@@ -125,7 +142,7 @@ def student_alone(make, xs, ys, a, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, a.warmup, a.steps, device, xs[0].shape[0])
+    return warmed(step, a.warmup)
 
 
 def teacher_inference(make, xs, a, device):
@@ -144,7 +161,7 @@ def teacher_inference(make, xs, a, device):
         with torch.inference_mode():
             fwd(x.to(next(model.parameters()).dtype))
 
-    return timed(step, a.warmup, a.steps, device, xs[0].shape[0])
+    return warmed(step, a.warmup)
 
 
 def plain_kd_loop(make_t, make_s, xs, ys, a, device, temperature=4.0):
@@ -167,7 +184,7 @@ def plain_kd_loop(make_t, make_s, xs, ys, a, device, temperature=4.0):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, a.warmup, a.steps, device, xs[0].shape[0])
+    return warmed(step, a.warmup)
 
 
 def distill_run(make_t, make_s, xs, ys, a, device, store=None):
@@ -186,11 +203,10 @@ def distill_run(make_t, make_s, xs, ys, a, device, store=None):
     torch.manual_seed(0)
     student = make_s()
     obj = Objective({"ce": CrossEntropy(), "kd": KD(4.0)}, {"ce": 0.5, "kd": 0.5})
-    batch = xs[0].shape[0]
     tr = Trainer(
         student,
         obj,
-        loader(Batches(xs, ys, a.warmup + a.steps)),
+        loader(Batches(xs, ys, a.warmup + a.rounds * a.steps)),
         teacher=teacher,
         device=str(device),
         precision=a.precision,
@@ -205,12 +221,12 @@ def distill_run(make_t, make_s, xs, ys, a, device, store=None):
         lr_schedule={"name": "constant"},
     )
     tr.fit()  # warm-up steps (and compilation)
-    sync(device)
-    t0 = time.perf_counter()
-    tr.total_steps = tr.progress.total_steps = a.warmup + a.steps
-    tr.fit()
-    sync(device)
-    return a.steps * batch / (time.perf_counter() - t0)
+
+    def run(n):
+        tr.total_steps = tr.progress.total_steps = tr.progress.step + n
+        tr.fit()
+
+    return run
 
 
 def write_cache(make_t, xs, ys, a, device, folder):
@@ -257,32 +273,37 @@ def run_pair(name, a, device):
         "channels_last": a.channels_last,
         "compile": a.compile,
         "steps": a.steps,
+        "rounds": a.rounds,
     }
     print(
         f"\n== {name}: batch {batch}, {size}x{size}, {a.precision}, channels_last={a.channels_last}, "
-        f"compile={a.compile}, {a.steps} timed steps after {a.warmup} warm-up",
+        f"compile={a.compile}; median of {a.rounds} interleaved rounds of {a.steps} steps, "
+        f"after {a.warmup} warm-up steps",
         flush=True,
     )
-    r["student_alone"] = student_alone(make_s, xs, ys, a, device)
-    print(f"  student alone       {r['student_alone']:10.1f} img/s", flush=True)
-    r["teacher_inference"] = teacher_inference(make_t, xs, a, device)
-    print(f"  teacher inference   {r['teacher_inference']:10.1f} img/s", flush=True)
-    r["limit"] = 1 / (1 / r["student_alone"] + 1 / r["teacher_inference"])
-    print(f"  limit               {r['limit']:10.1f} img/s", flush=True)
-    r["plain_fp32_kd"] = plain_kd_loop(make_t, make_s, xs, ys, a, device)
-    print(f"  plain fp32 KD loop  {r['plain_fp32_kd']:10.1f} img/s", flush=True)
-    r["distill_online"] = distill_run(make_t, make_s, xs, ys, a, device)
-    print(f"  distill online      {r['distill_online']:10.1f} img/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         info, write_rate = write_cache(make_t, xs, ys, a, device, Path(tmp) / "store")
-        r["cache_write"] = write_rate
-        r["cache_bytes_per_sample"] = info.bytes_per_sample
-        r["distill_cached"] = distill_run(make_t, make_s, xs, ys, a, device, store=Path(tmp) / "store")
-    print(
-        f"  distill cached      {r['distill_cached']:10.1f} img/s   (store {info.bytes_per_sample:.0f} B/sample, "
-        f"written at {write_rate:.0f} img/s)",
-        flush=True,
-    )
+        runners = {
+            "student_alone": student_alone(make_s, xs, ys, a, device),
+            "teacher_inference": teacher_inference(make_t, xs, a, device),
+            "plain_fp32_kd": plain_kd_loop(make_t, make_s, xs, ys, a, device),
+            "distill_online": distill_run(make_t, make_s, xs, ys, a, device),
+            "distill_cached": distill_run(make_t, make_s, xs, ys, a, device, store=Path(tmp) / "store"),
+        }
+        r.update(measure(runners, a, device, batch))
+    r["limit"] = 1 / (1 / r["student_alone"] + 1 / r["teacher_inference"])
+    r["cache_write"] = write_rate
+    r["cache_bytes_per_sample"] = info.bytes_per_sample
+    for key, label in [
+        ("student_alone", "student alone"),
+        ("teacher_inference", "teacher inference"),
+        ("limit", "limit"),
+        ("plain_fp32_kd", "plain fp32 KD loop"),
+        ("distill_online", "distill online"),
+        ("distill_cached", "distill cached"),
+    ]:
+        print(f"  {label:20s}{r[key]:10.1f} img/s", flush=True)
+    print(f"  (store {info.bytes_per_sample:.0f} B/sample, written at {write_rate:.0f} img/s)")
     td = torchdistill_row()
     print(f"  torchdistill        {'not installed (skipped)' if td is None else td}")
     r["online_over_limit"] = r["distill_online"] / r["limit"]
@@ -301,7 +322,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma list of {', '.join(PAIRS)}")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 / 8 on CPU, 256 on GPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 50 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 3 CPU, 50 GPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3 CPU, 5 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 / 15)")
     p.add_argument("--distinct-batches", type=int, default=2)
     p.add_argument(
@@ -314,7 +336,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     gpu = device.type == "cuda"
-    a.steps = a.steps or (50 if gpu else 5)
+    a.steps = a.steps or (50 if gpu else 3)
+    a.rounds = a.rounds or (5 if gpu else 3)
     a.warmup = a.warmup or (15 if gpu else 2)
     a.precision = a.precision or ("bf16" if gpu else "fp32")
     a.channels_last = gpu if a.channels_last is None else a.channels_last
