@@ -79,6 +79,9 @@ class TrainerConfig(_Strict):
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="under torchrun: replicate the student (ddp) or shard it (fsdp2, big students)"
+    )
     eval_every: int = Field(1, gt=0, description="evaluate every N epochs")
     log_every: int = Field(20, gt=0, description="log training metrics every N optimizer steps")
     checkpoint_every: int = Field(
@@ -112,6 +115,10 @@ class TeacherConfig(ModelConfig):
     train: TrainerConfig | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    cache: str | None = Field(
+        None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
+    )
+    cache_fill: Literal["tail", "min", "renorm"] = "tail"
 
 
 class TermConfig(Component):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill import distributed as dist
 from distill.adapters import auto_adapter
 from distill.bench import count_params, latency_ms, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
@@ -76,6 +78,8 @@ def _train_stage(
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
         return load_weights(model, final)
+    sharded = trainer_cfg.parallel == "fsdp2" and dist.world_size() > 1
+    blank = copy.deepcopy(model) if sharded else None  # the Trainer shards `model` in place
     trainer = Trainer(
         model,
         objective,
@@ -96,7 +100,14 @@ def _train_stage(
         evaluator=build_evaluator(_spec(cfg.evaluator)),
     )
     trainer.fit()
-    save_weights(final, model.state_dict(), {"stage": stage})
+    weights = trainer.student_state_dict()  # gathered in full on rank 0 under FSDP2
+    if dist.is_main():
+        save_weights(final, weights, {"stage": stage})
+    dist.barrier()  # every rank sees the same finished stages on a later --resume
+    if blank is not None:
+        if dist.is_main():
+            blank.load_state_dict(weights)
+        return blank  # a plain module, for measurement on rank 0
     return model
 
 
@@ -161,18 +172,35 @@ def run_recipe(
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(teacher_model, adapter=teacher_adapter, dtype=dtype, compile=cfg.teacher.compile)
 
+        kd_teacher, kd_data = teacher, data
+        if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+            from distill.cache import CachedTeacher
+
+            kd_teacher = CachedTeacher(
+                cfg.teacher.cache,
+                dataset=data.train,
+                teacher=teacher_model,
+                fallback=teacher,
+                fill=cfg.teacher.cache_fill,
+            )
+            kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
+
         students: dict[str, nn.Module] = {}
-        stages = [("student_scratch", scratch_objective(cfg), None)] if "scratch" in cfg.baselines else []
-        stages.append(("student_kd", build_objective(cfg), teacher))
-        for stage, objective, t in stages:
+        stages = (
+            [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
+        )
+        stages.append(("student_kd", build_objective(cfg), kd_teacher, kd_data))
+        for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
             student = build_model(cfg.student.spec(), data, teacher=teacher_model)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
             students[stage] = _train_stage(
-                stage, student, objective, data, cfg, cfg.trainer, out, t, student_adapter
+                stage, student, objective, stage_data, cfg, cfg.trainer, out, t, student_adapter
             )
 
+        if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary
+            return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         teacher_row = measure("teacher", teacher.model, data, cfg, None, adapter=teacher_adapter)
         rows = [teacher_row] + [
             measure(n, m, data, cfg, teacher, adapter=student_adapter) for n, m in students.items()
@@ -229,6 +257,8 @@ def run_seeds(
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
             summaries.append(run_recipe(seed_cfg, out / f"seed{cfg.seed + k}", resume=True, command=command))
+        if not dist.is_main():
+            return summaries[0]
         summary = aggregate(summaries, command)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
