@@ -89,7 +89,7 @@ def test_resume_equals_uninterrupted(tmp_path, precision, accum):
 
     s = _student()
     tr = Trainer(s, _kd(), Crashing(blobs(), 8 + 150), out_dir=tmp_path, **common)  # dies in epoch 2
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(DistillError, match="simulated crash"):
         tr.fit()
     resumed = _student(seed=99)  # different init: everything must come from the checkpoint
     tr2 = Trainer(resumed, _kd(), blobs(), out_dir=tmp_path, resume=True, **common)

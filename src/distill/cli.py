@@ -131,6 +131,10 @@ def _default_out(name: str, auto_increment: bool) -> Path:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
+    from distill import distributed as dist
+
+    if not dist.is_main():  # under torchrun, rank 0 reports
+        return
     from distill.report import table
 
     print(table(summary["rows"]))
