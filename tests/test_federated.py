@@ -86,7 +86,7 @@ def test_three_clients_two_rounds_all_strategies(tmp_path):
     recipe = tiny()
     summary = run_federated(recipe, tmp_path / "run")
     rows = {r["name"]: r for r in summary["rows"]}
-    assert set(rows) == {"fedavg", "feddf", "fedmd"}
+    assert set(rows) == {"fedavg", "feddf", "fedmd", "local"}
     for row in rows.values():
         assert row["rounds"] == 2 and row["failures"] == 0 and row["rejected"] == 0
         assert 0.0 <= row["accuracy"] <= 1.0
@@ -107,14 +107,16 @@ def test_three_clients_two_rounds_all_strategies(tmp_path):
         "1",
         "2",
     }
+    assert all(h["bytes"] == 0 for h in hist["local"])  # local-only clients share nothing
     out = tmp_path / "run"
     for name in ("fedavg", "feddf"):
         load_weights(task.build_model(name), out / "checkpoints" / name / "global.safetensors")
     for i in range(3):
-        load_weights(task.build_model("fedmd", i), out / "checkpoints" / "fedmd" / f"client{i}.safetensors")
+        for name in ("fedmd", "local"):
+            load_weights(task.build_model(name, i), out / "checkpoints" / name / f"client{i}.safetensors")
     saved = json.loads((out / "summary.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == ["fedavg", "feddf", "fedmd"]
-    assert (out / "report.md").read_text().count("| round |") == 3
+    assert [r["name"] for r in saved["rows"]] == ["fedavg", "feddf", "fedmd", "local"]
+    assert (out / "report.md").read_text().count("| round |") == 4
     assert (out / "accuracy_per_round.png").stat().st_size > 0
 
 

@@ -53,11 +53,11 @@ def _partition(context: Context, task: FederatedTask) -> int:
     return pid
 
 
-def _client_model(task: FederatedTask, pid: int, context: Context):
-    """FedMD clients keep their own model between rounds in the node's Context.state."""
-    model = task.build_model("fedmd", pid, seed=task.recipe.seed * 1000 + pid)
-    if "fedmd-model" in context.state:
-        load_numpy_state(model, from_arrays(context.state["fedmd-model"]), source="client state")
+def _client_model(task: FederatedTask, pid: int, context: Context, strategy: str):
+    """FedMD (and local-only) clients keep their own model between rounds in Context.state."""
+    model = task.build_model(strategy, pid, seed=task.recipe.seed * 1000 + pid)
+    if f"{strategy}-model" in context.state:
+        load_numpy_state(model, from_arrays(context.state[f"{strategy}-model"]), source="client state")
     return model
 
 
@@ -78,23 +78,20 @@ def make_client_app(recipe_yaml: str | None = None, save_dir: str | Path | None 
             load_numpy_state(model, from_arrays(msg.content["arrays"]), source="the server's global model")
             loss = local_train(model, private, task, seed)
             arrays = to_arrays(numpy_state(model))
-        elif strategy == "fedmd":
-            model = _client_model(task, pid, context)
+        elif strategy in ("fedmd", "local"):
+            model = _client_model(task, pid, context, strategy)
             shared = from_arrays(msg.content["arrays"])
             if "consensus" in shared:  # digest: distill the consensus on the public set
                 import torch
 
-                distill_from_logits(
-                    model,
-                    task.split.public,
-                    torch.as_tensor(shared["consensus"]),
-                    task,
-                    task.recipe.digest,
-                    seed,
-                )
+                consensus = torch.as_tensor(shared["consensus"])
+                distill_from_logits(model, task.split.public, consensus, task, task.recipe.digest, seed)
             loss = local_train(model, private, task, seed)  # revisit: private labelled data
-            context.state["fedmd-model"] = to_arrays(numpy_state(model))
-            arrays = to_arrays({"logits": predict_logits(model, task.split.public).numpy()})
+            context.state[f"{strategy}-model"] = to_arrays(numpy_state(model))
+            if strategy == "fedmd":
+                arrays = to_arrays({"logits": predict_logits(model, task.split.public).numpy()})
+            else:
+                arrays = ArrayRecord()  # local-only: nothing leaves the client
         else:
             raise DistillError(f"unknown strategy '{strategy}' in the server's message")
         metrics = MetricRecord({"num-examples": len(private), "train_loss": loss})
@@ -105,17 +102,18 @@ def make_client_app(recipe_yaml: str | None = None, save_dir: str | Path | None 
         task = task_from_yaml(_recipe_text(recipe_yaml, context))
         pid = _partition(context, task)
         config = msg.content["config"]
-        model = _client_model(task, pid, context)
+        strategy = str(config["strategy"])
+        model = _client_model(task, pid, context, strategy)
         acc = accuracy(model, task.split.test)
         target = save_dir or context.node_config.get("save-dir")
         if target and int(config["server-round"]) == int(config.get("num-rounds", -1)):
             from distill.checkpoint import save_weights
 
-            spec = task.model_spec("fedmd", pid)
+            spec = task.model_spec(strategy, pid)
             save_weights(
                 Path(str(target)) / f"client{pid}.safetensors",
                 model.state_dict(),
-                {"strategy": "fedmd", "client": str(pid), "model": str(spec.name or spec.class_path)},
+                {"strategy": strategy, "client": str(pid), "model": str(spec.name or spec.class_path)},
             )
         metrics = MetricRecord({"accuracy": acc, "num-examples": len(task.split.test), "partition-id": pid})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -127,7 +125,7 @@ def run_strategy(grid: Grid, task: FederatedTask, name: str) -> dict[str, Any]:
     """Runs one strategy for the recipe's rounds on `grid`; returns its history and final arrays."""
     strategy = build_strategy(name, task)
     rounds = task.recipe.rounds
-    if name == "fedmd":
+    if name in ("fedmd", "local"):
         initial, evaluate_fn = ArrayRecord(), None
     else:
         initial = to_arrays(numpy_state(task.build_model(name)))
@@ -153,10 +151,10 @@ def run_strategy(grid: Grid, task: FederatedTask, name: str) -> dict[str, Any]:
             row["rejected"] = strategy.rejected.get(r, [])
         if name == "feddf" and r in strategy.ensemble_accuracy:
             row["ensemble_accuracy"] = strategy.ensemble_accuracy[r]
-        if name == "fedmd" and r in strategy.client_accuracy:
+        if r in getattr(strategy, "client_accuracy", {}):
             row["client_accuracy"] = strategy.client_accuracy[r]
         history.append(row)
-    return {"history": history, "arrays": None if name == "fedmd" else from_arrays(result.arrays)}
+    return {"history": history, "arrays": None if evaluate_fn is None else from_arrays(result.arrays)}
 
 
 def make_server_app(

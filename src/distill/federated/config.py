@@ -22,7 +22,7 @@ from distill.config import (
 )
 from distill.errors import ConfigError
 
-STRATEGIES = ("fedavg", "feddf", "fedmd")
+STRATEGIES = ("fedavg", "feddf", "fedmd", "local")
 
 
 class PartitionConfig(_Strict):
@@ -67,14 +67,17 @@ class FederatedRecipe(_Strict):
     rounds: int = Field(10, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    strategies: list[Literal["fedavg", "feddf", "fedmd"]] = Field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[Literal["fedavg", "feddf", "fedmd", "local"]] = Field(
+        default_factory=lambda: list(STRATEGIES),
+        description="local: the FedMD clients trained on their own data only, sharing nothing (baseline)",
+    )
     model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(name="mlp", init_args={"hidden": [128]}),
         description="the shared architecture of FedAvg and FedDF",
     )
     client_models: list[ModelConfig] = Field(
         default_factory=list,
-        description="FedMD: architectures dealt to clients in turn (client i gets i mod len); "
+        description="FedMD and local: architectures dealt to clients in turn (client i gets i mod len); "
         "empty: every client uses `model`",
     )
     local: LocalConfig = Field(default_factory=LocalConfig)
@@ -90,7 +93,7 @@ class FederatedRecipe(_Strict):
     @model_validator(mode="after")
     def _unique(self):
         if len(set(self.strategies)) != len(self.strategies) or not self.strategies:
-            raise ValueError("list each strategy once (allowed: fedavg, feddf, fedmd)")
+            raise ValueError("list each strategy once (allowed: fedavg, feddf, fedmd, local)")
         return self
 
     def to_yaml(self) -> str:

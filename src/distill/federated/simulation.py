@@ -201,11 +201,11 @@ def _row(name: str, task: FederatedTask, res: dict, seconds: float, save_dir: Pa
         load_numpy_state(model, res["arrays"])
         save_weights(save_dir / "global.safetensors", model.state_dict(), {"strategy": name})
         row.update(params=count_params(model), size_mb=size_mb(model))
-    else:  # FedMD: no global model; the clients' own models (saved by each client)
-        models = [task.build_model("fedmd", i) for i in range(task.recipe.clients)]
+    else:  # FedMD / local: no global model; the clients' own models (saved by each client)
+        models = [task.build_model(name, i) for i in range(task.recipe.clients)]
         row["params"] = statistics.mean(count_params(m) for m in models)
         row["client_models"] = sorted(
-            {task.model_spec("fedmd", i).name or "custom" for i in range(task.recipe.clients)}
+            {task.model_spec(name, i).name or "custom" for i in range(task.recipe.clients)}
         )
     return row
 
@@ -224,7 +224,7 @@ def write_federated_report(run_dir: str | Path) -> Path:
     lines += [
         f"Wall time: {summary.get('wall_seconds')} s; backend: {summary.get('backend')}. Accuracy on the test "
         "split after the last round: the global model (fedavg, feddf) or the mean over clients' own "
-        "models (fedmd). Bytes: serialized arrays sent down + up per round.",
+        "models (fedmd, local). Bytes: serialized arrays sent down + up per round (npy headers included).",
         "",
         table(summary["rows"], columns=[("accuracy", "accuracy", "{:.4f}"), ("params", "params", "{:,.0f}")]),
         "",

@@ -175,10 +175,10 @@ class FedMD(_Tracked):
     The ArrayRecord that flows through `Strategy.start` is the consensus `{"consensus": (P, C)}`.
     """
 
-    def __init__(self, task: FederatedTask, **kwargs: Any):
+    def __init__(self, task: FederatedTask, name: str = "fedmd", **kwargs: Any):
         kwargs.setdefault("fraction_evaluate", 1.0)
         kwargs.setdefault("min_evaluate_nodes", task.recipe.clients)
-        super().__init__(task, "fedmd", **kwargs)
+        super().__init__(task, name, **kwargs)
         self.client_accuracy: dict[int, dict[int, float]] = {}
 
     def _reference_for_update(self) -> dict[str, np.ndarray]:
@@ -214,8 +214,28 @@ class FedMD(_Tracked):
         return MetricRecord({"accuracy": float(np.mean(list(accs.values())))})
 
 
+class LocalOnly(FedMD):
+    """The baseline for FedMD: the same clients and models trained on their own data only; nothing
+    is shared (the server only asks them to train and to report their test accuracy)."""
+
+    def __init__(self, task: FederatedTask, **kwargs: Any):
+        super().__init__(task, "local", **kwargs)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self._count(server_round, "up", replies)
+        ok = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                self.failures.setdefault(server_round, []).append(
+                    f"node {m.metadata.src_node_id}: {m.error.reason}"
+                )
+        self.clients_used[server_round] = len(ok)
+        return None, None
+
+
 def build_strategy(name: str, task: FederatedTask) -> _Tracked:
-    return {"fedavg": FedAvgStrategy, "feddf": FedDF, "fedmd": FedMD}[name](task)
+    return {"fedavg": FedAvgStrategy, "feddf": FedDF, "fedmd": FedMD, "local": LocalOnly}[name](task)
 
 
 def global_accuracy_fn(task: FederatedTask, name: str):

@@ -53,9 +53,9 @@ class FederatedTask:
         self.device = torch.device(recipe.device)
 
     def model_spec(self, strategy: str, client: int | None) -> ModelConfig:
-        """FedMD clients take `client_models` in turn; everything else the shared `model`."""
+        """FedMD (and local-only) clients take `client_models` in turn; the rest the shared `model`."""
         models = self.recipe.client_models
-        if strategy == "fedmd" and client is not None and models:
+        if strategy in ("fedmd", "local") and client is not None and models:
             return models[client % len(models)]
         return self.recipe.model
 
