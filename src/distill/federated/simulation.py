@@ -148,6 +148,7 @@ def run_one_seed(
     task: FederatedTask = task_from_yaml(text)
     t0 = time.perf_counter()
     rows, history = [], {}
+    (out / "metrics.jsonl").write_text("")  # a rerun (--resume) starts the log afresh
     for name in recipe.strategies:
         t_s = time.perf_counter()
         sink: dict[str, Any] = {}
