@@ -211,6 +211,18 @@ def _row(name: str, task: FederatedTask, res: dict, seconds: float, save_dir: Pa
     return row
 
 
+_COLUMNS = [
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("best_accuracy", "best accuracy", "{:.4f}"),
+    ("bytes_per_round", "bytes/round", "{:,.0f}"),
+    ("bytes_total", "bytes total", "{:,.0f}"),
+    ("params", "params", "{:,.0f}"),
+    ("failures", "failed replies", "{:.0f}"),
+    ("rejected", "rejected updates", "{:.0f}"),
+    ("train_seconds", "seconds", "{:.1f}"),
+]
+
+
 def write_federated_report(run_dir: str | Path) -> Path:
     """report.md (table + accuracy-per-round and bytes plots) from summary.json alone."""
     from distill.report import table
@@ -227,7 +239,7 @@ def write_federated_report(run_dir: str | Path) -> Path:
         "split after the last round: the global model (fedavg, feddf) or the mean over clients' own "
         "models (fedmd, local). Bytes: serialized arrays sent down + up per round (npy headers included).",
         "",
-        table(summary["rows"], columns=[("accuracy", "accuracy", "{:.4f}"), ("params", "params", "{:,.0f}")]),
+        table(summary["rows"], columns=_COLUMNS),
         "",
     ]
     history = summary.get("history") or {}
