@@ -7,11 +7,14 @@ Methods never bring their own loop: they are loss terms.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -106,7 +109,7 @@ class ResumableSampler(Sampler[int]):
         return iter(self._order()[self.start :])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) - self.start
+        return max(math.ceil(self.n / self.world_size) - self.start, 0)
 
 
 def make_loader(
@@ -139,7 +142,7 @@ def make_loader(
     sampler = ResumableSampler(n, shuffle, seed, dist.rank(), dist.world_size())
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        data,
+        GuardedDataset(data),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -150,6 +153,44 @@ def make_loader(
         persistent_workers=False,
     )
     return loader, sampler
+
+
+class SampleError(DistillError):
+    """Reading one sample failed; the message names its index."""
+
+
+class GuardedDataset(Dataset):
+    """Passes reads through to `dataset`; a failure becomes a `SampleError` naming the index, also
+    from inside a data-loader worker process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as e:
+            raise SampleError(f"reading sample {i} failed: {type(e).__name__}: {e}") from e
+
+
+def guarded_batches(batches, where: Callable[[], str]):
+    """Yields from a loader; sample errors and dead workers become one-line errors with the position."""
+    try:
+        yield from batches
+    except SampleError as e:
+        found = re.search(r"reading sample \d+ failed: .*", str(e))
+        line = found.group(0) if found else str(e).splitlines()[0]
+        raise DistillError(f"{line} (in {where()}); fix or remove that sample") from None
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DistillError(
+            f"a data-loader worker died in {where()}: {str(e).splitlines()[0]}; rerun with "
+            "data.num_workers=0 to see the failing sample"
+        ) from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -243,6 +284,25 @@ class MetricsLog:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
 
 
+# --------------------------------------------------------------------------- callbacks
+
+# Callbacks added to every Trainer built inside `use_callbacks(...)`: lets a caller (e.g. `distill tune`)
+# observe trainers that other code (the pipeline) constructs, without threading an argument through.
+_AMBIENT_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "distill_trainer_callbacks", default=()
+)
+
+
+@contextlib.contextmanager
+def use_callbacks(*callbacks: Any) -> Iterator[None]:
+    """Adds `callbacks` to every Trainer constructed inside the `with` block."""
+    token = _AMBIENT_CALLBACKS.set(_AMBIENT_CALLBACKS.get() + callbacks)
+    try:
+        yield
+    finally:
+        _AMBIENT_CALLBACKS.reset(token)
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -264,6 +324,9 @@ class Trainer:
         batch_size, num_workers, pin_memory, collate_fn: used when `train_data` is a Dataset.
         seed: for initialisation order, data order and dropout.
         resume: continue from `out_dir/checkpoints/<stage>/last.safetensors` if it exists.
+        callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
+            evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
+            `optuna.TrialPruned`) stops training and propagates out of `fit()`.
     """
 
     def __init__(
@@ -285,8 +348,10 @@ class Trainer:
         collate_fn: Callable | None = None,
         seed: int = 0,
         resume: bool = False,
+        callbacks: Sequence[Any] = (),
         **overrides: Any,
     ):
+        self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
         cfg = config or TrainerConfig()
         if overrides:
             cfg = TrainerConfig.model_validate({**cfg.model_dump(), **overrides})
@@ -456,7 +521,10 @@ class Trainer:
         running: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
+        position = {"i": start}
+        batches = guarded_batches(batches, lambda: f"epoch {self.epoch}, batch {position['i']}")
         for i, raw in batches:
+            position["i"] = i + 1
             batch = as_batch(raw).to(self.device, non_blocking=True)
             if cfg.channels_last and isinstance(batch.inputs, Tensor) and batch.inputs.dim() == 4:
                 batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
@@ -512,7 +580,7 @@ class Trainer:
             cause = f"; the inputs hold NaN/Inf (samples {idx[:5]})"
         kept = " the last good checkpoint is kept;" if self.ckpt_dir is not None else ""
         raise TrainingDiverged(
-            f"loss became {float(loss)} at {where}{cause};{kept} lower the learning rate, "
+            f"loss became {float(loss.detach())} at {where}{cause};{kept} lower the learning rate, "
             "enable clip_grad_norm or check the data"
         )
 
@@ -542,6 +610,10 @@ class Trainer:
             self.best = float(value)
             self.save_checkpoint("best")
         self.save_checkpoint("last")
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_evaluate", None)
+            if hook is not None:
+                hook(self, rec)
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
