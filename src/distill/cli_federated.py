@@ -62,19 +62,14 @@ def _run(args) -> int:
         raise DistillError(
             "distill federated needs Flower: pip install 'distill[federated]' (flwr)"
         ) from None
-    from distill.federated.simulation import run_federated
+    from distill.federated.simulation import REPORT_COLUMNS, run_federated
     from distill.report import table
 
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     summary = run_federated(
         recipe, out, seeds=args.seeds, resume=args.resume, overwrite=args.overwrite, verbose=args.verbose
     )
-    cols = [
-        ("accuracy", "accuracy", "{:.4f}"),
-        ("bytes_per_round", "bytes/round", "{:,.0f}"),
-        ("params", "params", "{:,.0f}"),
-    ]
-    print(table(summary["rows"], columns=cols))
+    print(table(summary["rows"], columns=REPORT_COLUMNS))
     print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)")
     return 0
 

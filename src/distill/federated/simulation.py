@@ -211,7 +211,7 @@ def _row(name: str, task: FederatedTask, res: dict, seconds: float, save_dir: Pa
     return row
 
 
-_COLUMNS = [
+REPORT_COLUMNS = [
     ("accuracy", "accuracy", "{:.4f}"),
     ("best_accuracy", "best accuracy", "{:.4f}"),
     ("bytes_per_round", "bytes/round", "{:,.0f}"),
@@ -239,7 +239,7 @@ def write_federated_report(run_dir: str | Path) -> Path:
         "split after the last round: the global model (fedavg, feddf) or the mean over clients' own "
         "models (fedmd, local). Bytes: serialized arrays sent down + up per round (npy headers included).",
         "",
-        table(summary["rows"], columns=_COLUMNS),
+        table(summary["rows"], columns=REPORT_COLUMNS),
         "",
     ]
     history = summary.get("history") or {}
