@@ -27,6 +27,8 @@ EPILOG = """examples:
   distill eval runs/digits                      score the run's distilled student on the test split
   distill report runs/digits                    rebuild report.md and plots from a finished run
   distill tune recipes/tune_digits.yaml --trials 20   Optuna search over temperature, weights, lr, ...
+  distill cache-teacher recipes/digits.yaml      run the teacher once, reuse its outputs for every student
+  distill federated recipes/federated_digits.yaml --seeds 3   FedAvg vs FedDF vs FedMD on Flower
 """
 
 
