@@ -88,8 +88,10 @@ class RunDir:
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:
+    """The first dotted key at which saved config `a` and new config `b` differ. Keys that `a`
+    lacks (added by a newer distill with defaults) are not differences."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
+        for k in a:
             d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
             if d:
                 return d
