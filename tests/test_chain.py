@@ -165,3 +165,32 @@ def test_cohort_trains_with_the_plain_trainer(tmp_path):
         Mutual()(Outputs(logits=torch.zeros(2, 3)), None, Batch(x[:2], y[:2]))
     with pytest.raises(DistillError, match="at least 2"):
         Cohort(members[:1])
+
+
+def test_shipped_chain_and_teachers_recipes_parse():
+    from pathlib import Path
+
+    from distill.chain import load_chain_recipe
+    from distill.teachers_report import load_teachers_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    cfg = load_chain_recipe(root / "chain_digits.yaml")
+    assert [n for n, _ in chain_stages(cfg)] == ["teacher", "assistant1", "student"]
+    t = load_teachers_recipe(root / "teachers_digits.yaml")
+    assert [c.label for c in t.candidates] == ["cnn", "wide_mlp", "small_mlp"]
+    with pytest.raises(DistillError, match="generations"):
+        load_chain_recipe(root / "chain_digits.yaml", ["generations=0"])
+
+
+def test_chain_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
+    import argparse
+
+    from distill.cli_chain import add_parser, main
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("assistans: []\n")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert main(parser.parse_args(["chain", str(bad), "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert "assistants" in err and err.count("\n") == 1
