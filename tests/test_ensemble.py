@@ -173,3 +173,29 @@ def test_ensemble_kd_without_ensemble_teacher_is_a_clear_error():
     term = EnsembleKD()
     with pytest.raises(DistillError, match="Ensemble teacher"):
         term.setup(Outputs(torch.zeros(2, 3)), Outputs(torch.zeros(2, 3)), Batch(torch.zeros(2, 1)))
+
+
+def test_feature_term_per_member_through_the_trainer():
+    """A feature term naming `t1.<path>` gets member 1's feature; the trainer routes the tap."""
+    from distill.losses import CrossEntropy
+    from distill.losses.base import LossTerm
+    from distill.trainer import Trainer
+
+    class Hint(LossTerm):
+        student_taps = ("1",)
+        teacher_taps = ("t1.1",)
+
+        def setup(self, student, teacher, batch):
+            self.reg = nn.Linear(student.features["1"].shape[1], teacher.features["t1.1"].shape[1])
+
+        def forward(self, student, teacher, batch):
+            return F.mse_loss(self.reg(student.features["1"]), teacher.feature("t1.1", "teacher"))
+
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,)))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5))
+    ens = Ensemble(_models(), rule="entropy")
+    obj = Objective({"ce": CrossEntropy(), "hint": Hint()})
+    tr = Trainer(student, obj, ds, teacher=ens, epochs=1, progress="off", tensorboard=False)
+    assert obj.terms["hint"].reg.out_features == 16  # member 1 (the mlp) has 16 hidden units
+    tr.fit()
