@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.chain import ChainRecipe, Cohort, Mutual, chain_stages, mutual_loss, run_chain
+from distill.chain import ChainRecipe, Cohort, CohortEvaluator, Mutual, chain_stages, mutual_loss, run_chain
 from distill.checkpoint import load_weights_file
 from distill.errors import DistillError
 from distill.objective import Objective
@@ -49,7 +49,7 @@ def test_chain_runs_each_stage_in_its_folder_and_reports_each(tmp_path):
 
 
 def test_chain_resumes_mid_stage_to_the_same_weights(tmp_path, monkeypatch):
-    cfg = _tiny_chain()
+    cfg = _tiny_chain(baselines=[])
     ref = run_chain(cfg, tmp_path / "ref")
 
     from distill import trainer as trainer_mod
@@ -155,11 +155,14 @@ def test_cohort_trains_with_the_plain_trainer(tmp_path):
         epochs=8,
         batch_size=16,
         optimizer={"lr": 0.02},
+        evaluator=CohortEvaluator(),
         progress="off",
         tensorboard=False,
     )
     metrics = tr.fit()
     assert metrics["accuracy"] > 0.6
+    assert {"accuracy_m0", "accuracy_m1", "accuracy_ensemble"} <= set(metrics)
+    assert metrics["accuracy_m0"] == metrics["accuracy"]
     assert any(not torch.equal(a, b) for a, b in zip(before, members[1].parameters()))
     with pytest.raises(DistillError, match="Cohort"):
         Mutual()(Outputs(logits=torch.zeros(2, 3)), None, Batch(x[:2], y[:2]))

@@ -186,6 +186,41 @@ class Cohort(nn.Module):
         return Outputs(logits=outs[0].logits, extras={"peers": peers})
 
 
+class CohortEvaluator:
+    """Accuracy / NLL of every cohort member (`accuracy_m<i>`), of member 0 (`accuracy`, so the
+    trainer's monitor works unchanged) and of the members' averaged probabilities (`accuracy_ensemble`)."""
+
+    def __init__(self):
+        from distill.evaluate import ClassificationEvaluator
+
+        self._make = ClassificationEvaluator
+        self.reset()
+
+    def reset(self) -> None:
+        self.members: list = []
+        self.mean = self._make()
+        self.first = self._make()
+
+    def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
+        peers = student.extras.get("peers")
+        if not isinstance(peers, Tensor):
+            raise DistillError("CohortEvaluator needs a Cohort student (Outputs.extras['peers'])")
+        while len(self.members) < peers.shape[0]:
+            self.members.append(self._make())
+        for ev, z in zip(self.members, peers):
+            ev.update(Outputs(logits=z), None, batch)
+        self.first.update(Outputs(logits=peers[0]), teacher, batch)
+        mean_logp = torch.log(F.softmax(peers.float(), -1).mean(0).clamp_min(1e-30))
+        self.mean.update(Outputs(logits=mean_logp), None, batch)
+
+    def compute(self) -> dict[str, float]:
+        out = dict(self.first.compute())
+        for i, ev in enumerate(self.members):
+            out.update({f"{k}_m{i}": v for k, v in ev.compute().items()})
+        out.update({f"{k}_ensemble": v for k, v in self.mean.compute().items()})
+        return out
+
+
 def member_view(cohort: Cohort, i: int) -> nn.Module:
     """Member i of a cohort as a plain model (for measuring or exporting it)."""
     return cohort.members[i]
@@ -273,6 +308,7 @@ class Mutual(LossTerm):
 __all__ = [
     "ChainRecipe",
     "Cohort",
+    "CohortEvaluator",
     "Mutual",
     "chain_stages",
     "load_chain_recipe",
