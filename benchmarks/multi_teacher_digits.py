@@ -29,6 +29,7 @@ from distill.evaluate import evaluate  # noqa: E402
 from distill.losses import KD, CrossEntropy  # noqa: E402
 from distill.models.build import build_model  # noqa: E402
 from distill.objective import Objective  # noqa: E402
+from distill.outputs import as_batch  # noqa: E402
 from distill.teachers import Teacher  # noqa: E402
 from distill.teachers_report import collect_logits, score_logits  # noqa: E402
 from distill.trainer import Trainer, make_loader, seed_everything  # noqa: E402
@@ -40,6 +41,12 @@ TEACHERS = {
 }
 STUDENT = {"name": "mlp", "init_args": {"hidden": [32]}}
 RULES = ["mean_logits", "mean_probs", "confidence", "entropy", "learned"]
+
+
+def _ensemble(members, rule: str) -> Ensemble:
+    """`rule` or `rule@tau`."""
+    name, _, tau = rule.partition("@")
+    return Ensemble(members, rule=name, tau=float(tau) if tau else 1.0)
 
 
 def train(model, objective, data, teacher, epochs, seed, lr=3e-3):
@@ -72,6 +79,7 @@ def main() -> int:
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--student-epochs", type=int, default=20)
     ap.add_argument("--temperature", type=float, default=4.0)
+    ap.add_argument("--sharp-tau", type=float, default=0.1, help="also run confidence/entropy at this tau")
     ap.add_argument("--work", default="runs/multi_teacher_digits")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "multi_teacher.md"))
     args = ap.parse_args()
@@ -110,21 +118,25 @@ def main() -> int:
     members = list(teachers.values())
 
     # ---- the ensemble's own accuracy per rule (confidence uses the test labels: an oracle)
-    for rule in RULES[:4]:
-        ens = Ensemble(members, rule=rule)
+    sharp = [f"confidence@{args.sharp_tau}", f"entropy@{args.sharp_tau}"]
+    for rule in RULES[:4] + sharp:
+        ens = _ensemble(members, rule)
         zs, ys = [], []
         for raw in loader:
-            from distill.outputs import as_batch
-
             b = as_batch(raw)
             zs.append(ens(b).logits)
             ys.append(b.targets)
         s = score_logits(torch.cat(zs), torch.cat(ys))
         results.setdefault("ensemble", {})[rule] = {k: s[k] for k in ("accuracy", "nll", "ece")}
+        # How far from uniform the rule's weights are on the training data (what the students see).
+        train_loader, _ = make_loader(data.train, 256, False, 0)
+        ws = torch.cat([ens(as_batch(raw)).extras["member_weights"] for raw in train_loader])
+        results["ensemble"][rule]["train_max_weight"] = float(ws.max(1).values.mean())
+        results["ensemble"][rule]["train_mean_weights"] = [round(float(v), 4) for v in ws.mean(0)]
     save()
 
     # ---- students: scratch, KD from each teacher alone, and from the ensemble under each rule
-    runs = [("scratch", None)] + [(f"kd_{n}", n) for n in TEACHERS] + [(f"ens_{r}", r) for r in RULES]
+    runs = [("scratch", None)] + [(f"kd_{n}", n) for n in TEACHERS] + [(f"ens_{r}", r) for r in RULES + sharp]
     T = args.temperature
     for seed in range(args.seeds):
         for run, what in runs:
@@ -143,7 +155,7 @@ def main() -> int:
                 teacher = Ensemble(members, rule="learned")
             else:
                 obj = Objective({"ce": CrossEntropy(), "kd": KD(T)}, {"ce": 0.5, "kd": 0.5})
-                teacher = Ensemble(members, rule=what)
+                teacher = _ensemble(members, what)
             t1 = time.perf_counter()
             train(student, obj, data, teacher, args.student_epochs, seed)
             m = test_metrics(student, data)
@@ -169,7 +181,7 @@ def main() -> int:
         "```",
         f"nice -n 10 python benchmarks/multi_teacher_digits.py --seeds {args.seeds} "
         f"--teacher-epochs {args.teacher_epochs} --student-epochs {args.student_epochs} "
-        f"--temperature {args.temperature}",
+        f"--temperature {args.temperature} --sharp-tau {args.sharp_tau}",
         "```",
         "",
         f"scikit-learn digits, stratified 60/20/20 split (test n = {len(data.test)}). Teachers trained once "
@@ -180,16 +192,19 @@ def main() -> int:
         "",
         "## Teachers alone and the ensemble (test split)",
         "",
-        "| model | params | accuracy | NLL | ECE (15 bins) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | params | accuracy | NLL | ECE (15 bins) | mean max weight (train) | mean weights (train) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for n, r in results["teachers"].items():
         lines.append(
             f"| teacher {n} | {r['params']:,} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
         )
     for rule, r in results["ensemble"].items():
-        note = " (uses the labels: oracle)" if rule == "confidence" else ""
-        lines.append(f"| ensemble {rule}{note} | | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
+        note = " (uses the test labels: oracle)" if rule.startswith("confidence") else ""
+        lines.append(
+            f"| ensemble {rule}{note} | | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
+            f"{r.get('train_max_weight', float('nan')):.3f} | {r.get('train_mean_weights', '')} |"
+        )
     lines += [
         "",
         "The `learned` rule has no fixed ensemble of its own: its gate is trained with each student.",
@@ -204,9 +219,23 @@ def main() -> int:
     lines += [
         "",
         "`scratch`: labels only. `kd_<t>`: Hinton KD from one teacher. `ens_<rule>`: KD from the ensemble "
-        "combined by that rule (`confidence`: softmax over teachers of −CE/τ with τ = 1, computed on the "
-        "training labels; `entropy`: softmax of −entropy; `learned`: the `ensemble_kd` term's gate, trained "
+        "combined by that rule (`confidence`: softmax over teachers of −CE/τ, computed on the "
+        "training labels; `entropy`: softmax of −entropy/τ; τ = 1 unless the name says `@τ`; `learned`: the `ensemble_kd` term's gate, trained "
         "on the labels through the mixture, KD on the detached mixture).",
+        "",
+    ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from distill.ensemble import Ensemble, EnsembleKD",
+        'teacher = Ensemble([cnn, wide_mlp, deep_cnn], rule="entropy", tau=1.0)  # any Teacher-like use',
+        'objective = Objective({"ce": CrossEntropy(), "kd": KD(4.0)}, {"ce": 0.5, "kd": 0.5})',
+        "# learned per-sample weights: the gate lives in the loss term, trained with the student",
+        'teacher = Ensemble([cnn, wide_mlp, deep_cnn], rule="learned")',
+        'objective = Objective({"ce": CrossEntropy(), "kd": EnsembleKD(4.0)}, {"ce": 0.5, "kd": 0.5})',
+        "# features per member: a term's teacher_taps name them as 't<i>.<module path>', e.g. 't0.features.3'",
+        "```",
         "",
     ]
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
