@@ -165,13 +165,18 @@ def main() -> int:
             print(f"{key}: accuracy {m['accuracy']:.4f}", flush=True)
 
     # ---- the page
-    def agg(run):
-        vals = [
+    def accs(run):
+        return [
             results["students"][f"{run}/seed{s}/e{args.student_epochs}"]["accuracy"]
             for s in range(args.seeds)
         ]
+
+    def agg(run):
+        vals = accs(run)
         sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.fmean(vals):.4f} ± {sd:.4f}"
+        # paired by seed: the same initial student and data order as the scratch run
+        diff = [a - b for a, b in zip(vals, accs("scratch"))]
+        return f"{statistics.fmean(vals):.4f} ± {sd:.4f} | {statistics.fmean(diff):+.4f}"
 
     sp = sum(p.numel() for p in build_model(STUDENT, data).parameters())
     lines = [
@@ -218,13 +223,14 @@ def main() -> int:
         "",
         "## Students (test accuracy)",
         "",
-        "| student distilled from | accuracy |",
-        "|---|---:|",
+        "| student distilled from | accuracy | Δ vs scratch (paired by seed) |",
+        "|---|---:|---:|",
     ]
     for run, _ in runs:
         lines.append(f"| {run} | {agg(run)} |")
     lines += [
         "",
+        f"One test sample is {1 / len(data.test):.4f} of accuracy. "
         "`scratch`: labels only. `kd_<t>`: Hinton KD from one teacher. `ens_<rule>`: KD from the ensemble "
         "combined by that rule (`confidence`: softmax over teachers of −CE/τ, computed on the "
         "training labels; `entropy`: softmax of −entropy/τ; τ = 1 unless the name says `@τ`; `learned`: the `ensemble_kd` term's gate, trained "
