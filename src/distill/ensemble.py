@@ -230,7 +230,7 @@ class EnsembleKD(LossTerm):
     detached. Otherwise the gate would be rewarded for copying whichever teacher the student
     already matches (the KD loss is smallest there), a collapse that teaches nothing. So the
     gate learns "which teacher is right on this kind of input" from labels, and the student
-    learns from the gated mix. Weights from the gate are logged on the term as `last_entropy`.
+    learns from the gated mix. The mean entropy of the last batch's gate weights is kept in `last_entropy`.
 
     Args:
         temperature: T > 0.
