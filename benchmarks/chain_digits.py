@@ -1,7 +1,7 @@
 """Chains and cohorts on scikit-learn digits: teacher -> student directly, teacher -> assistant ->
 student (TAKD), born-again generations, and deep mutual learning. Writes docs/chains.md.
 
-    nice -n 10 python benchmarks/chain_digits.py                    # a few minutes on 1 CPU thread
+    nice -n 10 python benchmarks/chain_digits.py                    # ~10 min wall on a busy 2-core machine (1 thread)
     nice -n 10 python benchmarks/chain_digits.py --seeds 1 --epochs 3 --doc /tmp/chains.md   # smoke
 
 Each chain is a `distill.chain.run_chain` run folder under --work (resumable: rerun to continue).
@@ -41,9 +41,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--teacher-epochs", type=int, default=30)
-    ap.add_argument("--epochs", type=int, default=20, help="epochs of every student / assistant stage")
+    ap.add_argument("--epochs", type=int, default=60, help="epochs of every student / assistant stage")
     ap.add_argument("--generations", type=int, default=3)
-    ap.add_argument("--work", default="runs/chain_digits")
+    ap.add_argument("--work", default="runs/chain_digits_e60")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "chains.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ Task `digit`: the 10-class label on the full training split. Task `parity`: odd/
 subset (--parity-n images), so the tasks differ in size and task sampling (size^tau) matters.
 Each head is distilled from its own CNN teacher. Writes docs/multitask.md.
 
-    nice -n 10 python benchmarks/multitask_digits.py          # ~ a few minutes on 1 CPU thread
+    nice -n 10 python benchmarks/multitask_digits.py          # ~3 min wall on a busy 2-core machine (1 thread)
 """
 
 from __future__ import annotations
