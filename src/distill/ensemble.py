@@ -101,7 +101,8 @@ class Ensemble:
       - `extras["member_weights"]`: the weights used (B, K).
 
     Args:
-        members: `Teacher`s, or `nn.Module`s (wrapped with `adapters[i]` or `auto_adapter`).
+        members: `Teacher`s (or any `batch -> Outputs` callable with `to` and `add_taps`, such as a
+            cached teacher), or `nn.Module`s (wrapped with `adapters[i]` or `auto_adapter`).
         rule: one of `mean_logits`, `mean_probs`, `confidence`, `entropy`, `learned` (see
             `member_weights`). `learned` combines by the mean of logits here; the learned
             per-sample weights live in the `ensemble_kd` loss term.
@@ -147,11 +148,11 @@ class Ensemble:
 
     @property
     def models(self) -> list[nn.Module]:
-        return [m.model for m in self.members]
+        return [m.model for m in self.members if isinstance(getattr(m, "model", None), nn.Module)]
 
     @property
     def device(self) -> torch.device:
-        return self.members[0].device
+        return getattr(self.members[0], "device", torch.device("cpu"))
 
     def to(self, device) -> Ensemble:
         for m in self.members:
