@@ -194,7 +194,7 @@ def main() -> int:
         f"(seed 0, {args.teacher_epochs} epochs, AdamW 3e-3, cosine); students `mlp` hidden [32] ({sp:,} params), "
         f"{args.student_epochs} epochs, loss 0.5·CE + 0.5·KD (T = {args.temperature}), "
         f"{args.seeds} seeds (mean ± population std). Training time, summed over all runs: students "
-        f"{sum(r['seconds'] for r in results['students'].values()):.0f} s"
+        f"{sum(r['seconds'] for k, r in results['students'].items() if k.endswith(f'/e{args.student_epochs}')):.0f} s"
         + (
             f", teachers {sum(results['teacher_seconds'].values()):.0f} s"
             if "teacher_seconds" in results
