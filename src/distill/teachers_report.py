@@ -163,11 +163,12 @@ def assess(row: dict[str, Any], student: dict[str, Any], th: TeacherThresholds) 
             "it has little to teach; pick a stronger teacher or train it longer"
         )
     if row["ece"] > th.ece_max:
-        side = "over" if row["mean_confidence"] > row["accuracy"] else "under"
+        over = row["mean_confidence"] > row["accuracy"]
+        fix = "retrain it with label smoothing" if over else "train it longer"
         warnings.append(
-            f"badly calibrated (ECE {row['ece']:.3f} > {th.ece_max}, {side}-confident): distil at a "
-            f"temperature near {row['temperature']:.2f} (ECE then {row['ece_at_temperature']:.3f}) or "
-            "retrain it with label smoothing"
+            f"badly calibrated (ECE {row['ece']:.3f} > {th.ece_max}, {'over' if over else 'under'}-confident): "
+            f"distil at a temperature near {row['temperature']:.2f} (its best-NLL temperature; ECE then "
+            f"{row['ece_at_temperature']:.3f}) or {fix}"
         )
     if row["param_ratio"] > th.param_ratio_max:
         warnings.append(
@@ -222,8 +223,19 @@ def plot_reliability(rows: list[dict[str, Any]], path: Path) -> bool:
         centers = [(b + 0.5) / n for b in range(n)]
         acc = [a if c else 0 for a, c in zip(rel["accuracy"], rel["count"])]
         ax.bar(centers, acc, width=1 / n, edgecolor="black", alpha=0.7, label="accuracy")
-        gap = [m - a if c else 0 for a, m, c in zip(rel["accuracy"], rel["confidence"], rel["count"])]
-        ax.bar(centers, gap, bottom=acc, width=1 / n, color="red", alpha=0.3, label="gap")
+        # the gap bar spans accuracy..confidence, above the bar when over-confident, below when under
+        lo = [min(a, m) if c else 0 for a, m, c in zip(rel["accuracy"], rel["confidence"], rel["count"])]
+        gap = [abs(m - a) if c else 0 for a, m, c in zip(rel["accuracy"], rel["confidence"], rel["count"])]
+        ax.bar(
+            centers,
+            gap,
+            bottom=lo,
+            width=1 / n,
+            color="red",
+            alpha=0.3,
+            hatch="//",
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{r['name']}\nECE {r['ece']:.3f}")
     axes[0][0].set_ylabel("accuracy")
