@@ -1,6 +1,8 @@
 """Datasets: bundled offline sets, generic loaders, and the contract a recipe's data follows."""
 
+from distill.data import cifar  # noqa: F401  (registers cifar100, cifar100_standin)
 from distill.data.bundle import DataBundle, build_data
 from distill.data.digits import digits
+from distill.data.indexed import IndexedDataset, indexed
 
-__all__ = ["DataBundle", "build_data", "digits"]
+__all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]
