@@ -84,7 +84,7 @@ def run_chain(
     (agreement measured with the stage that taught it), plus `student_scratch` for comparison.
     """
     from distill.models.build import build_model
-    from distill.pipeline import _train_stage, build_objective, measure, scratch_objective
+    from distill.pipeline import _train_stage, build_adapter, build_objective, measure, scratch_objective
     from distill.report import write_report
     from distill.teachers import Teacher
     from distill.trainer import seed_everything
@@ -106,27 +106,50 @@ def run_chain(
             model = build_model(spec.spec(), data)
             if spec.checkpoint:
                 load_weights(model, spec.checkpoint)
+            adapter = build_adapter(spec.adapter)
             if name == "teacher":
                 if not cfg.teacher.checkpoint:
                     if cfg.teacher.train is None:
                         raise ConfigError(
                             "teacher: give a checkpoint to load or a train: section to train it"
                         )
-                    _train_stage(name, model, scratch_objective(cfg), data, cfg, cfg.teacher.train, stage_dir)
+                    model = _train_stage(
+                        name,
+                        model,
+                        scratch_objective(cfg),
+                        data,
+                        cfg,
+                        cfg.teacher.train,
+                        stage_dir,
+                        None,
+                        adapter,
+                    )
             else:
-                _train_stage(name, model, build_objective(cfg), data, cfg, cfg.trainer, stage_dir, prev)
-            row = measure(name, model, data, cfg, prev)
+                objective = build_objective(cfg)
+                model = _train_stage(name, model, objective, data, cfg, cfg.trainer, stage_dir, prev, adapter)
+            row = measure(name, model, data, cfg, prev, adapter=adapter)
             row["stage"] = k
             row["taught_by"] = prev_name or "labels"
             rows.append(row)
-            prev, prev_name = Teacher(model), name
+            prev, prev_name = Teacher(model, adapter=adapter), name
         if "scratch" in cfg.baselines:
             seed_everything(cfg.seed + len(stage_dirs) - 1)  # the last student's initial weights
             model = build_model(cfg.student.spec(), data)
             stage_dir = out / "stages" / "scratch"
             stage_dirs.append(stage_dir)
-            _train_stage("student_scratch", model, scratch_objective(cfg), data, cfg, cfg.trainer, stage_dir)
-            row = measure("student_scratch", model, data, cfg, None)
+            adapter = build_adapter(cfg.student.adapter)
+            model = _train_stage(
+                "student_scratch",
+                model,
+                scratch_objective(cfg),
+                data,
+                cfg,
+                cfg.trainer,
+                stage_dir,
+                None,
+                adapter,
+            )
+            row = measure("student_scratch", model, data, cfg, None, adapter=adapter)
             row["taught_by"] = "labels"
             rows.append(row)
         _merge_metrics(stage_dirs, out / "metrics.jsonl")

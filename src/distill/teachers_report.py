@@ -258,7 +258,7 @@ def run_teachers(
     from distill.bench import count_params
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import _example_input, _train_stage, scratch_objective
+    from distill.pipeline import _example_input, _train_stage, build_adapter, scratch_objective
     from distill.report import table
     from distill.rundir import RunDir
     from distill.trainer import make_loader, seed_everything
@@ -279,11 +279,22 @@ def run_teachers(
 
         seed_everything(cfg.seed)
         student = build_model(cfg.student.spec(), data)
+        s_adapter = build_adapter(cfg.student.adapter)
         if cfg.student.checkpoint:
             load_weights(student, cfg.student.checkpoint)
         else:
-            _train_stage("student_scratch", student, scratch_objective(cfg), data, cfg, cfg.trainer, out)
-        logits, targets = collect_logits(student, loader)
+            student = _train_stage(
+                "student_scratch",
+                student,
+                scratch_objective(cfg),
+                data,
+                cfg,
+                cfg.trainer,
+                out,
+                None,
+                s_adapter,
+            )
+        logits, targets = collect_logits(student, loader, s_adapter)
         s_row = {"name": "student_scratch", **score_logits(logits, targets, cfg.thresholds.ece_bins)}
         s_row["params"] = count_params(student)
 
@@ -291,10 +302,21 @@ def run_teachers(
         for label, cand in zip(labels, candidates):
             seed_everything(cfg.seed)
             model = build_model(cand.spec(), data)
+            adapter = build_adapter(cand.adapter)
             if cand.checkpoint:
                 load_weights(model, cand.checkpoint)
             elif cand.train is not None:
-                _train_stage(f"candidate_{label}", model, scratch_objective(cfg), data, cfg, cand.train, out)
+                model = _train_stage(
+                    f"candidate_{label}",
+                    model,
+                    scratch_objective(cfg),
+                    data,
+                    cfg,
+                    cand.train,
+                    out,
+                    None,
+                    adapter,
+                )
             else:
                 raise ConfigError(f"candidate '{label}': give a checkpoint to load or a train: section")
             rows.append(
@@ -307,6 +329,7 @@ def run_teachers(
                     example,
                     cfg.report.latency_batch_sizes,
                     cfg.report.latency_repeats,
+                    adapter,
                 )
             )
         summary = {
