@@ -84,7 +84,7 @@ def run_chain(
     (agreement measured with the stage that taught it), plus `student_scratch` for comparison.
     """
     from distill.models.build import build_model
-    from distill.pipeline import _train_stage, build_adapter, build_objective, measure, scratch_objective
+    from distill.pipeline import build_adapter, build_objective, measure, scratch_objective, train_stage
     from distill.report import write_report
     from distill.teachers import Teacher
     from distill.trainer import seed_everything
@@ -113,7 +113,7 @@ def run_chain(
                         raise ConfigError(
                             "teacher: give a checkpoint to load or a train: section to train it"
                         )
-                    model = _train_stage(
+                    model = train_stage(
                         name,
                         model,
                         scratch_objective(cfg),
@@ -126,7 +126,7 @@ def run_chain(
                     )
             else:
                 objective = build_objective(cfg)
-                model = _train_stage(name, model, objective, data, cfg, cfg.trainer, stage_dir, prev, adapter)
+                model = train_stage(name, model, objective, data, cfg, cfg.trainer, stage_dir, prev, adapter)
             row = measure(name, model, data, cfg, prev, adapter=adapter)
             row["stage"] = k
             row["taught_by"] = prev_name or "labels"
@@ -138,7 +138,7 @@ def run_chain(
             stage_dir = out / "stages" / "scratch"
             stage_dirs.append(stage_dir)
             adapter = build_adapter(cfg.student.adapter)
-            model = _train_stage(
+            model = train_stage(
                 "student_scratch",
                 model,
                 scratch_objective(cfg),

@@ -14,6 +14,7 @@ from distill.errors import DistillError
 PLUGINS = [
     "distill.cli_cache",
     "distill.cli_teachers",
+    "distill.cli_chain",
     "distill.cli_compress",
     "distill.cli_tune",
     "distill.cli_federated",

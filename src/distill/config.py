@@ -18,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distill.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Component(_Strict):
+class Component(Strict):
     """`name` (registered short name) or `class_path` (package.module.Name), plus `init_args`."""
 
     name: str | None = None
@@ -48,7 +48,7 @@ class DataConfig(Component):
     pin_memory: bool = False
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -57,7 +57,7 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-class LRScheduleConfig(_Strict):
+class LRScheduleConfig(Strict):
     """Learning-rate schedule over optimizer steps. `warmup` and `milestones` are fractions of
     training; `step` multiplies the LR by `gamma` at each milestone."""
 
@@ -68,7 +68,7 @@ class LRScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0)
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(Strict):
     epochs: int = Field(30, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -125,12 +125,12 @@ class TermConfig(Component):
     weight: float | dict[str, Any] = 1.0
 
 
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(Strict):
     terms: dict[str, TermConfig]
     schedules: dict[str, float | dict[str, Any]] = Field(default_factory=dict)
 
 
-class ReportConfig(_Strict):
+class ReportConfig(Strict):
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     latency_threads: int = Field(1, gt=0)
     latency_repeats: int = Field(50, gt=0)
@@ -157,7 +157,7 @@ def _digits_objective() -> ObjectiveConfig:
     )
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(Strict):
     """A whole run. The defaults are the demo: digits, a CNN teacher, an MLP student, Hinton KD."""
 
     name: str = "digits"

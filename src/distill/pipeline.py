@@ -59,12 +59,12 @@ def _spec(component) -> dict | None:
     return component.spec() if component is not None else None
 
 
-def _example_input(data: DataBundle) -> torch.Tensor | None:
+def example_input(data: DataBundle) -> torch.Tensor | None:
     x = data.train[0][0] if isinstance(data.train[0], tuple | list) else None
     return x.unsqueeze(0) if isinstance(x, torch.Tensor) else None
 
 
-def _train_stage(
+def train_stage(
     stage: str,
     model: nn.Module,
     objective: Objective,
@@ -128,7 +128,7 @@ def measure(
     row: dict[str, Any] = {"name": name, **metrics, "params": count_params(model), "size_mb": size_mb(model)}
     if teacher is None:
         row["agreement"] = 1.0
-    example = _example_input(data)
+    example = example_input(data)
     if example is not None:
         model_cpu = copy.deepcopy(model).to("cpu")
         for b in cfg.report.latency_batch_sizes:
@@ -157,7 +157,7 @@ def run_recipe(
         if cfg.teacher.checkpoint:
             load_weights(teacher_model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
-            _train_stage(
+            train_stage(
                 "teacher",
                 teacher_model,
                 scratch_objective(cfg),
@@ -195,7 +195,7 @@ def run_recipe(
             student = build_model(cfg.student.spec(), data, teacher=teacher_model)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
-            students[stage] = _train_stage(
+            students[stage] = train_stage(
                 stage, student, objective, stage_data, cfg, cfg.trainer, out, t, student_adapter
             )
 

@@ -26,8 +26,8 @@ from distill.adapters import Adapter, auto_adapter
 from distill.checkpoint import atomic_write, atomic_write_text, load_weights
 from distill.config import (
     RecipeConfig,
+    Strict,
     TeacherConfig,
-    _Strict,
     apply_overrides,
     format_validation_error,
     load_yaml,
@@ -83,7 +83,7 @@ def fit_temperature(logits: Tensor, targets: Tensor) -> float:
 # --------------------------------------------------------------------------- recipe
 
 
-class TeacherThresholds(_Strict):
+class TeacherThresholds(Strict):
     """When a candidate earns a warning."""
 
     ece_bins: int = Field(15, gt=1)
@@ -258,7 +258,7 @@ def run_teachers(
     from distill.bench import count_params
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import _example_input, _train_stage, build_adapter, scratch_objective
+    from distill.pipeline import build_adapter, example_input, scratch_objective, train_stage
     from distill.report import table
     from distill.rundir import RunDir
     from distill.trainer import make_loader, seed_everything
@@ -275,7 +275,7 @@ def run_teachers(
         if split is None:
             raise ConfigError("the dataset has no validation (or test) split to score teachers on")
         loader, _ = make_loader(split, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
-        example = _example_input(data)
+        example = example_input(data)
 
         seed_everything(cfg.seed)
         student = build_model(cfg.student.spec(), data)
@@ -283,7 +283,7 @@ def run_teachers(
         if cfg.student.checkpoint:
             load_weights(student, cfg.student.checkpoint)
         else:
-            student = _train_stage(
+            student = train_stage(
                 "student_scratch",
                 student,
                 scratch_objective(cfg),
@@ -306,7 +306,7 @@ def run_teachers(
             if cand.checkpoint:
                 load_weights(model, cand.checkpoint)
             elif cand.train is not None:
-                model = _train_stage(
+                model = train_stage(
                     f"candidate_{label}",
                     model,
                     scratch_objective(cfg),

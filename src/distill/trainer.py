@@ -646,6 +646,9 @@ class Trainer:
             self.train_loader.generator.manual_seed(self.seed * 7_919 + self.epoch)
             batches = enumerate(self.train_loader, start=start)
         else:
+            batch_sampler = getattr(self.train_loader, "batch_sampler", None)
+            if hasattr(batch_sampler, "set_epoch"):  # a custom batch sampler that orders by epoch
+                batch_sampler.set_epoch(self.epoch)
             batches = ((i, b) for i, b in enumerate(self.train_loader) if i >= start)
         n_batches = start + (
             len(self.train_loader) if self.sampler is not None else len(self.train_loader) - start

@@ -38,13 +38,13 @@ import yaml
 from pydantic import Field, ValidationError
 
 from distill.checkpoint import atomic_write, atomic_write_text
-from distill.config import RecipeConfig, _Strict, apply_overrides, format_validation_error, load_yaml
+from distill.config import RecipeConfig, Strict, apply_overrides, format_validation_error, load_yaml
 from distill.errors import ConfigError, DistillError, TrainingDiverged
 
 # --------------------------------------------------------------------------- configuration
 
 
-class SearchParam(_Strict):
+class SearchParam(Strict):
     """How one recipe key is sampled.
 
     `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
@@ -61,12 +61,12 @@ class SearchParam(_Strict):
     labels: list[str] | None = None
 
 
-class TuneObjective(_Strict):
+class TuneObjective(Strict):
     metric: str = "accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
-class TuneConfig(_Strict):
+class TuneConfig(Strict):
     """The study: its name and storage, what it optimises and how it samples and prunes."""
 
     study_name: str | None = Field(None, description="default: the recipe's name")
@@ -298,7 +298,7 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
     from distill.checkpoint import load_weights, save_weights
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import _train_stage, build_adapter, measure, scratch_objective
+    from distill.pipeline import build_adapter, measure, scratch_objective, train_stage
     from distill.rundir import RunDir
     from distill.trainer import seed_everything
 
@@ -313,7 +313,7 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
         adapter = build_adapter(cfg.teacher.adapter)
         teacher_cfg = cfg.model_copy(update={"baselines": []})
         with RunDir(out / "teacher", teacher_cfg.to_yaml(), resume=True):
-            _train_stage(
+            train_stage(
                 "teacher",
                 model,
                 scratch_objective(cfg),

@@ -15,7 +15,7 @@ from distill.config import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
-    _Strict,
+    Strict,
     apply_overrides,
     format_validation_error,
     load_yaml,
@@ -25,7 +25,7 @@ from distill.errors import ConfigError
 STRATEGIES = ("fedavg", "feddf", "fedmd", "local")
 
 
-class PartitionConfig(_Strict):
+class PartitionConfig(Strict):
     """How the training split is dealt to clients.
 
     `public_fraction` of it is held out first as the unlabeled public set (labels never used);
@@ -40,7 +40,7 @@ class PartitionConfig(_Strict):
     split_seed: int | None = Field(None, description="seed of the split (default: the run's seed)")
 
 
-class LocalConfig(_Strict):
+class LocalConfig(Strict):
     """Local training on each client's private data, every round."""
 
     epochs: int = Field(2, gt=0)
@@ -48,7 +48,7 @@ class LocalConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=3e-3))
 
 
-class DistillStepConfig(_Strict):
+class DistillStepConfig(Strict):
     """Distillation on the public set: FedDF's server fusion or FedMD's client digest."""
 
     epochs: int = Field(2, gt=0)
@@ -57,7 +57,7 @@ class DistillStepConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
 
 
-class FederatedRecipe(_Strict):
+class FederatedRecipe(Strict):
     """A federated comparison: every strategy runs on the same split with the same seed."""
 
     name: str = "federated_digits"

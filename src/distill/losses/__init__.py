@@ -46,6 +46,10 @@ from distill.losses.sequence import (
     topk_forward_kl,
     total_variation,
 )
+from distill.registry import LOSSES
+
+LOSSES.add_lazy("ensemble_kd", "distill.ensemble.EnsembleKD")
+LOSSES.add_lazy("mutual", "distill.chain.Mutual")
 
 __all__ = [
     "CRD",
