@@ -1,9 +1,10 @@
 """Runs a detection recipe (default recipes/detect_shapes.yaml): teacher, scratch student,
 distilled student; reports mAP, mAP@0.5, params, size and CPU latency in a run folder.
 
-It uses `distill.trainer.Trainer` directly with the detection adapter, the mAP evaluator and a
-label-only objective made of the recipe's terms that need no teacher, because the recipe
-pipeline does not take those from a recipe yet. Usage:
+It uses `distill.trainer.Trainer` directly, with the detection adapter and mAP evaluator (what
+the recipe's `adapter` / `evaluator` keys name; the frozen teacher skips NMS here) and a
+label-only objective made of the recipe's terms that need no teacher (`det`), because the recipe
+pipeline trains the teacher and the scratch student with cross-entropy. Usage:
 
     python benchmarks/detect_shapes.py [--recipe recipes/detect_shapes.yaml] [--out runs/detect_shapes] [key=value ...]
 """
