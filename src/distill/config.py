@@ -40,12 +40,21 @@ class Component(Strict):
 
 
 class DataConfig(Component):
-    name: str | None = "digits"
+    """The dataset (default: the bundled digits) and how it is batched."""
+
+    name: str | None = None
     init_args: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_digits(cls, data):
+        if isinstance(data, dict) and data.get("name") is None and data.get("class_path") is None:
+            data = {**data, "name": "digits"}
+        return data
 
 
 class OptimizerConfig(Strict):

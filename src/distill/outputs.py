@@ -69,13 +69,13 @@ def _to(x: Any, device, non_blocking: bool) -> Any:
     return x
 
 
-def _map(x: Any, fn) -> Any:
+def map_tensors(x: Any, fn) -> Any:
     if isinstance(x, Tensor):
         return fn(x)
     if isinstance(x, tuple | list):
-        return type(x)(_map(v, fn) for v in x)
+        return type(x)(map_tensors(v, fn) for v in x)
     if isinstance(x, dict):
-        return {k: _map(v, fn) for k, v in x.items()}
+        return {k: map_tensors(v, fn) for k, v in x.items()}
     return x
 
 
@@ -139,9 +139,9 @@ class Outputs:
     def map(self, fn) -> Outputs:
         """Applies `fn` to every tensor, also inside tuples, lists and dicts in `extras`."""
         return Outputs(
-            logits=_map(self.logits, fn),
-            features={k: _map(v, fn) for k, v in self.features.items()},
-            extras={k: _map(v, fn) for k, v in self.extras.items()},
+            logits=map_tensors(self.logits, fn),
+            features={k: map_tensors(v, fn) for k, v in self.features.items()},
+            extras={k: map_tensors(v, fn) for k, v in self.extras.items()},
         )
 
     def detach(self) -> Outputs:

@@ -41,11 +41,21 @@ def build_objective(cfg: RecipeConfig) -> Objective:
 
 
 def scratch_objective(cfg: RecipeConfig) -> Objective:
-    """Labels alone, with the recipe's own label smoothing if its ce term sets one."""
-    for t in cfg.objective.terms.values():
-        if t.name == "ce":
-            return Objective({"ce": LOSSES.build(name="ce", init_args=t.init_args)})
-    return Objective({"ce": CrossEntropy()})
+    """Labels alone: the recipe's terms that need no teacher (`ce` with its label smoothing, a
+    detector's own losses, ...), each at weight 1; plain cross-entropy if it has none."""
+    label = {
+        n: t
+        for n, t in cfg.objective.terms.items()
+        if not LOSSES.build(name=t.name, class_path=t.class_path, init_args=t.init_args).needs_teacher
+    }
+    if not label:
+        return Objective({"ce": CrossEntropy()})
+    return Objective(
+        {
+            n: LOSSES.build(name=t.name, class_path=t.class_path, init_args=t.init_args)
+            for n, t in label.items()
+        }
+    )
 
 
 def build_adapter(spec) -> Any:
