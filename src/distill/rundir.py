@@ -58,7 +58,15 @@ class RunDir:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
+        self._remove_stale_temp_files()
         atomic_write_text(saved, config_yaml)
+
+    def _remove_stale_temp_files(self) -> None:
+        """A process killed mid-write leaves its temp file (the real file is intact); holding the
+        lock, nothing else writes here, so every temp file is stale."""
+        for tmp in self.path.rglob(".*.tmp-*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
