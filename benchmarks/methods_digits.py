@@ -103,12 +103,18 @@ def run(seeds: int, epochs: int, teacher_epochs: int, methods: list[str]) -> dic
     return results
 
 
-def table(results: dict) -> str:
+def table(results: dict, paired_vs: str | None = None) -> str:
+    """Markdown table; with `paired_vs`, a column of per-seed accuracy differences against that
+    row (same seed, same teacher, same initial student), as mean ± std and wins/ties/losses."""
     scratch_t = statistics.fmean(r["epoch_s"] for r in results["scratch"])
-    lines = [
-        "| model / method | test accuracy (mean ± std) | agreement with teacher | time per epoch vs scratch |",
-        "| --- | --- | --- | --- |",
-    ]
+    head = (
+        "| model / method | test accuracy (mean ± std) | agreement with teacher | time per epoch vs scratch |"
+    )
+    rule = "| --- | --- | --- | --- |"
+    if paired_vs:
+        head += f" Δ accuracy vs {paired_vs}, paired (mean ± std) | seeds better / equal / worse |"
+        rule += " --- | --- |"
+    lines = [head, rule]
     for name, runs in results.items():
         acc = [100 * r["accuracy"] for r in runs]
         std = statistics.pstdev(acc) if len(acc) > 1 else 0.0
@@ -119,7 +125,17 @@ def table(results: dict) -> str:
             if runs[0]["epoch_s"] is None
             else f"{statistics.fmean(r['epoch_s'] for r in runs) / scratch_t:.2f}×"
         )
-        lines.append(f"| {name} | {statistics.fmean(acc):.2f} ± {std:.2f} | {agr_s} | {rel} |")
+        row = f"| {name} | {statistics.fmean(acc):.2f} ± {std:.2f} | {agr_s} | {rel} |"
+        if paired_vs:
+            if name == paired_vs or name == "teacher":
+                row += " — | — |"
+            else:
+                ref = [100 * r["accuracy"] for r in results[paired_vs]]
+                d = [a - b for a, b in zip(acc, ref, strict=True)]
+                wins = sum(x > 1e-9 for x in d)
+                losses = sum(x < -1e-9 for x in d)
+                row += f" {statistics.fmean(d):+.2f} ± {statistics.pstdev(d):.2f} | {wins} / {len(d) - wins - losses} / {losses} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -132,6 +148,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "methods_digits.json"))
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/methods.md")
+    p.add_argument("--paired-vs", default=None, help="add per-seed paired differences against this row")
+    p.add_argument("--block", default="digits-table", help="docs/methods.md marker block to rewrite")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -142,15 +160,27 @@ def main() -> None:
     meta = {"seeds": args.seeds, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "wall_s": round(wall, 1),
             "torch": torch.__version__, "threads": args.threads}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    md = table(results)
+    md = table(results, args.paired_vs)
     print(md)
     print(f"wall {wall:.0f}s")
     docs = ROOT / "docs" / "methods.md"
     if not args.no_docs and docs.exists():
-        cmd = f"python benchmarks/methods_digits.py --seeds {args.seeds} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs}"
-        block = f"<!-- digits-table:start -->\n{md}\n\nCommand: `{cmd}` ({wall / 60:.1f} min on {args.threads} CPU threads).\n<!-- digits-table:end -->"
+        cmd = (
+            f"python benchmarks/methods_digits.py --seeds {args.seeds} --epochs {args.epochs}"
+            f" --teacher-epochs {args.teacher_epochs} --threads {args.threads}"
+        )
+        if args.methods != METHODS:
+            cmd += " --methods " + " ".join(args.methods)
+        if args.paired_vs:
+            cmd += f" --paired-vs {args.paired_vs}"
+        if args.block != "digits-table":
+            cmd += f" --block {args.block}"
+        start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
+        block = (
+            f"{start}\n{md}\n\nCommand: `{cmd}` ({wall / 60:.1f} min on {args.threads} CPU threads).\n{end}"
+        )
         text = re.sub(
-            r"<!-- digits-table:start -->.*<!-- digits-table:end -->",
+            re.escape(start) + ".*" + re.escape(end),
             lambda _: block,
             docs.read_text(),
             flags=re.S,
