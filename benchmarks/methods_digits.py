@@ -159,16 +159,26 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/methods.md")
     p.add_argument("--paired-vs", default=None, help="add per-seed paired differences against this row")
     p.add_argument("--block", default="digits-table", help="docs/methods.md marker block to rewrite")
+    p.add_argument("--from-json", default=None, help="re-render a saved run's table instead of running")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = run(args.seeds, args.epochs, args.teacher_epochs, args.methods)
-    wall = time.perf_counter() - t0
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results, meta = saved["results"], saved["meta"]
+        args.seeds, args.epochs = meta["seeds"], meta["epochs"]
+        args.teacher_epochs, args.threads, wall = meta["teacher_epochs"], meta["threads"], meta["wall_s"]
+        ran = [m for m in results if m not in ("teacher", "scratch")]
+        args.methods = METHODS if ran == METHODS else ran
+    else:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        results = run(args.seeds, args.epochs, args.teacher_epochs, args.methods)
+        wall = time.perf_counter() - t0
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": args.seeds, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "wall_s": round(wall, 1),
             "torch": torch.__version__, "threads": args.threads}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    if not args.from_json:
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = table(results, args.paired_vs)
     print(md)
     print(f"wall {wall:.0f}s")
@@ -186,7 +196,7 @@ def main() -> None:
             cmd += f" --block {args.block}"
         start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
         block = (
-            f"{start}\n{md}\n\nCommand: `{cmd}` ({wall / 60:.1f} min on {args.threads} CPU threads).\n{end}"
+            f"{start}\n{md}\n\nCommand: `{cmd}` ({wall / 60:.1f} min, {args.threads} torch thread(s)).\n{end}"
         )
         text = re.sub(
             re.escape(start) + ".*" + re.escape(end),
