@@ -168,6 +168,7 @@ def main() -> None:
         args.teacher_epochs, args.threads, wall = meta["teacher_epochs"], meta["threads"], meta["wall_s"]
         ran = [m for m in results if m not in ("teacher", "scratch")]
         args.methods = METHODS if ran == METHODS else ran
+        args.json = args.from_json
     else:
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
@@ -192,6 +193,10 @@ def main() -> None:
             cmd += " --methods " + " ".join(args.methods)
         if args.paired_vs:
             cmd += f" --paired-vs {args.paired_vs}"
+        default_json = ROOT / "benchmarks" / "results" / "methods_digits.json"
+        if Path(args.json).resolve() != default_json:
+            json_path = Path(args.json).resolve()
+            cmd += f" --json {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
         if args.block != "digits-table":
             cmd += f" --block {args.block}"
         start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
