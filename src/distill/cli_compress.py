@@ -24,11 +24,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "summary.json hold one row per model.",
     )
     p.add_argument("recipe", help="a compression recipe YAML file (e.g. recipes/compress_digits.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. compress.prune.ratio=0.3")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. compress.prune.ratio=0.3"
+    )
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds and report mean ± std")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue (or redo changed later stages of) a run in --out")
+    g.add_argument(
+        "--resume", action="store_true", help="continue (or redo changed later stages of) a run in --out"
+    )
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     return p
 

@@ -73,7 +73,7 @@ def _stage_outputs(out: Path, stage: str) -> list[Path]:
     if stage == "recovery":
         return [out / "checkpoints" / r for r in RECOVERY_ROWS.values()] + [out / "onnx"]
     if stage == "quantize":
-        return list((out / "onnx").glob("*.int8.onnx")) if (out / "onnx").exists() else []
+        return list((out / "onnx").glob("*_int8.onnx")) if (out / "onnx").exists() else []
     if stage == "export":
         return [out / "export"]
     return [out / "rows"]
@@ -101,7 +101,9 @@ class _Runner:
         self.cc = cfg.compress
         self.rows: list[dict[str, Any]] = []
         self.models: dict[str, nn.Module] = {}
-        self.data: DataBundle = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+        self.data: DataBundle = build_data(
+            cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed
+        )
         loader, _ = make_loader(self.data.train, 1, False, cfg.seed, collate_fn=self.data.collate_fn)
         self.example = as_batch(next(iter(loader))).inputs
         self.names = input_names(self.example)
@@ -171,7 +173,9 @@ class _Runner:
         if cfg.teacher.checkpoint:
             load_weights(model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
-            _train_stage("baseline", model, scratch_objective(cfg), self.data, cfg, cfg.teacher.train, self.out)
+            _train_stage(
+                "baseline", model, scratch_objective(cfg), self.data, cfg, cfg.teacher.train, self.out
+            )
         else:
             raise ConfigError("teacher: give a checkpoint of the model to compress, or a train: section")
         model = model.cpu().eval()
@@ -244,7 +248,9 @@ class _Runner:
     def export_final(self) -> None:
         row = self.cc.export.row
         if row not in self.models:
-            raise ConfigError(f"compress.export.row: '{row}' is not a row of this run (rows: {', '.join(self.models)})")
+            raise ConfigError(
+                f"compress.export.row: '{row}' is not a row of this run (rows: {', '.join(self.models)})"
+            )
         folder = self.out / "export"
         if (folder / "model.safetensors").exists():
             return

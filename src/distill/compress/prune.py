@@ -251,7 +251,9 @@ def save_pruned(folder: str | Path, model: nn.Module, info: dict[str, Any]) -> N
     folder with shapes.json is complete."""
     folder = Path(folder)
     save_weights(folder / "model.safetensors", model.state_dict(), {"stage": "pruned"})
-    atomic_write_text(folder / "shapes.json", json.dumps({"info": info, "shapes": shapes_of(model)}, indent=1))
+    atomic_write_text(
+        folder / "shapes.json", json.dumps({"info": info, "shapes": shapes_of(model)}, indent=1)
+    )
 
 
 def load_pruned(model: nn.Module, folder: str | Path, weights: str | Path | None = None) -> nn.Module:

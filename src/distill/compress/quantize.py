@@ -140,7 +140,9 @@ def predict(sess, batches: Iterable[Any], names: list[str]) -> tuple[np.ndarray,
     return np.concatenate(preds), (np.concatenate(targets) if targets else None)
 
 
-def latency(sess, feed: dict[str, np.ndarray], batch_size: int, repeats: int, warmup: int) -> dict[str, float]:
+def latency(
+    sess, feed: dict[str, np.ndarray], batch_size: int, repeats: int, warmup: int
+) -> dict[str, float]:
     """p50 / p95 forward time in ms at `batch_size` (the first sample repeated)."""
     x = {k: np.ascontiguousarray(np.repeat(v[:1], batch_size, axis=0)) for k, v in feed.items()}
     for _ in range(warmup):

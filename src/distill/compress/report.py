@@ -42,7 +42,10 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     cols = [("params", "params", "{:,.0f}"), ("size_mb", "ONNX (MB)", "{:.3f}")]
     sizes = sorted({int(k[len("latency_ms_b") :]) for r in rows for k in r if _is_p50(k)})
     for b in sizes:
-        cols += [(f"latency_ms_b{b}", f"b{b} p50 (ms)", "{:.3f}"), (f"latency_ms_b{b}_p95", f"b{b} p95 (ms)", "{:.3f}")]
+        cols += [
+            (f"latency_ms_b{b}", f"b{b} p50 (ms)", "{:.3f}"),
+            (f"latency_ms_b{b}_p95", f"b{b} p95 (ms)", "{:.3f}"),
+        ]
     cols += [("accuracy", "accuracy", "{:.4f}"), ("agreement", "agreement", "{:.4f}")]
     return [c for c in cols if any(c[0] in r for r in rows)]
 
@@ -61,15 +64,24 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
     if not rows or lat is None or not all("accuracy" in r for r in rows):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], lat, f"ONNX Runtime CPU {lat[11:]} p50 (ms)"), (axes[1], "size_mb", "ONNX file (MB)")):
+    for ax, key, label in (
+        (axes[0], lat, f"ONNX Runtime CPU {lat[11:]} p50 (ms)"),
+        (axes[1], "size_mb", "ONNX file (MB)"),
+    ):
         pts = [(r[key], r["accuracy"]) for r in rows]
         front = pareto_front(pts)
         for i, r in enumerate(rows):
             ax.errorbar(
-                r[key], r["accuracy"], yerr=r.get("accuracy_std", 0), fmt="o" if i in front else "x",
-                color="C0" if i in front else "C7", capsize=3,
+                r[key],
+                r["accuracy"],
+                yerr=r.get("accuracy_std", 0),
+                fmt="o" if i in front else "x",
+                color="C0" if i in front else "C7",
+                capsize=3,
             )
-            ax.annotate(r["name"], (r[key], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                r["name"], (r[key], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
         fx, fy = zip(*[pts[i] for i in front])
         ax.step(fx, fy, where="post", color="C0", alpha=0.6, label="Pareto front")
         ax.set(xlabel=label, ylabel="test accuracy")
@@ -93,7 +105,9 @@ def write_compress_report(run_dir: str | Path) -> Path:
     rows = summary.get("rows", [])
     seeds = summary.get("seeds")
     lines = [f"# {summary.get('recipe', 'run')}: compress", ""]
-    lines.append(f"Seeds: {', '.join(map(str, seeds))} (mean ± std)." if seeds else f"Seed: {summary.get('seed', 0)}.")
+    lines.append(
+        f"Seeds: {', '.join(map(str, seeds))} (mean ± std)." if seeds else f"Seed: {summary.get('seed', 0)}."
+    )
     lines += [
         f"Wall time: {summary.get('wall_seconds', 0)} s. Every row is measured as an ONNX model on ONNX Runtime "
         "(CPU, fixed intra-op threads): file size, forward latency p50/p95, test accuracy and top-1 "
