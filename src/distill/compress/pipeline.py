@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from distill.bench import count_params, size_mb
@@ -38,6 +37,7 @@ from distill.trainer import make_loader, seed_everything
 
 STAGES = ("baseline", "prune", "recovery", "quantize", "export")
 RECOVERY_ROWS = {"kd": "pruned_kd", "finetune": "pruned_finetune", "kd_student": "kd_student"}
+KNOWN_ROWS = ("baseline", "pruned", *RECOVERY_ROWS.values())
 
 
 def _fingerprints(cfg: CompressRecipe) -> dict[str, str]:
@@ -229,9 +229,10 @@ class _Runner:
             mode = "dynamic" if tokens else "static"
         for src in q.rows:
             if src not in self.models:
+                if src in KNOWN_ROWS:  # its stage is disabled in this recipe
+                    continue
                 raise ConfigError(
-                    f"compress.quantize.rows: '{src}' is not a row of this run "
-                    f"(rows: {', '.join(self.models)})"
+                    f"compress.quantize.rows: '{src}' is not a row of this run (rows: {', '.join(self.models)})"
                 )
             name = f"{src}_int8"
             dst = self.onnx_path(name)
@@ -247,6 +248,8 @@ class _Runner:
 
     def export_final(self) -> None:
         row = self.cc.export.row
+        if row not in self.models and row in KNOWN_ROWS and not self.cc.prune.enabled:
+            row = "baseline"  # nothing was pruned: ship the baseline
         if row not in self.models:
             raise ConfigError(
                 f"compress.export.row: '{row}' is not a row of this run (rows: {', '.join(self.models)})"
@@ -280,7 +283,6 @@ def run_compress(
         atomic_write_text(out / "config.yaml", cfg.to_yaml())  # stages.json decides what is redone
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
         _invalidate(out, cfg)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         runner = _Runner(cfg, out)
         summary: dict[str, Any] = {"command": "compress", "recipe": cfg.name, "seed": cfg.seed}
         stage = "setup"
