@@ -59,8 +59,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    lat = next((k for k in ("latency_ms_b1", "latency_ms_b32") if all(k in r for r in rows)), None)
+    lat = next((k for k in ("latency_ms_b32", "latency_ms_b1") if all(k in r for r in rows)), None)
     if not rows or lat is None or not all("accuracy" in r for r in rows):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -86,6 +87,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.step(fx, fy, where="post", color="C0", alpha=0.6, label="Pareto front")
         ax.set(xlabel=label, ylabel="test accuracy")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("accuracy vs latency and size")
