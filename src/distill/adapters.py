@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs
+from distill.registry import ADAPTERS
 
 Adapter = Callable[[nn.Module, Batch], Outputs]
 
@@ -64,4 +65,12 @@ def auto_adapter(model: nn.Module, batch: Batch) -> Outputs:
     return read_outputs(call_model(model, batch.inputs))
 
 
-ADAPTERS: dict[str, Adapter] = {"auto": auto_adapter}
+ADAPTERS.register("auto")(lambda: auto_adapter)
+ADAPTERS.add_lazy("hf", "distill.nlp.adapters.hf_adapter")
+
+
+@ADAPTERS.register("sentence")
+def _sentence_adapter() -> Adapter:
+    from distill.nlp.adapters import sentence_adapter
+
+    return sentence_adapter

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from distill.errors import DistillError
+
+PLUGINS = [
+    "distill.cli_cache",
+    "distill.cli_teachers",
+    "distill.cli_chain",
+    "distill.cli_compress",
+    "distill.cli_tune",
+    "distill.cli_federated",
+]
+PLUGINS = [m for m in PLUGINS if importlib.util.find_spec(m) is not None]
 
 EPILOG = """examples:
   distill demo                                  teacher -> student on bundled digits, with a report
@@ -15,6 +27,9 @@ EPILOG = """examples:
   distill run recipes/digits.yaml trainer.epochs=10 objective.terms.kd.init_args.temperature=2
   distill eval runs/digits                      score the run's distilled student on the test split
   distill report runs/digits                    rebuild report.md and plots from a finished run
+  distill tune recipes/tune_digits.yaml --trials 20   Optuna search over temperature, weights, lr, ...
+  distill cache-teacher recipes/digits.yaml      run the teacher once, reuse its outputs for every student
+  distill federated recipes/federated_digits.yaml --seeds 3   FedAvg vs FedDF vs FedMD on Flower
 """
 
 
@@ -96,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's summary.json and metrics.jsonl, and prints the table.",
     )
     p.add_argument("run_dir", help="a finished run folder")
+
+    # Commands that live in their own modules (each imports its optional extra only when run).
+    for module_name in PLUGINS:
+        module = importlib.import_module(module_name)
+        before = set(sub.choices)
+        module.add_parser(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(_plugin_main=module.main)
     return parser
 
 
@@ -111,13 +134,14 @@ def _default_out(name: str, auto_increment: bool) -> Path:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    from rich.console import Console
+    from distill import distributed as dist
 
+    if not dist.is_main():  # under torchrun, rank 0 reports
+        return
     from distill.report import table
 
-    console = Console()
-    console.print(table(summary["rows"]), markup=False, highlight=False)
-    console.print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)", markup=False)
+    print(table(summary["rows"]))
+    print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)")
 
 
 def cmd_run(args, recipe_path: str | None) -> int:
@@ -179,7 +203,15 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options: collect stray key=value words as overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if "=" not in w or w.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0
@@ -192,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "report":
             return cmd_report(args)
+        if getattr(args, "_plugin_main", None) is not None:
+            return args._plugin_main(args)
     except DistillError as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,20 +8,21 @@ what is allowed, in one line.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Component(_Strict):
+class Component(Strict):
     """`name` (registered short name) or `class_path` (package.module.Name), plus `init_args`."""
 
     name: str | None = None
@@ -39,15 +40,24 @@ class Component(_Strict):
 
 
 class DataConfig(Component):
-    name: str | None = "digits"
+    """The dataset (default: the bundled digits) and how it is batched."""
+
+    name: str | None = None
     init_args: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_digits(cls, data):
+        if isinstance(data, dict) and data.get("name") is None and data.get("class_path") is None:
+            data = {**data, "name": "digits"}
+        return data
 
-class OptimizerConfig(_Strict):
+
+class OptimizerConfig(Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -56,7 +66,7 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-class LRScheduleConfig(_Strict):
+class LRScheduleConfig(Strict):
     """Learning-rate schedule over optimizer steps. `warmup` and `milestones` are fractions of
     training; `step` multiplies the LR by `gamma` at each milestone."""
 
@@ -67,7 +77,7 @@ class LRScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0)
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(Strict):
     epochs: int = Field(30, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -78,6 +88,9 @@ class TrainerConfig(_Strict):
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="under torchrun: replicate the student (ddp) or shard it (fsdp2, big students)"
+    )
     eval_every: int = Field(1, gt=0, description="evaluate every N epochs")
     log_every: int = Field(20, gt=0, description="log training metrics every N optimizer steps")
     checkpoint_every: int = Field(
@@ -86,12 +99,23 @@ class TrainerConfig(_Strict):
     monitor: str = "accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     progress: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):  # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     tensorboard: bool = True
     deterministic: bool = False
 
 
 class ModelConfig(Component):
+    """A model: a registered `name` or a `class_path`, `init_args`, optional weights to load, and
+    the adapter that calls it on a batch (default `auto`: `model(x)` or `model(**batch)`).
+    A builder that takes a `teacher` argument (layer-subset students) receives the built teacher."""
+
     checkpoint: str | None = None
+    adapter: Component | None = None
 
 
 class TeacherConfig(ModelConfig):
@@ -100,18 +124,22 @@ class TeacherConfig(ModelConfig):
     train: TrainerConfig | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    cache: str | None = Field(
+        None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
+    )
+    cache_fill: Literal["tail", "min", "renorm"] = "tail"
 
 
 class TermConfig(Component):
     weight: float | dict[str, Any] = 1.0
 
 
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(Strict):
     terms: dict[str, TermConfig]
     schedules: dict[str, float | dict[str, Any]] = Field(default_factory=dict)
 
 
-class ReportConfig(_Strict):
+class ReportConfig(Strict):
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     latency_threads: int = Field(1, gt=0)
     latency_repeats: int = Field(50, gt=0)
@@ -138,7 +166,7 @@ def _digits_objective() -> ObjectiveConfig:
     )
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(Strict):
     """A whole run. The defaults are the demo: digits, a CNN teacher, an MLP student, Hinton KD."""
 
     name: str = "digits"
@@ -148,6 +176,7 @@ class RecipeConfig(_Strict):
     student: ModelConfig = Field(default_factory=_digits_student)
     objective: ObjectiveConfig = Field(default_factory=_digits_objective)
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=30))
+    evaluator: Component | None = Field(None, description="default: classification accuracy")
     baselines: list[Literal["scratch"]] = Field(
         default_factory=lambda: ["scratch"], description="extra students trained for comparison"
     )
@@ -242,37 +271,33 @@ def format_validation_error(e: ValidationError, root: type[BaseModel]) -> str:
 
 def _suggest(root: type[BaseModel], loc: list[str]) -> str | None:
     """The nearest valid key for an unknown one, following the model tree along `loc`."""
-    model: Any = root
+    node: Any = root
     for part in loc[:-1]:
-        fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
-            # inside a dict of models (objective.terms.<name>): step into the value type
-            model = _value_model(model)
-            if model is None:
+        if _is_model(node):
+            field = node.model_fields.get(part)
+            if field is None:
                 return None
-            continue
-        model = _field_model(fields[part].annotation)
-        if model is None:
+            node = _unwrap(field.annotation)
+        elif typing.get_origin(node) is dict:  # a mapping of models (objective.terms.<name>)
+            node = _unwrap(typing.get_args(node)[1])
+        else:
             return None
-    fields = getattr(model, "model_fields", None) or {}
-    near = difflib.get_close_matches(loc[-1], list(fields), n=1, cutoff=0.5)
+    if not _is_model(node):
+        return None
+    near = difflib.get_close_matches(loc[-1], list(node.model_fields), n=1, cutoff=0.5)
     return ".".join(loc[:-1] + near[:1]) if near else None
 
 
-def _field_model(annotation: Any) -> Any:
-    import typing
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and typing.get_origin(t) is None and issubclass(t, BaseModel)
 
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` -> X; a model or a dict type is returned as is."""
+    if _is_model(annotation) or typing.get_origin(annotation) is dict:
         return annotation
     for arg in typing.get_args(annotation):
-        m = _field_model(arg)
-        if m is not None:
-            return m
-    return annotation if typing.get_origin(annotation) is dict else None
-
-
-def _value_model(annotation: Any) -> Any:
-    import typing
-
-    args = typing.get_args(annotation)
-    return _field_model(args[1]) if len(args) == 2 else None
+        inner = _unwrap(arg)
+        if inner is not None:
+            return inner
+    return None

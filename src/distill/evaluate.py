@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from distill.adapters import Adapter, auto_adapter
 from distill.outputs import Batch, Outputs, as_batch
+from distill.registry import EVALUATORS
 
 
 class Evaluator(Protocol):
@@ -23,6 +24,7 @@ class Evaluator(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
+@EVALUATORS.register("classification")
 class ClassificationEvaluator:
     """Top-1 accuracy, mean negative log-likelihood, and top-1 agreement with the teacher.
 
@@ -59,6 +61,89 @@ class ClassificationEvaluator:
         if self.n_teacher:
             out["agreement"] = self.agree / self.n_teacher
         return out
+
+
+@EVALUATORS.register("perplexity")
+class PerplexityEvaluator:
+    """Token-level NLL and perplexity of a causal LM: position t predicts label t+1 (the Hugging Face
+    convention for `labels`), labels of -100 are skipped. Also top-1 token agreement with the teacher."""
+
+    def __init__(self, shift: bool = True):
+        self.shift = shift
+        self.reset()
+
+    def reset(self) -> None:
+        self.nll = 0.0
+        self.tokens = self.agree = self.correct = 0
+
+    def _align(self, logits, labels):
+        if self.shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+
+    def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
+        if batch.targets is None:
+            return
+        logits, labels = self._align(student.require_logits("student"), batch.targets)
+        keep = labels != -100
+        logits, labels = logits[keep], labels[keep].long()
+        self.nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        self.tokens += int(keep.sum())
+        pred = logits.argmax(-1)
+        self.correct += int((pred == labels).sum())
+        if teacher is not None and teacher.logits is not None:
+            t_logits, _ = self._align(teacher.logits, batch.targets)
+            self.agree += int((t_logits[keep].argmax(-1) == pred).sum())
+
+    def compute(self) -> dict[str, float]:
+        if not self.tokens:
+            return {}
+        nll = self.nll / self.tokens
+        out = {
+            "nll": nll,
+            "perplexity": float(torch.exp(torch.tensor(nll))),
+            "accuracy": self.correct / self.tokens,
+        }
+        if self.agree:
+            out["agreement"] = self.agree / self.tokens
+        return out
+
+
+@EVALUATORS.register("embedding")
+class EmbeddingEvaluator:
+    """Mean cosine similarity between student and teacher sentence embeddings
+    (`extras["embeddings"]`, or the logits when a model returns its embedding as its output)."""
+
+    def __init__(self, key: str = "embeddings"):
+        self.key = key
+        self.reset()
+
+    def reset(self) -> None:
+        self.cos = 0.0
+        self.n = 0
+
+    def _emb(self, out: Outputs):
+        e = out.extras.get(self.key)
+        return e if e is not None else out.require_logits()
+
+    def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
+        if teacher is None:
+            return
+        s, t = self._emb(student).float(), self._emb(teacher).float()
+        self.cos += float(F.cosine_similarity(s, t, dim=-1).sum())
+        self.n += s.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        return {"cosine": self.cos / self.n} if self.n else {}
+
+
+def build_evaluator(spec: dict | None):
+    """`None` means classification; else `{name | class_path, init_args}`."""
+    if not spec:
+        return ClassificationEvaluator()
+    return EVALUATORS.build(
+        name=spec.get("name"), class_path=spec.get("class_path"), init_args=spec.get("init_args")
+    )
 
 
 @torch.no_grad()

@@ -77,6 +77,11 @@ class Objective(nn.Module):
     def update(self, progress: Progress) -> dict[str, float]:
         """Sets every weight and scheduled attribute for this point of training; returns them."""
         values = {f"w_{n}": s(progress) for n, s in self.weights.items()}
+        for term in self.terms.values():
+            # Terms that follow training themselves (DKD warm-up, CTKD's curriculum) read it here.
+            hook = getattr(term, "on_progress", None)
+            if hook is not None:
+                hook(progress)
         for key, sched in self.schedules.items():
             term_name, _, attr = key.partition(".")
             v = sched(progress)

@@ -69,6 +69,16 @@ def _to(x: Any, device, non_blocking: bool) -> Any:
     return x
 
 
+def map_tensors(x: Any, fn) -> Any:
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, tuple | list):
+        return type(x)(map_tensors(v, fn) for v in x)
+    if isinstance(x, dict):
+        return {k: map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
 def as_batch(raw: Any) -> Batch:
     """Reads the batch contract from what a data loader yields.
 
@@ -126,25 +136,21 @@ class Outputs:
     features: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def detach(self) -> Outputs:
+    def map(self, fn) -> Outputs:
+        """Applies `fn` to every tensor, also inside tuples, lists and dicts in `extras`."""
         return Outputs(
-            logits=None if self.logits is None else self.logits.detach(),
-            features={k: v.detach() for k, v in self.features.items()},
-            extras={k: v.detach() if isinstance(v, Tensor) else v for k, v in self.extras.items()},
+            logits=map_tensors(self.logits, fn),
+            features={k: map_tensors(v, fn) for k, v in self.features.items()},
+            extras={k: map_tensors(v, fn) for k, v in self.extras.items()},
         )
+
+    def detach(self) -> Outputs:
+        return self.map(lambda t: t.detach())
 
     def clone(self) -> Outputs:
         """A copy whose tensors are ordinary tensors (usable in autograd), even when these were
         made under `torch.inference_mode()`."""
-
-        def c(v):
-            return v.clone() if isinstance(v, Tensor) else v
-
-        return Outputs(
-            logits=c(self.logits),
-            features={k: c(v) for k, v in self.features.items()},
-            extras={k: c(v) for k, v in self.extras.items()},
-        )
+        return self.map(lambda t: t.clone())
 
     def feature(self, path: str, who: str = "model") -> Tensor:
         """The feature tapped at `path`, or a one-line error naming what was tapped."""

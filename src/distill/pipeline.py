@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -12,16 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill import distributed as dist
+from distill.adapters import auto_adapter
 from distill.bench import count_params, latency_ms, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.config import RecipeConfig, TrainerConfig
 from distill.data.bundle import DataBundle, build_data
 from distill.errors import ConfigError
-from distill.evaluate import evaluate
+from distill.evaluate import build_evaluator, evaluate
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
-from distill.registry import LOSSES
+from distill.registry import ADAPTERS, LOSSES
 from distill.report import write_report
 from distill.rundir import RunDir
 from distill.teachers import Teacher
@@ -38,19 +41,40 @@ def build_objective(cfg: RecipeConfig) -> Objective:
 
 
 def scratch_objective(cfg: RecipeConfig) -> Objective:
-    """Labels alone, with the recipe's own label smoothing if its ce term sets one."""
-    for t in cfg.objective.terms.values():
-        if t.name == "ce":
-            return Objective({"ce": LOSSES.build(name="ce", init_args=t.init_args)})
-    return Objective({"ce": CrossEntropy()})
+    """Labels alone: the recipe's terms that need no teacher (`ce` with its label smoothing, a
+    detector's own losses, ...), each at weight 1; plain cross-entropy if it has none."""
+    label = {
+        n: t
+        for n, t in cfg.objective.terms.items()
+        if not LOSSES.build(name=t.name, class_path=t.class_path, init_args=t.init_args).needs_teacher
+    }
+    if not label:
+        return Objective({"ce": CrossEntropy()})
+    return Objective(
+        {
+            n: LOSSES.build(name=t.name, class_path=t.class_path, init_args=t.init_args)
+            for n, t in label.items()
+        }
+    )
 
 
-def _example_input(data: DataBundle) -> torch.Tensor | None:
+def build_adapter(spec) -> Any:
+    """The recipe's adapter for a model (`None`: the automatic one)."""
+    if spec is None:
+        return auto_adapter
+    return ADAPTERS.build(name=spec.name, class_path=spec.class_path, init_args=spec.init_args)
+
+
+def _spec(component) -> dict | None:
+    return component.spec() if component is not None else None
+
+
+def example_input(data: DataBundle) -> torch.Tensor | None:
     x = data.train[0][0] if isinstance(data.train[0], tuple | list) else None
     return x.unsqueeze(0) if isinstance(x, torch.Tensor) else None
 
 
-def _train_stage(
+def train_stage(
     stage: str,
     model: nn.Module,
     objective: Objective,
@@ -59,10 +83,13 @@ def _train_stage(
     trainer_cfg: TrainerConfig,
     out: Path,
     teacher: Any = None,
+    adapter: Any = None,
 ) -> nn.Module:
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
         return load_weights(model, final)
+    sharded = trainer_cfg.parallel == "fsdp2" and dist.world_size() > 1
+    blank = copy.deepcopy(model) if sharded else None  # the Trainer shards `model` in place
     trainer = Trainer(
         model,
         objective,
@@ -79,9 +106,18 @@ def _train_stage(
         pin_memory=cfg.data.pin_memory,
         collate_fn=data.collate_fn,
         resume=True,
+        student_adapter=adapter or auto_adapter,
+        evaluator=build_evaluator(_spec(cfg.evaluator)),
     )
     trainer.fit()
-    save_weights(final, model.state_dict(), {"stage": stage})
+    weights = trainer.student_state_dict()  # gathered in full on rank 0 under FSDP2
+    if dist.is_main():
+        save_weights(final, weights, {"stage": stage})
+    dist.barrier()  # every rank sees the same finished stages on a later --resume
+    if blank is not None:
+        if dist.is_main():
+            blank.load_state_dict(weights)
+        return blank  # a plain module, for measurement on rank 0
     return model
 
 
@@ -92,14 +128,17 @@ def measure(
     cfg: RecipeConfig,
     teacher: Teacher | None,
     split: str = "test",
+    adapter: Any = None,
 ) -> dict[str, Any]:
+    """One summary row: the recipe's evaluator on `split`, parameters, size and CPU latency."""
     ds = getattr(data, split) or data.val
     loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
-    metrics = evaluate(model, loader, teacher=teacher)
+    evaluator = build_evaluator(_spec(cfg.evaluator))
+    metrics = evaluate(model, loader, evaluator, adapter or auto_adapter, teacher=teacher)
     row: dict[str, Any] = {"name": name, **metrics, "params": count_params(model), "size_mb": size_mb(model)}
     if teacher is None:
         row["agreement"] = 1.0
-    example = _example_input(data)
+    example = example_input(data)
     if example is not None:
         model_cpu = copy.deepcopy(model).to("cpu")
         for b in cfg.report.latency_batch_sizes:
@@ -121,27 +160,61 @@ def run_recipe(
 
         seed_everything(cfg.seed)
         teacher_model = build_model(cfg.teacher.spec(), data)
+        teacher_adapter, student_adapter = (
+            build_adapter(cfg.teacher.adapter),
+            build_adapter(cfg.student.adapter),
+        )
         if cfg.teacher.checkpoint:
             load_weights(teacher_model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
-            _train_stage("teacher", teacher_model, scratch_objective(cfg), data, cfg, cfg.teacher.train, out)
+            train_stage(
+                "teacher",
+                teacher_model,
+                scratch_objective(cfg),
+                data,
+                cfg,
+                cfg.teacher.train,
+                out,
+                adapter=teacher_adapter,
+            )
         else:
             raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
-        teacher = Teacher(teacher_model, dtype=dtype, compile=cfg.teacher.compile)
+        teacher = Teacher(teacher_model, adapter=teacher_adapter, dtype=dtype, compile=cfg.teacher.compile)
+
+        kd_teacher, kd_data = teacher, data
+        if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+            from distill.cache import CachedTeacher
+
+            kd_teacher = CachedTeacher(
+                cfg.teacher.cache,
+                dataset=data.train,
+                teacher=teacher_model,
+                fallback=teacher,
+                fill=cfg.teacher.cache_fill,
+            )
+            kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
 
         students: dict[str, nn.Module] = {}
-        stages = [("student_scratch", scratch_objective(cfg), None)] if "scratch" in cfg.baselines else []
-        stages.append(("student_kd", build_objective(cfg), teacher))
-        for stage, objective, t in stages:
+        stages = (
+            [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
+        )
+        stages.append(("student_kd", build_objective(cfg), kd_teacher, kd_data))
+        for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
-            student = build_model(cfg.student.spec(), data)
+            student = build_model(cfg.student.spec(), data, teacher=teacher_model)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
-            students[stage] = _train_stage(stage, student, objective, data, cfg, cfg.trainer, out, t)
+            students[stage] = train_stage(
+                stage, student, objective, stage_data, cfg, cfg.trainer, out, t, student_adapter
+            )
 
-        teacher_row = measure("teacher", teacher.model, data, cfg, None)
-        rows = [teacher_row] + [measure(n, m, data, cfg, teacher) for n, m in students.items()]
+        if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary
+            return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
+        teacher_row = measure("teacher", teacher.model, data, cfg, None, adapter=teacher_adapter)
+        rows = [teacher_row] + [
+            measure(n, m, data, cfg, teacher, adapter=student_adapter) for n, m in students.items()
+        ]
         summary = {
             "command": command,
             "recipe": cfg.name,
@@ -194,6 +267,8 @@ def run_seeds(
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
             summaries.append(run_recipe(seed_cfg, out / f"seed{cfg.seed + k}", resume=True, command=command))
+        if not dist.is_main():
+            return summaries[0]
         summary = aggregate(summaries, command)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
@@ -215,14 +290,18 @@ def evaluate_checkpoint(
         stage = "student_kd" if which == "student" else "teacher"
         checkpoint = str(run_dir / "checkpoints" / stage / "final.safetensors")
     data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
-    model = build_model((cfg.student if which == "student" else cfg.teacher).spec(), data)
+    model_cfg = cfg.student if which == "student" else cfg.teacher
+    teacher_model = build_model(cfg.teacher.spec(), data) if which == "student" else None
+    model = build_model(model_cfg.spec(), data, teacher=teacher_model)
     load_weights(model, checkpoint)
     teacher = None
     teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
     if cfg.teacher.checkpoint:
         teacher_ckpt = Path(cfg.teacher.checkpoint)
     if which == "student" and teacher_ckpt is not None and teacher_ckpt.exists():
-        teacher = Teacher(load_weights(build_model(cfg.teacher.spec(), data), teacher_ckpt))
+        teacher = Teacher(
+            load_weights(teacher_model, teacher_ckpt), adapter=build_adapter(cfg.teacher.adapter)
+        )
     ds = getattr(data, split)
     if ds is None:
         raise ConfigError(f"the dataset has no {split} split")

@@ -94,3 +94,5 @@ LOSSES = Registry("loss")
 MODELS = Registry("model")
 SCHEDULES = Registry("schedule")
 DATASETS = Registry("dataset")
+ADAPTERS = Registry("adapter")  # builders returning an adapter `(model, batch) -> Outputs`
+EVALUATORS = Registry("evaluator")  # builders returning an Evaluator

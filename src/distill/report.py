@@ -15,6 +15,10 @@ _COLUMNS = [
     ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"),
     ("latency_ms_b64", "latency b64 (ms)", "{:.3f}"),
     ("accuracy", "accuracy", "{:.4f}"),
+    ("map", "mAP", "{:.4f}"),
+    ("map_50", "mAP@0.5", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("cosine", "cosine", "{:.4f}"),
     ("agreement", "agreement", "{:.4f}"),
 ]
 

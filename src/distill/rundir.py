@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from distill import distributed as dist
 from distill.checkpoint import atomic_write_text
 from distill.errors import DistillError
 
@@ -17,12 +18,17 @@ class RunDir:
     """Claims `path` for a run with config text `config_yaml`.
 
     A folder holding another run is refused unless `overwrite` (it is then emptied) or `resume`
-    with the same config; two processes on one folder are refused by an exclusive lock.
+    with the same config; two processes on one folder are refused by an exclusive lock. Under
+    `torchrun` only rank 0 checks, claims and writes the folder; the other ranks wait for its
+    verdict (and raise the same error if it refuses).
     """
 
     def __init__(self, path: str | Path, config_yaml: str, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        dist.rank_zero_first(lambda: self._claim(config_yaml, resume, overwrite))
+
+    def _claim(self, config_yaml: str, resume: bool, overwrite: bool) -> None:
         saved = self.path / "config.yaml"
         if self.path.exists() and any(self.path.iterdir()):
             if not saved.exists():
@@ -52,7 +58,15 @@ class RunDir:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
+        self._remove_stale_temp_files()
         atomic_write_text(saved, config_yaml)
+
+    def _remove_stale_temp_files(self) -> None:
+        """A process killed mid-write leaves its temp file (the real file is intact); holding the
+        lock, nothing else writes here, so every temp file is stale."""
+        for tmp in self.path.rglob(".*.tmp-*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,8 +96,10 @@ class RunDir:
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:
+    """The first dotted key at which saved config `a` and new config `b` differ. Keys that `a`
+    lacks (added by a newer distill with defaults) are not differences."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
+        for k in a:
             d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
             if d:
                 return d

@@ -125,6 +125,66 @@ class Step(Schedule):
         return self.values[i]
 
 
+@SCHEDULES.register("anneal")
+class Anneal(Schedule):
+    """Annealing: `stages` equal steps from `start` to `end` between the fractions `start_at`
+    and `end_at` (e.g. a KD temperature 8 → 2 in 4 stages: 8, 6, 4, 2). For uneven steps use
+    `step` with explicit milestones."""
+
+    def __init__(self, start: float, end: float, stages: int = 4, start_at: float = 0.0, end_at: float = 1.0):
+        if int(stages) < 2:
+            raise ConfigError(f"schedule anneal: stages must be ≥ 2, got {stages}")
+        _check_fraction("anneal.start_at", start_at)
+        _check_fraction("anneal.end_at", end_at)
+        if end_at <= start_at:
+            raise ConfigError(f"schedule anneal: end_at {end_at} must be > start_at {start_at}")
+        self.start, self.end, self.stages = float(start), float(end), int(stages)
+        self.start_at, self.end_at = start_at, end_at
+
+    def __call__(self, progress: Progress) -> float:
+        a = (progress.fraction - self.start_at) / (self.end_at - self.start_at)
+        i = min(max(int(a * self.stages), 0), self.stages - 1)  # which stage we are in
+        return self.start + (self.end - self.start) * i / (self.stages - 1)
+
+
+@SCHEDULES.register("adaptive")
+class Adaptive(Schedule):
+    """Progress-adaptive: a value driven by the student's latest measured metric.
+
+    Rule: with m the metric (read from `progress.metrics[metric]`, set after each evaluation)
+    rescaled from [`low`, `high`] to [0, 1] and clipped, the value is
+    `start + (end − start) · m`; before the first evaluation it is `initial` (default `start`).
+
+    The default use is the KD weight driven by the student's agreement with the teacher
+    (`weights: {kd: {name: adaptive, metric: agreement, start: 1.0, end: 0.25}}`): distil
+    hard while the student still disagrees with the teacher, and hand the weight over to the
+    labels as it catches up. The same rule drives a temperature
+    (`schedules: {kd.temperature: {name: adaptive, metric: accuracy, start: 8, end: 2}}`).
+    """
+
+    def __init__(
+        self,
+        start: float,
+        end: float,
+        metric: str = "agreement",
+        low: float = 0.0,
+        high: float = 1.0,
+        initial: float | None = None,
+    ):
+        if not high > low:
+            raise ConfigError(f"schedule adaptive: high {high} must be > low {low}")
+        self.start, self.end, self.metric = float(start), float(end), metric
+        self.low, self.high = float(low), float(high)
+        self.initial = self.start if initial is None else float(initial)
+
+    def __call__(self, progress: Progress) -> float:
+        v = progress.metrics.get(self.metric)
+        if v is None:
+            return self.initial
+        m = min(max((float(v) - self.low) / (self.high - self.low), 0.0), 1.0)
+        return self.start + (self.end - self.start) * m
+
+
 def as_schedule(value: float | int | Schedule | dict) -> Schedule:
     """A number is a constant; a dict is `{name: ..., **kwargs}` or `{class_path: ..., init_args}`."""
     if isinstance(value, Schedule):

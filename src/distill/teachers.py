@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distill.adapters import Adapter, auto_adapter
-from distill.outputs import Batch, Outputs
+from distill.outputs import Batch, Outputs, map_tensors
 from distill.taps import FeatureTap
 
 
@@ -69,26 +69,14 @@ class Teacher:
 
     def __call__(self, batch: Batch) -> Outputs:
         self.model.eval()
-        if (
-            self.dtype is not None
-            and isinstance(batch.inputs, torch.Tensor)
-            and batch.inputs.is_floating_point()
-        ):
-            batch = Batch(batch.inputs.to(self.dtype), batch.targets, batch.index, batch.raw)
+        if self.dtype is not None:  # floating inputs follow the weights' dtype, also inside lists/dicts
+            cast = map_tensors(batch.inputs, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
+            batch = Batch(cast, batch.targets, batch.index, batch.raw, batch.weights)
         with torch.inference_mode():
             out = self._forward(self.model, batch)
             out.features.update(self.tap.collect())
         # Inference tensors cannot be saved for backward; a clone outside inference mode can.
         out = out.clone()
         if self.dtype is not None:
-            out = _to_float(out)
+            out = out.map(lambda t: t.float() if t.is_floating_point() else t)
         return out
-
-
-def _to_float(out: Outputs) -> Outputs:
-    def f(v):
-        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-    return Outputs(
-        f(out.logits), {k: f(v) for k, v in out.features.items()}, {k: f(v) for k, v in out.extras.items()}
-    )

@@ -7,11 +7,14 @@ Methods never bring their own loop: they are loss terms.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from distill.checkpoint import atomic_write_text, load_state, save_state, save_w
 from distill.config import TrainerConfig
 from distill.errors import CheckpointError, DistillError, TrainingDiverged
 from distill.evaluate import ClassificationEvaluator, Evaluator, evaluate
+from distill.losses.logits import CrossEntropy
 from distill.objective import Objective
 from distill.outputs import Batch, Outputs, as_batch
 from distill.schedules import Progress
@@ -106,7 +110,7 @@ class ResumableSampler(Sampler[int]):
         return iter(self._order()[self.start :])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) - self.start
+        return max(math.ceil(self.n / self.world_size) - self.start, 0)
 
 
 def make_loader(
@@ -139,7 +143,7 @@ def make_loader(
     sampler = ResumableSampler(n, shuffle, seed, dist.rank(), dist.world_size())
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        data,
+        GuardedDataset(data),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -150,6 +154,44 @@ def make_loader(
         persistent_workers=False,
     )
     return loader, sampler
+
+
+class SampleError(DistillError):
+    """Reading one sample failed; the message names its index."""
+
+
+class GuardedDataset(Dataset):
+    """Passes reads through to `dataset`; a failure becomes a `SampleError` naming the index, also
+    from inside a data-loader worker process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as e:
+            raise SampleError(f"reading sample {i} failed: {type(e).__name__}: {e}") from e
+
+
+def guarded_batches(batches, where: Callable[[], str]):
+    """Yields from a loader; sample errors and dead workers become one-line errors with the position."""
+    try:
+        yield from batches
+    except SampleError as e:
+        found = re.search(r"reading sample \d+ failed: .*", str(e))
+        line = found.group(0) if found else str(e).splitlines()[0]
+        raise DistillError(f"{line} (in {where()}); fix or remove that sample") from None
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DistillError(
+            f"a data-loader worker died in {where()}: {str(e).splitlines()[0]}; rerun with "
+            "data.num_workers=0 to see the failing sample"
+        ) from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -222,7 +264,7 @@ class MetricsLog:
         self.path, self.stage = path, stage
 
     def truncate_after(self, step: int) -> None:
-        if self.path is None or not self.path.exists():
+        if self.path is None or not self.path.exists() or not dist.is_main():
             return
         keep = []
         for line in self.path.read_text().splitlines():
@@ -241,6 +283,25 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+
+
+# --------------------------------------------------------------------------- callbacks
+
+# Callbacks added to every Trainer built inside `use_callbacks(...)`: lets a caller (e.g. `distill tune`)
+# observe trainers that other code (the pipeline) constructs, without threading an argument through.
+_AMBIENT_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "distill_trainer_callbacks", default=()
+)
+
+
+@contextlib.contextmanager
+def use_callbacks(*callbacks: Any) -> Iterator[None]:
+    """Adds `callbacks` to every Trainer constructed inside the `with` block."""
+    token = _AMBIENT_CALLBACKS.set(_AMBIENT_CALLBACKS.get() + callbacks)
+    try:
+        yield
+    finally:
+        _AMBIENT_CALLBACKS.reset(token)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -264,6 +325,9 @@ class Trainer:
         batch_size, num_workers, pin_memory, collate_fn: used when `train_data` is a Dataset.
         seed: for initialisation order, data order and dropout.
         resume: continue from `out_dir/checkpoints/<stage>/last.safetensors` if it exists.
+        callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
+            evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
+            `optuna.TrialPruned`) stops training and propagates out of `fit()`.
     """
 
     def __init__(
@@ -285,8 +349,10 @@ class Trainer:
         collate_fn: Callable | None = None,
         seed: int = 0,
         resume: bool = False,
+        callbacks: Sequence[Any] = (),
         **overrides: Any,
     ):
+        self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
         cfg = config or TrainerConfig()
         if overrides:
             cfg = TrainerConfig.model_validate({**cfg.model_dump(), **overrides})
@@ -301,6 +367,10 @@ class Trainer:
             teacher = Teacher(teacher)
         if cfg.channels_last:
             student = student.to(memory_format=torch.channels_last)
+            if isinstance(teacher, Teacher):
+                teacher.model.to(memory_format=torch.channels_last)
+        # Page-locked host batches make the non_blocking copies below truly asynchronous.
+        pin_memory = pin_memory or self.device.type == "cuda"
         self.task = DistillTask(student.to(self.device), objective.to(self.device), teacher, student_adapter)
         if teacher is not None and hasattr(teacher, "to"):
             teacher.to(self.device)
@@ -319,17 +389,30 @@ class Trainer:
         self.progress = Progress(step=0, total_steps=self.total_steps)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, stage)
         self._preflight()
+        self._compile_pending = cfg.compile and self._compile_student()
+        # FSDP2 shards the parameters in place, so it must come before the optimizer is built.
+        self.sharded = getattr(cfg, "parallel", "ddp") == "fsdp2" and dist.world_size() > 1
+        if self.sharded:
+            dist.wrap_fsdp2(self.task, self.device, units=("student",))
         self.optimizer = build_optimizer(self.task.parameters(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.model = dist.wrap_ddp(self.task, self.device)
+        self.model = self.task if self.sharded else dist.wrap_ddp(self.task, self.device)
         self.epoch, self.batch_in_epoch = 0, 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self._tb = None
         self._val_teacher: list[Outputs] = []
+        # CUDA NaN guard: (pinned flag, event, loss, batch, where) checked without a host sync.
+        self._pending: list[tuple[Tensor, Any, Tensor, Batch, str]] = []
+        self._flags = (
+            [torch.empty((), dtype=torch.bool, pin_memory=True) for _ in range(4)]
+            if self.device.type == "cuda"
+            else []
+        )
+        self._n_flag = 0
         if resume:
             self.resume()
 
@@ -349,6 +432,80 @@ class Trainer:
             self.task.objective.setup(s_out, t_out, batch)
             self.task.objective.to(self.device)
             self.task.objective(s_out, t_out, batch)
+        logits = s_out.logits
+        self._num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 2 else None
+        self._ce_ignore = [
+            t.ignore_index for t in self.task.objective.terms.values() if isinstance(t, CrossEntropy)
+        ]
+        if self.device.type == "cuda" and self._num_classes is not None:
+            for t in self.task.objective.terms.values():
+                if isinstance(t, CrossEntropy):
+                    t.check_labels = False  # the trainer checks each batch's labels on the host
+
+    def _compile_student(self) -> bool:
+        """`torch.compile` on the student in place (state-dict keys unchanged). Compilation
+        happens at the first step; if it fails there, training continues eagerly (a warning says
+        why). Returns whether the student is now compiled."""
+        try:
+            self.task.student.compile()
+        except Exception as e:  # noqa: BLE001 - compile is an optimisation, never a requirement
+            _warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training eagerly")
+            return False
+        return True
+
+    def _uncompile(self, e: Exception) -> None:
+        self.task.student._compiled_call_impl = None
+        self._compile_pending = False
+        self.optimizer.zero_grad(set_to_none=True)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        _warn(f"torch.compile failed on the student ({type(e).__name__}: {first}); training eagerly")
+
+    def _host_label_check(self, batch: Batch) -> None:
+        """On CUDA, checks class labels on the host copy of the batch (free) instead of on the
+        device (a sync per step); the ce term then skips its own check."""
+        n = self._num_classes
+        t = batch.targets
+        if n is None or not isinstance(t, Tensor) or t.device.type != "cpu" or t.is_floating_point():
+            return
+        for ignore in self._ce_ignore:
+            bad = (t != ignore) & ((t < 0) | (t >= n))
+            if bad.any():
+                i = int(bad.reshape(-1).nonzero()[0, 0])
+                raise DistillError(
+                    f"label {int(t.reshape(-1)[i])} is out of range for {n} classes "
+                    f"(at position {i} of the batch)"
+                )
+
+    def _guard(self, loss: Tensor, batch: Batch, i: int) -> None:
+        """NaN/Inf guard. On CPU the check is immediate. On CUDA `if not isfinite(loss)` would stall
+        the host every step, so the flag is copied to pinned memory asynchronously and read a few
+        steps later (or before any checkpoint or log line): training stops at most 4 steps after
+        the bad one, and no checkpoint is ever written from unchecked steps."""
+        where = f"epoch {self.epoch}, batch {i} (step {self.progress.step})"
+        if not self._flags:
+            if not torch.isfinite(loss):
+                self._diverged(loss.detach(), batch, where)
+            return
+        if len(self._pending) == len(self._flags):
+            self._check_pending(block=True, keep=len(self._flags) - 1)
+        flag = self._flags[self._n_flag % len(self._flags)]
+        self._n_flag += 1
+        flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((flag, event, loss.detach(), batch, where))
+        self._check_pending(block=False)
+
+    def _check_pending(self, block: bool = True, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            flag, event, loss, batch, where = self._pending[0]
+            if not block and not event.query():
+                return
+            event.synchronize()
+            self._pending.pop(0)
+            if not bool(flag):
+                self._pending.clear()
+                self._diverged(loss, batch, where)
 
     def _autocast(self):
         if self.cfg.precision == "fp32":
@@ -358,11 +515,33 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
+    def _states(self, optimizer: bool = True) -> tuple[dict, dict, dict | None]:
+        """(student, objective, optimizer) state dicts; under FSDP2 gathered in full onto rank 0
+        (a collective: every rank must call it)."""
+        if not self.sharded:
+            return (
+                self.task.student.state_dict(),
+                self.task.objective.state_dict(),
+                self.optimizer.state_dict() if optimizer else None,
+            )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.task, self.optimizer if optimizer else [], options=opts)
+        student = {k[len("student.") :]: v for k, v in model_sd.items() if k.startswith("student.")}
+        objective = {k[len("objective.") :]: v for k, v in model_sd.items() if k.startswith("objective.")}
+        return student, objective, optim_sd if optimizer else None
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's full weights (under FSDP2 a collective; complete on rank 0)."""
+        return self._states(optimizer=False)[0]
+
     def state(self) -> dict[str, Any]:
+        student, objective, optim = self._states()
         return {
-            "model": self.task.student.state_dict(),
-            "objective": self.task.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": student,
+            "objective": objective,
+            "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -374,14 +553,18 @@ class Trainer:
         }
 
     def save_checkpoint(self, which: str = "last") -> None:
-        if self.ckpt_dir is None or not dist.is_main():
+        self._check_pending()  # never save weights from steps whose loss is unchecked
+        if self.ckpt_dir is None or (not dist.is_main() and not self.sharded):
+            return
+        state = self.state() if which == "last" else self.student_state_dict()  # collective under FSDP2
+        if not dist.is_main():
             return
         if which == "last":
-            save_state(self.ckpt_dir / "last.safetensors", self.state())
+            save_state(self.ckpt_dir / "last.safetensors", state)
         else:
             save_weights(
                 self.ckpt_dir / f"{which}.safetensors",
-                self.task.student.state_dict(),
+                state,
                 {"stage": self.stage, "step": str(self.progress.step)},
             )
 
@@ -391,13 +574,27 @@ class Trainer:
             return False
         state = load_state(path)
         try:
-            self.task.student.load_state_dict(state["model"])
-            self.task.objective.load_state_dict(state["objective"])
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                full = {f"student.{k}": v for k, v in state["model"].items()}
+                full.update({f"objective.{k}": v for k, v in state["objective"].items()})
+                set_state_dict(
+                    self.task,
+                    self.optimizer,
+                    model_state_dict=full,
+                    optim_state_dict=state["optimizer"],
+                    options=StateDictOptions(full_state_dict=True),
+                )
+            else:
+                self.task.student.load_state_dict(state["model"])
+                self.task.objective.load_state_dict(state["objective"])
         except RuntimeError as e:
             raise CheckpointError(
                 f"{path} does not fit this student/objective: {str(e).splitlines()[0]}"
             ) from e
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -449,6 +646,9 @@ class Trainer:
             self.train_loader.generator.manual_seed(self.seed * 7_919 + self.epoch)
             batches = enumerate(self.train_loader, start=start)
         else:
+            batch_sampler = getattr(self.train_loader, "batch_sampler", None)
+            if hasattr(batch_sampler, "set_epoch"):  # a custom batch sampler that orders by epoch
+                batch_sampler.set_epoch(self.epoch)
             batches = ((i, b) for i, b in enumerate(self.train_loader) if i >= start)
         n_batches = start + (
             len(self.train_loader) if self.sampler is not None else len(self.train_loader) - start
@@ -456,16 +656,34 @@ class Trainer:
         running: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
+        position = {"i": start}
+        batches = guarded_batches(batches, lambda: f"epoch {self.epoch}, batch {position['i']}")
         for i, raw in batches:
-            batch = as_batch(raw).to(self.device, non_blocking=True)
+            position["i"] = i + 1
+            batch = as_batch(raw)
+            if self._flags:
+                self._host_label_check(batch)
+            batch = batch.to(self.device, non_blocking=True)
             if cfg.channels_last and isinstance(batch.inputs, Tensor) and batch.inputs.dim() == 4:
                 batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                losses, _, _ = model(batch)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                self._diverged(loss, batch, i)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            try:
+                with self._autocast():
+                    losses, _, _ = model(batch)
+                loss = losses["loss"]
+                self._guard(loss, batch, i)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            except (DistillError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                if not self._compile_pending:
+                    raise
+                self._uncompile(e)  # compilation failed at its first use: redo this step eagerly
+                with self._autocast():
+                    losses, _, _ = model(batch)
+                loss = losses["loss"]
+                self._guard(loss, batch, i)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            self._compile_pending = False
             for k, v in losses.items():
                 running[k] = running.get(k, 0.0) + v.detach()
             count += 1
@@ -484,26 +702,33 @@ class Trainer:
             values = self.task.objective.update(self.progress)
             bar.advance()
             if self.progress.step % cfg.log_every == 0 or self.batch_in_epoch == n_batches:
+                self._check_pending()
                 rec = {k: float(v) / count for k, v in running.items()}
                 rec.update(values)
+                # every rank logs the same steps, so this collective lines up across ranks
+                rec = dist.all_reduce_mean(rec, self.device)
                 rec.update(
                     step=self.progress.step,
                     epoch=self.epoch,
                     split="train",
                     lr=self.optimizer.param_groups[0]["lr"],
-                    samples_per_s=count * _batch_size(batch) / max(time.perf_counter() - t0, 1e-9),
+                    samples_per_s=count
+                    * _batch_size(batch)
+                    * dist.world_size()
+                    / max(time.perf_counter() - t0, 1e-9),
                 )
                 self._log(rec)
                 running, count, t0 = {}, 0, time.perf_counter()
             if cfg.checkpoint_every and self.progress.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint("last")
             if self.progress.step >= self.total_steps and self.batch_in_epoch < n_batches:
+                self._check_pending()
                 return  # max_steps reached mid-epoch
+        self._check_pending()
         self.epoch += 1
         self.batch_in_epoch = 0
 
-    def _diverged(self, loss: Tensor, batch: Batch, i: int) -> None:
-        where = f"epoch {self.epoch}, batch {i} (step {self.progress.step})"
+    def _diverged(self, loss: Tensor, batch: Batch, where: str) -> None:
         cause = ""
         x = batch.inputs
         if isinstance(x, Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
@@ -512,7 +737,7 @@ class Trainer:
             cause = f"; the inputs hold NaN/Inf (samples {idx[:5]})"
         kept = " the last good checkpoint is kept;" if self.ckpt_dir is not None else ""
         raise TrainingDiverged(
-            f"loss became {float(loss)} at {where}{cause};{kept} lower the learning rate, "
+            f"loss became {float(loss.detach())} at {where}{cause};{kept} lower the learning rate, "
             "enable clip_grad_norm or check the data"
         )
 
@@ -542,6 +767,10 @@ class Trainer:
             self.best = float(value)
             self.save_checkpoint("best")
         self.save_checkpoint("last")
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_evaluate", None)
+            if hook is not None:
+                hook(self, rec)
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
@@ -566,6 +795,12 @@ class Trainer:
         return evaluate(
             self.task.student, loader, self.evaluator, self.task.student_adapter, self.teacher, self.device
         )
+
+
+def _warn(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _batch_size(batch: Batch) -> int:

@@ -1,6 +1,13 @@
 """Datasets: bundled offline sets, generic loaders, and the contract a recipe's data follows."""
 
+from distill.data import cifar  # noqa: F401  (registers cifar100, cifar100_standin)
 from distill.data.bundle import DataBundle, build_data
 from distill.data.digits import digits
+from distill.data.indexed import IndexedDataset, indexed
+from distill.registry import DATASETS
 
-__all__ = ["DataBundle", "build_data", "digits"]
+# Generated sets whose code needs optional extras (torchvision / librosa): imported on first use.
+DATASETS.add_lazy("shapes", "distill.data.shapes.shapes_data")
+DATASETS.add_lazy("speech_words", "distill.data.speech.speech_data")
+
+__all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

@@ -1,6 +1,94 @@
-"""Loss terms. Each is an `nn.Module` over a plain function on tensors."""
+"""Loss terms. Each is an `nn.Module` over a plain function on tensors.
 
+Importing this package registers every term in `distill.registry.LOSSES`.
+"""
+
+from distill.losses import detection, embeddings, transformer  # noqa: F401  (register det terms, embed_*, hidden_*, attn_kl)
 from distill.losses.base import LossTerm
-from distill.losses.logits import KD, CrossEntropy, LogitMSE, kd_loss, logit_mse, soft_cross_entropy
+from distill.losses.features import (
+    PKT,
+    AttentionTransfer,
+    FitNets,
+    SimilarityPreserving,
+    at_loss,
+    attention_map,
+    hint_loss,
+    pkt_loss,
+    sp_loss,
+)
+from distill.losses.logits import (
+    CTKD,
+    DIST,
+    DKD,
+    KD,
+    LSKD,
+    CrossEntropy,
+    LogitMSE,
+    Weighted,
+    dist_loss,
+    dkd_loss,
+    kd_loss,
+    logit_mse,
+    lskd_loss,
+    soft_cross_entropy,
+    standardize_logits,
+    teacher_sample_weights,
+)
+from distill.losses.relations import CRD, RKD, nce_loss, rkd_loss
+from distill.losses.sequence import (
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    token_cross_entropy,
+    token_divergence,
+    topk_forward_kl,
+    total_variation,
+)
+from distill.registry import LOSSES
 
-__all__ = ["KD", "CrossEntropy", "LogitMSE", "LossTerm", "kd_loss", "logit_mse", "soft_cross_entropy"]
+LOSSES.add_lazy("ensemble_kd", "distill.ensemble.EnsembleKD")
+LOSSES.add_lazy("mutual", "distill.chain.Mutual")
+
+__all__ = [
+    "CRD",
+    "CTKD",
+    "DIST",
+    "DKD",
+    "KD",
+    "LSKD",
+    "PKT",
+    "RKD",
+    "AttentionTransfer",
+    "CrossEntropy",
+    "FitNets",
+    "LogitMSE",
+    "LossTerm",
+    "SimilarityPreserving",
+    "Weighted",
+    "at_loss",
+    "attention_map",
+    "dist_loss",
+    "dkd_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "hint_loss",
+    "kd_loss",
+    "logit_mse",
+    "lskd_loss",
+    "nce_loss",
+    "pkt_loss",
+    "reverse_kl",
+    "rkd_loss",
+    "skew_kl",
+    "skew_reverse_kl",
+    "soft_cross_entropy",
+    "sp_loss",
+    "standardize_logits",
+    "teacher_sample_weights",
+    "token_cross_entropy",
+    "token_divergence",
+    "topk_forward_kl",
+    "total_variation",
+]

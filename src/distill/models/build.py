@@ -13,9 +13,12 @@ from distill.errors import ConfigError
 from distill.registry import MODELS, import_path
 
 
-def build_model(spec: dict[str, Any], data: DataBundle | None = None) -> nn.Module:
+def build_model(
+    spec: dict[str, Any], data: DataBundle | None = None, teacher: nn.Module | None = None
+) -> nn.Module:
     """`spec` is `{name | class_path, init_args}`. When the builder takes `num_classes`,
-    `in_features` or `in_channels` and the recipe does not set them, they come from the data."""
+    `in_features` or `in_channels` and the recipe does not set them, they come from the data; a
+    builder taking `teacher` (a student made from the teacher's layers) gets the teacher model."""
     target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
     args = dict(spec.get("init_args") or {})
     try:
@@ -32,6 +35,8 @@ def build_model(spec: dict[str, Any], data: DataBundle | None = None) -> nn.Modu
         for k, v in fill.items():
             if k in params and k not in args:
                 args[k] = v
+    if teacher is not None and "teacher" in params and "teacher" not in args:
+        args["teacher"] = teacher
     try:
         model = target(**args)
     except TypeError as e:

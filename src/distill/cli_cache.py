@@ -1,0 +1,118 @@
+"""`distill cache-teacher RECIPE.yaml`: run the recipe's teacher once over its training data and
+write a store that recipes then read with `teacher.cache: PATH` (see `distill.cache`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distill.errors import DistillError
+
+HELP = "run the recipe's teacher once over the training data and store its outputs"
+DESCRIPTION = (
+    "Loads the recipe's teacher (teacher.checkpoint, or --teacher-checkpoint, e.g. a run's "
+    "checkpoints/teacher/final.safetensors), runs it over the training split and writes a store "
+    "of its logits (all of them up to 1,000 classes, else the top-k in float16) and any tapped "
+    "features. An interrupted write continues where it stopped when run again. Train from the "
+    "store by setting teacher.cache: STORE in the recipe."
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("cache-teacher", help=HELP, description=DESCRIPTION)
+    p.add_argument("recipe", help="path to a recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe keys")
+    p.add_argument("--out", default=None, help="store folder (default caches/<recipe name>-teacher)")
+    p.add_argument(
+        "--teacher-checkpoint", default=None, help="teacher weights (overrides teacher.checkpoint)"
+    )
+    p.add_argument(
+        "--topk",
+        default="auto",
+        help="keep the K largest logits per sample; 'all' keeps every logit; 'auto' (default) keeps "
+        "all up to 1,000 classes and the top 100 beyond",
+    )
+    p.add_argument(
+        "--tap", action="append", default=[], metavar="PATH", help="also store this teacher feature"
+    )
+    p.add_argument(
+        "--augment-copies",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the training data augments randomly: store N seeded views of each sample",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=8192, help="samples per shard file (the unit of resume)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
+    return p
+
+
+def _topk(value: str) -> int | str | None:
+    if value in ("auto", "all"):
+        return "auto" if value == "auto" else None
+    try:
+        k = int(value)
+    except ValueError:
+        raise DistillError(f"--topk: '{value}' is not a positive integer, 'all' or 'auto'") from None
+    if k < 1:
+        raise DistillError(f"--topk must be at least 1, got {k}")
+    return k
+
+
+def main(args) -> int:
+    import torch
+
+    from distill.cache import write_store
+    from distill.checkpoint import load_weights
+    from distill.config import apply_overrides, load_yaml, parse_recipe
+    from distill.data.bundle import build_data
+    from distill.data.indexed import IndexedDataset
+    from distill.models.build import build_model
+    from distill.teachers import Teacher
+    from distill.trainer import resolve_device, seed_everything
+
+    try:
+        cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)
+        checkpoint = args.teacher_checkpoint or cfg.teacher.checkpoint
+        if not checkpoint:
+            raise DistillError(
+                "cache-teacher needs trained teacher weights: set teacher.checkpoint in the recipe or pass "
+                "--teacher-checkpoint (e.g. runs/<name>/checkpoints/teacher/final.safetensors)"
+            )
+        if not Path(checkpoint).exists():
+            raise DistillError(f"teacher checkpoint {checkpoint} does not exist")
+        data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+        seed_everything(cfg.seed)
+        model = load_weights(build_model(cfg.teacher.spec(), data), checkpoint)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
+        teacher = Teacher(model, dtype=dtype, compile=cfg.teacher.compile)
+        train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train
+        out = Path(args.out) if args.out else Path("caches") / f"{cfg.name}-teacher"
+        write_store(
+            teacher,
+            train,
+            out,
+            topk=_topk(args.topk),
+            taps=args.tap,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=resolve_device(args.device),
+            dtype=args.dtype,
+            augment_copies=args.augment_copies,
+            augment_seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+            collate_fn=data.collate_fn,
+            overwrite=args.overwrite,
+        )
+        print(f"train from it with: teacher.cache={out}")
+        return 0
+    except DistillError as e:
+        print(f"distill cache-teacher: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill cache-teacher: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130

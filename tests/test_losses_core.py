@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill import (
+    KD,
+    Batch,
+    CrossEntropy,
+    DistillError,
+    LogitMSE,
+    Outputs,
+    kd_loss,
+    logit_mse,
+    soft_cross_entropy,
+)
+
+
+def _naive_kd(s, t, T):
+    """KL(p_t || p_s) per sample, written out with explicit sums, times T^2."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        ps = [math.exp(v / T) for v in s[i].tolist()]
+        pt = [math.exp(v / T) for v in t[i].tolist()]
+        zs, zt = sum(ps), sum(pt)
+        total += sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt))
+    return total / s.shape[0] * T * T
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 10.0])
+def test_kd_matches_plain_formula(T):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    assert kd_loss(s, t, T).item() == pytest.approx(_naive_kd(s, t, T), rel=1e-5)
+
+
+def test_kd_zero_for_identical_and_positive_otherwise():
+    s = torch.randn(4, 10)
+    assert kd_loss(s, s.clone(), 3.0).abs().item() < 1e-6
+    assert kd_loss(s, torch.randn(4, 10), 3.0).item() > 0
+
+
+def test_kd_gradient_scale_is_temperature_independent():
+    """With the T^2 factor, the gradient for large T approaches (s - t)/C (Hinton et al. 2015, sec. 2.1),
+    independent of T; without it, it would shrink as 1/T^2."""
+    g = torch.Generator().manual_seed(1)
+    s0, t = torch.randn(3, 6, generator=g) * 0.1, torch.randn(3, 6, generator=g) * 0.1
+    grads = []
+    for T in (100.0, 200.0):
+        s = s0.clone().requires_grad_(True)
+        kd_loss(s, t, T).backward()
+        grads.append(s.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-6)
+    s = s0.clone().requires_grad_(True)
+    kd_loss(s, t, 200.0).backward()
+    expected = (
+        ((s0 - s0.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))) / s0.shape[-1] / s0.shape[0]
+    )
+    assert torch.allclose(s.grad, expected, rtol=1e-2, atol=1e-6)
+
+
+def test_soft_ce_is_kd_plus_teacher_entropy():
+    s, t, T = torch.randn(4, 5), torch.randn(4, 5), 2.0
+    p_t = F.softmax(t / T, -1)
+    entropy = -(p_t * p_t.log()).sum(-1).mean() * T * T
+    assert soft_cross_entropy(s, t, T).item() == pytest.approx((kd_loss(s, t, T) + entropy).item(), rel=1e-5)
+
+
+def test_kd_token_level_and_weights():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    flat = kd_loss(s.reshape(6, 5), t.reshape(6, 5), 2.0)
+    assert kd_loss(s, t, 2.0).item() == pytest.approx(flat.item(), rel=1e-6)
+    w = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    only = kd_loss(s.reshape(6, 5)[[0, 2]], t.reshape(6, 5)[[0, 2]], 2.0)
+    assert kd_loss(s, t, 2.0, weights=w).item() == pytest.approx(only.item(), rel=1e-5)
+
+
+def test_logit_mse():
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    assert logit_mse(s, t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+
+
+def test_class_count_mismatch_is_one_line_error():
+    with pytest.raises(DistillError, match="teacher has 10 classes but student has 5"):
+        kd_loss(torch.randn(2, 5), torch.randn(2, 10))
+
+
+def test_terms_validate_arguments():
+    with pytest.raises(DistillError, match="temperature must be > 0"):
+        KD(temperature=0)
+    with pytest.raises(DistillError, match="form"):
+        KD(form="js")
+    with pytest.raises(DistillError, match="label_smoothing"):
+        CrossEntropy(label_smoothing=1.5)
+
+
+def test_ce_term_label_smoothing_and_range_check():
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    out = CrossEntropy(label_smoothing=0.1)(Outputs(logits), None, Batch(inputs=None, targets=y))
+    assert out.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.1).item())
+    with pytest.raises(DistillError, match="label 7 is out of range for 3 classes"):
+        CrossEntropy()(Outputs(logits), None, Batch(inputs=None, targets=torch.tensor([0, 7, 1, 1])))
+    with pytest.raises(DistillError, match="needs labels"):
+        CrossEntropy()(Outputs(logits), None, Batch(inputs=None))
+
+
+def test_kd_and_mse_terms_use_outputs():
+    s, t = torch.randn(2, 3), torch.randn(2, 3)
+    b = Batch(inputs=None)
+    assert KD(temperature=2)(Outputs(s), Outputs(t), b).item() == pytest.approx(kd_loss(s, t, 2).item())
+    assert LogitMSE()(Outputs(s), Outputs(t), b).item() == pytest.approx(logit_mse(s, t).item())
+    with pytest.raises(DistillError, match="teacher produced no logits"):
+        KD()(Outputs(s), Outputs(), b)
