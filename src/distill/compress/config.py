@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from distill.config import (
     RecipeConfig,
-    _Strict,
+    Strict,
     apply_overrides,
     format_validation_error,
     load_yaml,
@@ -21,7 +21,7 @@ from distill.config import (
 from distill.errors import ConfigError
 
 
-class PruneConfig(_Strict):
+class PruneConfig(Strict):
     """Structured (channel) pruning with Torch-Pruning's dependency graph.
 
     `ratio` is the fraction of output channels removed from every prunable layer (per-layer) or
@@ -52,7 +52,7 @@ class PruneConfig(_Strict):
         return v
 
 
-class RecoveryConfig(_Strict):
+class RecoveryConfig(Strict):
     """Which recoveries to train after pruning, each with the recipe's `trainer:` budget.
 
     `kd`: distillation from the unpruned baseline with the recipe's objective; `finetune`: labels
@@ -65,7 +65,7 @@ class RecoveryConfig(_Strict):
     )
 
 
-class QuantizeConfig(_Strict):
+class QuantizeConfig(Strict):
     """INT8 with ONNX Runtime. `static` (QDQ, calibrated on training data) suits CNNs; `dynamic`
     (weights INT8, activations quantized at run time) suits transformers; `auto` picks static
     unless the inputs are token ids."""
@@ -82,7 +82,7 @@ class QuantizeConfig(_Strict):
     qat: bool = Field(False, description="torchao PT2E QAT: not implemented; true is refused")
 
 
-class BenchConfig(_Strict):
+class BenchConfig(Strict):
     """ONNX Runtime CPU latency: p50 and p95 at each batch size, with fixed thread counts."""
 
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
@@ -91,14 +91,14 @@ class BenchConfig(_Strict):
     warmup: int = Field(5, ge=0)
 
 
-class ExportConfig(_Strict):
+class ExportConfig(Strict):
     """What the export stage ships: the final row as ONNX (fp32 and INT8) and safetensors."""
 
     row: str = Field("pruned_kd", description="the row exported as the final model")
     opset: int = Field(17, ge=13)
 
 
-class CompressConfig(_Strict):
+class CompressConfig(Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)

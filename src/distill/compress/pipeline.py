@@ -30,7 +30,7 @@ from distill.data.bundle import DataBundle, build_data
 from distill.errors import ConfigError, DistillError
 from distill.models.build import build_model
 from distill.outputs import as_batch
-from distill.pipeline import _train_stage, aggregate, build_objective, scratch_objective
+from distill.pipeline import aggregate, build_objective, scratch_objective, train_stage
 from distill.rundir import RunDir
 from distill.teachers import Teacher
 from distill.trainer import make_loader, seed_everything
@@ -173,7 +173,7 @@ class _Runner:
         if cfg.teacher.checkpoint:
             load_weights(model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
-            _train_stage(
+            train_stage(
                 "baseline", model, scratch_objective(cfg), self.data, cfg, cfg.teacher.train, self.out
             )
         else:
@@ -210,7 +210,7 @@ class _Runner:
                 reinitialize(model, cfg.seed)
             objective = scratch_objective(cfg) if method == "finetune" else build_objective(cfg)
             t = None if method == "finetune" else teacher
-            model = _train_stage(name, model, objective, self.data, cfg, cfg.trainer, self.out, t)
+            model = train_stage(name, model, objective, self.data, cfg, cfg.trainer, self.out, t)
             model = model.cpu().eval()
             self.models[name] = model
             self.measure(name, self.export(name, model), model, "recovery")
