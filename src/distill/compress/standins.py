@@ -1,5 +1,5 @@
-"""Generated stand-in data and a tiny transformer built from a config (no hub, no download), so the
-CIFAR and transformer compression recipes run and are tested offline. Users swap in their data."""
+"""A generated token stand-in and a tiny transformer built from a config (no hub, no download), so
+the transformer compression recipe runs and is tested offline. Users swap in their data."""
 
 from __future__ import annotations
 
@@ -9,50 +9,6 @@ from torch.utils.data import Dataset
 
 from distill.data.bundle import DataBundle
 from distill.errors import DistillError
-
-
-class _TensorSplit(Dataset):
-    def __init__(self, x: Tensor, y: Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i]
-
-
-def image_standin(
-    num_classes: int = 10,
-    size: int = 32,
-    channels: int = 3,
-    train: int = 512,
-    val: int = 128,
-    test: int = 128,
-    noise: float = 0.6,
-    seed: int = 0,
-) -> DataBundle:
-    """CIFAR-shaped (C, size, size) images: a fixed random low-frequency pattern per class plus
-    Gaussian noise, so a network must learn something but a small one can. Not CIFAR."""
-    if min(train, val, test) < 1 or num_classes < 2:
-        raise DistillError("image_standin: train/val/test must be >= 1 and num_classes >= 2")
-    g = torch.Generator().manual_seed(1234)  # the classes' patterns do not change with the seed
-    base = torch.nn.functional.interpolate(torch.randn(num_classes, channels, 4, 4, generator=g), size=size)
-
-    def split(n: int, s: int) -> _TensorSplit:
-        gs = torch.Generator().manual_seed(s)
-        y = torch.randint(0, num_classes, (n,), generator=gs)
-        x = base[y] + noise * torch.randn(n, channels, size, size, generator=gs)
-        return _TensorSplit(x.float(), y)
-
-    return DataBundle(
-        train=split(train, 1),
-        val=split(val, 2),
-        test=split(test, 3),
-        num_classes=num_classes,
-        input_shape=(channels, size, size),
-        meta={"source": "generated image stand-in"},
-    )
 
 
 class _TokenSplit(Dataset):
