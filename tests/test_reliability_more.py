@@ -143,13 +143,13 @@ def test_cache_teacher_sigkill_at_random_points_then_rerun_equals_uninterrupted(
         return len(list(partial.glob("*.npy*"))) if partial.exists() else 0
 
     rng = random.Random(0)
-    targets = sorted(rng.sample(range(1, total), 8))
+    targets = sorted(rng.sample(range(1, total), 6))
     kills = 0
     for target in targets:
         kills += _kill_when(_start(_cache_args(cache_recipe, out)), written, target)
         assert not out.exists() or not (out / "manifest.json").exists()  # never a half store
     _finish(_start(_cache_args(cache_recipe, out)))
-    assert kills >= 6, f"only {kills} kills landed"
+    assert kills >= 5, f"only {kills} kills landed"
     _assert_same_store(ref, out)
     assert not partial.exists(), "the partial folder was left behind"
     assert not _temp_files(out), "a temp file was left behind"
