@@ -30,6 +30,7 @@ EPILOG = """examples:
   distill tune recipes/tune_digits.yaml --trials 20   Optuna search over temperature, weights, lr, ...
   distill cache-teacher recipes/digits.yaml      run the teacher once, reuse its outputs for every student
   distill federated recipes/federated_digits.yaml --seeds 3   FedAvg vs FedDF vs FedMD on Flower
+  distill compress recipes/compress_digits.yaml  prune -> distil -> INT8 -> export, one row per stage
 """
 
 

@@ -14,6 +14,7 @@ Layout written (the usual COCO one, read back by `distill.data.coco.CocoDetectio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -276,7 +277,7 @@ def shapes_data(
     """The shapes detection task as a recipe's `data`: a `DataBundle` of train/val/test.
 
     The three splits are generated once (from `data_seed`, `data_seed + 10000`, `+ 20000`) under
-    `root` (default `<data dir>/shapes-<image_size>px`) and reused; the run's `seed` does not
+    `root` (default `<data dir>/shapes-<image_size>px-<hash of the settings>`) and reused; the run's `seed` does not
     change the data, so seeds compare training only. Batches are `(list of images, list of
     targets)` from `detection_collate`; `num_classes` counts the background class (K + 1).
 
@@ -286,13 +287,17 @@ def shapes_data(
     from distill.data.bundle import DataBundle
     from distill.data.coco import coco_folder, detection_collate, horizontal_flip
 
-    base = Path(root) if root is not None else default_data_dir() / f"shapes-{image_size}px"
     kw = {
         "image_size": image_size,
         "classes": tuple(classes),
         "min_objects": min_objects,
         "max_objects": max_objects,
     }
+    if root is None:  # one folder per distinct setting, so recipes of other sizes never collide
+        key = json.dumps([train_images, val_images, test_images, data_seed, kw], sort_keys=True, default=list)
+        base = default_data_dir() / f"shapes-{image_size}px-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    else:
+        base = Path(root)
     paths = {
         "train": generate_shapes(base / "train", num_images=train_images, seed=data_seed, **kw),
         "val": generate_shapes(base / "val", num_images=val_images, seed=data_seed + 10_000, **kw),
