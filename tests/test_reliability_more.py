@@ -300,6 +300,7 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
 
     trials = _trials(out)
     assert [t.number for t in trials] == list(range(len(trials)))
+    assert set(seen) <= {t.number for t in trials}  # no trial lost
     for tr in trials:
         assert seen.get(tr.number, tr.params) == tr.params
     assert sum(t.state == TrialState.COMPLETE for t in trials) == target
