@@ -405,6 +405,8 @@ def write_store(
             manifest = None
         else:
             say(f"resuming {partial}: {len(manifest['shards_done'])} of {n_shards} shards already written")
+    if partial.exists():
+        _remove_stale_temp_files(partial)
     if manifest is None:
         partial.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -467,12 +469,34 @@ def write_store(
 
     manifest["complete"] = True
     atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
-    if path.exists():
-        shutil.rmtree(path)  # only reached with overwrite=True
+    if path.exists():  # only reached with overwrite=True
+        # The manifest goes first: a kill during the removal leaves a folder that is no longer
+        # taken for a complete store (the complete partial one is renamed on the next call).
+        (path / "manifest.json").unlink(missing_ok=True)
+        shutil.rmtree(path)
     os.replace(partial, path)
     info = store_info(path, manifest)
     say(info.describe())
     return info
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Removes the temp files (`.NAME.tmp-PID`) that a writer killed mid-write left behind (the
+    real files are intact); a temp file of a process still running is left alone."""
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ValueError:
+            pass  # not one of ours: a stray name; removed below
+        except ProcessLookupError:
+            pass  # its writer is gone
+        except PermissionError:
+            continue  # the process exists (another user's)
+        else:
+            if pid != os.getpid():
+                continue  # a live writer
+        tmp.unlink(missing_ok=True)
 
 
 def _save_npy(tmp: Path, arr: np.ndarray) -> None:

@@ -477,6 +477,27 @@ def _pruner(cfg: TuneRecipe):
     )
 
 
+GRACE_ENV = "DISTILL_TUNE_GRACE_S"
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds. A running trial records a heartbeat every
+    interval; one whose heartbeat is older than the grace period (its process died) is taken for
+    interrupted and queued again. Default 30 s and 120 s; the environment variable
+    DISTILL_TUNE_GRACE_S sets the grace period (the interval becomes a quarter of it, at least 1 s),
+    e.g. to a few seconds in tests that kill a study and run it again at once."""
+    raw = os.environ.get(GRACE_ENV)
+    if raw is None:
+        return 30, 120
+    try:
+        grace = int(raw)
+    except ValueError:
+        grace = 0
+    if grace < 2:
+        raise DistillError(f"{GRACE_ENV}={raw!r}: give a whole number of seconds, at least 2")
+    return max(1, grace // 4), grace
+
+
 def open_study(cfg: TuneRecipe, out: Path, study_name: str | None = None, storage: str | None = None):
     """Creates the study, or loads it when it exists (same name, same storage)."""
     import optuna
@@ -490,7 +511,8 @@ def open_study(cfg: TuneRecipe, out: Path, study_name: str | None = None, storag
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage_obj = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
+        beat, grace = heartbeat_settings()
+        storage_obj = optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace, **kwargs)
     directions = [o.direction for o in cfg.tune.objectives]
     multi = len(directions) > 1
     try:
@@ -520,9 +542,14 @@ def _finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+MAX_ATTEMPTS = 3  # a trial's values are run at most this often (the first try and two resumptions)
+
+
 def _requeue_interrupted(study) -> list[int]:
-    """Trials cut short by a crash or Ctrl-C (failed without an error of their own, or running with
-    a stale heartbeat) are queued again once with the same values; they resume in their folder."""
+    """Trials cut short by a crash, a kill or Ctrl-C (failed without an error of their own, or
+    running with a stale heartbeat) are queued again with the same values; they resume in the
+    folder of their first try. A resumption that is cut short too is queued again, up to
+    `MAX_ATTEMPTS` tries in all (so a trial that kills its process every time does not loop)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -530,14 +557,20 @@ def _requeue_interrupted(study) -> list[int]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("resume_of") for t in trials}
+    latest: dict[int, int] = {}  # first try -> the number of its latest try
+    tries: dict[int, int] = {}
+    for t in trials:
+        first = t.user_attrs.get("resume_of", t.number)
+        latest[first] = max(latest.get(first, -1), t.number)
+        tries[first] = tries.get(first, 0) + 1
     queued = []
     for t in trials:
-        if t.state != TrialState.FAIL or "error" in t.user_attrs or "resume_of" in t.user_attrs:
+        if t.state != TrialState.FAIL or "error" in t.user_attrs:
             continue
-        if t.number in retried:
+        first = t.user_attrs.get("resume_of", t.number)
+        if latest[first] != t.number or tries[first] >= MAX_ATTEMPTS:
             continue
-        study.enqueue_trial(t.params, user_attrs={"resume_of": t.number})
+        study.enqueue_trial(t.params, user_attrs={"resume_of": first})
         queued.append(t.number)
     return queued
 
