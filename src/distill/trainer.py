@@ -362,6 +362,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ckpt_dir = self.out_dir / "checkpoints" / stage if self.out_dir else None
         self.device = resolve_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         seed_everything(seed)
         if isinstance(teacher, nn.Module):
             teacher = Teacher(teacher)
