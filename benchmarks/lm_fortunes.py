@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_recipe import parse_args
 
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
@@ -57,7 +58,7 @@ def tokens_per_s(models: dict, batches, rounds=3) -> dict:
     return {k: n_tokens / v for k, v in best.items()}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=int, default=0, help="training texts (0: all but the held-out ones)")
     ap.add_argument("--val", type=int, default=500)
@@ -76,7 +77,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/lm_fortunes")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), "lm_fortunes", argv)
     torch.set_num_threads(args.threads)
 
     import transformers

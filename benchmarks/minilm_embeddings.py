@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_recipe import parse_args
 
 
 def embed(model, texts, batch_size=64):
@@ -76,7 +77,7 @@ def size_mb(model) -> tuple[int, float]:
     return params, size
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=int, default=3000, help="training texts (of ~12k fortunes)")
     ap.add_argument("--val", type=int, default=1000, help="held-out texts")
@@ -88,7 +89,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/minilm_embeddings")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), "minilm_embeddings", argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
