@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 REPO = Path(__file__).resolve().parents[1]
@@ -334,3 +336,100 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rows"]) == len(trials) and (out / "best_recipe.yaml").exists()
     assert not list(out.rglob(".*.tmp-*")), "a temp file was left behind"
+
+
+def _progress(folder: Path) -> int:
+    """Files written plus metrics lines: grows through every stage of `distill compress`."""
+    if not folder.exists():
+        return 0
+    files = sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    metrics = folder / "metrics.jsonl"
+    return files + (metrics.read_text().count("\n") if metrics.exists() else 0)
+
+
+@pytest.mark.slow
+def test_compress_killed_at_random_stages_then_resumed_matches_uninterrupted(tmp_path):
+    """SIGKILL `distill compress` at random points (training, pruning, ONNX export, INT8
+    calibration, report), resume each time: every stage's weights and every row's accuracy equal
+    an uninterrupted run's."""
+    recipe = {
+        "name": "tiny",
+        "data": {"name": "digits", "init_args": {"train_limit": 200}, "batch_size": 25},
+        "teacher": {
+            "name": "cnn",
+            "init_args": {"channels": [8, 16]},
+            "train": {
+                "epochs": 2,
+                "checkpoint_every": 1,
+                "log_every": 1,
+                "progress": "off",
+                "tensorboard": False,
+                "threads": 1,
+            },
+        },
+        "trainer": {
+            "epochs": 2,
+            "checkpoint_every": 1,
+            "log_every": 1,
+            "progress": "off",
+            "tensorboard": False,
+            "threads": 1,
+        },
+        "baselines": [],
+        "compress": {
+            "prune": {"ratio": 0.5},
+            "quantize": {"calibration_samples": 64, "rows": ["baseline", "pruned_kd"]},
+            "bench": {"batch_sizes": [1], "repeats": 2, "warmup": 1},
+        },
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+    def start(out: Path, resume: bool) -> subprocess.Popen:
+        args = [sys.executable, "-m", "distill", "compress", str(path), "--out", str(out)]
+        return subprocess.Popen(
+            args + (["--resume"] if resume else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    ref = start(tmp_path / "ref", False)
+    assert ref.wait() == 0, ref.stderr.read()
+    total = _progress(tmp_path / "ref")
+
+    rng = random.Random(1)
+    out = tmp_path / "killed"
+    kills = 0
+    for attempt, target in enumerate([*sorted(rng.sample(range(3, total - 2), 5)), None]):
+        p = start(out, attempt > 0)
+        if target is not None:
+            while p.poll() is None and _progress(out) < target:
+                time.sleep(0.02)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills += 1
+                continue
+        assert p.wait() == 0, p.stderr.read()
+        break
+    assert kills >= 3, f"only {kills} kills landed"
+
+    ref_rows = {r["name"]: r for r in json.loads((tmp_path / "ref" / "summary.json").read_text())["rows"]}
+    rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows.keys() == ref_rows.keys()
+    for name, r in ref_rows.items():
+        assert rows[name]["accuracy"] == r["accuracy"], name
+        assert rows[name]["params"] == r["params"], name
+    weights = sorted(
+        p.relative_to(tmp_path / "ref")
+        for p in (tmp_path / "ref").rglob("*.safetensors")
+        if "last" not in p.name and "best" not in p.name
+    )
+    assert weights
+    for rel in weights:
+        a, b = load_file(str(tmp_path / "ref" / rel)), load_file(str(out / rel))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    assert not list(out.rglob(".*.tmp-*"))
