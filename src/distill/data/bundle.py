@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -52,3 +56,28 @@ def build_data(
             f"dataset '{class_path or name}' returned {type(bundle).__name__}, not a DataBundle"
         )
     return bundle.check()
+
+
+def start_generated_folder(root: Path, manifest: dict[str, Any], overwrite: bool = False) -> Path | None:
+    """For generators that write a data folder once and reuse it.
+
+    Returns None when `root` already holds a folder made with this `manifest` (reuse it); else an
+    empty temp folder beside `root` to write into and rename onto `root` when complete. A folder
+    made with other arguments is refused unless `overwrite`.
+    """
+    if root.exists():
+        try:
+            found = json.loads((root / "manifest.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if found == manifest:
+            return None
+        if not overwrite:
+            raise DistillError(
+                f"{root} already exists and was not made with these arguments; "
+                "pick another folder or pass overwrite=True"
+            )
+        shutil.rmtree(root)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp

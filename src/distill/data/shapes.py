@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.data.bundle import start_generated_folder
 from distill.errors import DistillError
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "plus")
@@ -183,19 +184,9 @@ def generate_shapes(
         "max_size": max_size,
         "seed": seed,
     }
-    if root.exists():
-        found = _read_manifest(root)
-        if found == manifest:
-            return root
-        if not overwrite:
-            raise DistillError(
-                f"{root} already exists and was not made with these arguments; "
-                "pick another folder or pass overwrite=True"
-            )
-        shutil.rmtree(root)
-
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = start_generated_folder(root, manifest, overwrite)
+    if tmp is None:
+        return root
     (tmp / "images").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     images, annotations = [], []

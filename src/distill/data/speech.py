@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.data.bundle import start_generated_folder
 from distill.errors import DistillError
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -202,17 +203,9 @@ def synthesize_speech(
         "seed": seed,
     }
     root = Path(root)
-    if root.exists():
-        if _read_json(root / "manifest.json") == manifest:
-            return root
-        if not overwrite:
-            raise DistillError(
-                f"{root} already exists and was not made with these arguments; "
-                "pick another folder or pass overwrite=True"
-            )
-        shutil.rmtree(root)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = start_generated_folder(root, manifest, overwrite)
+    if tmp is None:
+        return root
     length = int(round(clip_seconds * SAMPLE_RATE))
     lists: dict[str, list[str]] = {"val": [], "test": []}
     split_of = {v: s for s, vs in split.items() for v in vs}
