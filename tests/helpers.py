@@ -1,7 +1,17 @@
 """Small shared builders for the test suite."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import torch
 from torch.utils.data import TensorDataset
+
+# Subprocess runs of the CLI: one thread and a fixed hash seed, so killed-and-resumed runs can be
+# compared bit for bit with uninterrupted ones.
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
 def blobs(n: int = 96, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorDataset:
@@ -29,3 +39,31 @@ def tiny_recipe(tmp_path, **over):
         **over,
     }
     return parse_recipe(apply_overrides(data, [f"{k}={v}" for k, v in flat.items()]))
+
+
+def start_cli(args: list[str], env=None) -> subprocess.Popen:
+    """`python -m distill ARGS` in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or CLI_ENV,
+    )
+
+
+def finish(p: subprocess.Popen) -> None:
+    assert p.wait() == 0, p.stderr.read()
+
+
+def kill_when(p: subprocess.Popen, progress, target: int) -> bool:
+    """Polls `progress()` and SIGKILLs `p` once it reaches `target`; False if `p` ended first (and
+    then it must have succeeded)."""
+    while p.poll() is None and progress() < target:
+        time.sleep(0.005)
+    if p.poll() is not None:
+        finish(p)
+        return False
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return True

@@ -1,12 +1,9 @@
 """Faults and hostile input: each test is a row of docs/reliability.md."""
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from distill.config import RecipeConfig, parse_recipe
 from distill.report import write_report
 from distill.rundir import RunDir
 from distill.trainer import Trainer
-from helpers import blobs, tiny_recipe
+from helpers import blobs, finish, kill_when, start_cli, tiny_recipe
 
 
 class BadSample(Dataset):
@@ -258,16 +255,6 @@ def test_truncated_checkpoint_in_a_run_is_refused_on_resume(tmp_path):
         )
 
 
-def _run_cli(args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 def _lines(path: Path) -> int:
     try:
         return path.read_text().count("\n")
@@ -290,29 +277,17 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     }
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe(tmp_path, **over).to_yaml())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    ref = _run_cli(["run", str(recipe), "--out", str(tmp_path / "ref")], env=env)
-    assert ref.wait() == 0, ref.stderr.read()
+    finish(start_cli(["run", str(recipe), "--out", str(tmp_path / "ref")]))
     total = _lines(tmp_path / "ref" / "metrics.jsonl")
 
     # Kill points: random amounts of progress (metrics lines written), across all three stages.
     rng = random.Random(0)
-    targets = sorted(rng.sample(range(3, total - 3), 6))
     out = tmp_path / "killed"
     kills = 0
-    for attempt, target in enumerate([*targets, None]):
+    for attempt, target in enumerate(sorted(rng.sample(range(3, total - 3), 6))):
         args = ["run", str(recipe), "--out", str(out)] + (["--resume"] if attempt else [])
-        p = _run_cli(args, env=env)
-        if target is not None:
-            while p.poll() is None and _lines(out / "metrics.jsonl") < target:
-                time.sleep(0.02)
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
-                kills += 1
-                continue
-        assert p.wait() == 0, p.stderr.read()
-        break
+        kills += kill_when(start_cli(args), lambda: _lines(out / "metrics.jsonl"), target)
+    finish(start_cli(["run", str(recipe), "--out", str(out), "--resume"]))
     assert kills >= 4, f"only {kills} kills landed"
     for stage in ("teacher", "student_scratch", "student_kd"):
         a = load_weights_file(tmp_path / "ref" / "checkpoints" / stage / "final.safetensors")

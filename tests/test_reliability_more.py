@@ -3,7 +3,6 @@ random points of their progress, then run again."""
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,33 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+from helpers import CLI_ENV, finish, kill_when, start_cli
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _start(args: list[str], env=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env or ENV,
-    )
-
-
-def _finish(p: subprocess.Popen) -> None:
-    assert p.wait() == 0, p.stderr.read()
-
-
-def _kill_when(p: subprocess.Popen, progress, target: int) -> bool:
-    """Polls `progress()` and SIGKILLs `p` once it reaches `target`; False if `p` ended first."""
-    while p.poll() is None and progress() < target:
-        time.sleep(0.005)
-    if p.poll() is not None:
-        return False
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    return True
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -103,7 +78,7 @@ def cache_recipe(tmp_path_factory):
 def cache_ref(cache_recipe):
     """The store written by one uninterrupted `distill cache-teacher`."""
     ref = cache_recipe.parent / "ref"
-    _finish(_start(_cache_args(cache_recipe, ref)))
+    finish(start_cli(_cache_args(cache_recipe, ref)))
     return ref
 
 
@@ -148,9 +123,9 @@ def test_cache_teacher_sigkill_at_random_points_then_rerun_equals_uninterrupted(
     targets = sorted(rng.sample(range(1, total), 6))
     kills = 0
     for target in targets:
-        kills += _kill_when(_start(_cache_args(cache_recipe, out)), written, target)
+        kills += kill_when(start_cli(_cache_args(cache_recipe, out)), written, target)
         assert not out.exists() or not (out / "manifest.json").exists()  # never a half store
-    _finish(_start(_cache_args(cache_recipe, out)))
+    finish(start_cli(_cache_args(cache_recipe, out)))
     assert kills >= 5, f"only {kills} kills landed"
     _assert_same_store(ref, out)
     assert not partial.exists(), "the partial folder was left behind"
@@ -195,11 +170,11 @@ def test_cache_teacher_killed_at_the_final_rename(tmp_path, cache_recipe, cache_
     out = tmp_path / "store"
     extra = []
     if mode == "rmtree":  # an older store at --out, replaced with --overwrite
-        _finish(_start(_cache_args(cache_recipe, out)))
+        finish(start_cli(_cache_args(cache_recipe, out)))
         extra = ["--overwrite"]
     p = subprocess.run(
         [sys.executable, "-c", _KILL_AT_RENAME, mode, *_cache_args(cache_recipe, out, *extra)],
-        env=ENV,
+        env=CLI_ENV,
         capture_output=True,
         text=True,
     )
@@ -216,7 +191,7 @@ def test_cache_teacher_killed_at_the_final_rename(tmp_path, cache_recipe, cache_
 
         with pytest.raises(DistillError, match="not a teacher store.*interrupted write"):
             CachedTeacher(out)
-    _finish(_start(_cache_args(cache_recipe, out, *extra)))  # the same command again
+    finish(start_cli(_cache_args(cache_recipe, out, *extra)))  # the same command again
     _assert_same_store(ref, out)
     assert not partial.exists() and not _temp_files(out)
 
@@ -271,7 +246,7 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
     target = 3
     recipe = _tune_recipe(tmp_path, target)
     out = tmp_path / "study"
-    env = {**ENV, "DISTILL_TUNE_GRACE_S": "2"}
+    env = {**CLI_ENV, "DISTILL_TUNE_GRACE_S": "2"}
     args = ["tune", str(recipe), "--out", str(out)]
 
     rng = random.Random(1)
@@ -282,14 +257,13 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
     seen: dict[int, dict] = {}  # trial number -> params, from before each restart
     kills = 0
     for kind, t in kill_at:
-        p = _start(args, env)
+        p = start_cli(args, env)
         if kind == "lines":
-            landed = _kill_when(p, lambda: _metric_lines(out), t)
+            landed = kill_when(p, lambda: _metric_lines(out), t)
         else:
             n0 = len(list(out.glob("trials/*/summary.json")))
-            landed = _kill_when(p, lambda n0=n0: len(list(out.glob("trials/*/summary.json"))), n0 + 1)
-        if not landed:
-            _finish(p)
+            landed = kill_when(p, lambda n0=n0: len(list(out.glob("trials/*/summary.json"))), n0 + 1)
+        if not landed:  # it finished first (kill_when checked that it succeeded)
             continue
         kills += 1
         if (out / "study.db").exists():
@@ -297,7 +271,7 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
                 assert seen.get(tr.number, tr.params) == tr.params  # no trial lost or changed
                 seen[tr.number] = tr.params
         time.sleep(2.2)  # the killed trial's heartbeat goes stale (DISTILL_TUNE_GRACE_S)
-    _finish(_start(args, env))
+    finish(start_cli(args, env))
     assert kills == 3, f"only {kills} kills landed"
 
     trials = _trials(out)
@@ -329,7 +303,7 @@ def test_tune_sigkill_mid_trial_and_mid_study_then_rerun_continues(tmp_path):
     # a resumed trial's weights equal an uninterrupted `distill run` of its recipe
     first = next(k for k, v in by_first.items() if len(v) > 1)
     folder = out / "trials" / str(first)
-    _finish(_start(["run", str(folder / "config.yaml"), "--out", str(tmp_path / "again")]))
+    finish(start_cli(["run", str(folder / "config.yaml"), "--out", str(tmp_path / "again")]))
     a = load_weights_file(folder / "checkpoints" / "student_kd" / "final.safetensors")
     b = load_weights_file(tmp_path / "again" / "checkpoints" / "student_kd" / "final.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
@@ -384,37 +358,19 @@ def test_compress_killed_at_random_stages_then_resumed_matches_uninterrupted(tmp
     }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
-    def start(out: Path, resume: bool) -> subprocess.Popen:
-        args = [sys.executable, "-m", "distill", "compress", str(path), "--out", str(out)]
-        return subprocess.Popen(
-            args + (["--resume"] if resume else []),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    def args(out: Path, resume: bool) -> list[str]:
+        return ["compress", str(path), "--out", str(out)] + (["--resume"] if resume else [])
 
-    ref = start(tmp_path / "ref", False)
-    assert ref.wait() == 0, ref.stderr.read()
+    finish(start_cli(args(tmp_path / "ref", False)))
     total = _progress(tmp_path / "ref")
 
     rng = random.Random(1)
     out = tmp_path / "killed"
     kills = 0
-    for attempt, target in enumerate([*sorted(rng.sample(range(3, total - 2), 5)), None]):
-        p = start(out, attempt > 0)
-        if target is not None:
-            while p.poll() is None and _progress(out) < target:
-                time.sleep(0.02)
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
-                kills += 1
-                continue
-        assert p.wait() == 0, p.stderr.read()
-        break
+    for attempt, target in enumerate(sorted(rng.sample(range(3, total - 2), 5))):
+        kills += kill_when(start_cli(args(out, attempt > 0)), lambda: _progress(out), target)
+    finish(start_cli(args(out, True)))
     assert kills >= 3, f"only {kills} kills landed"
 
     ref_rows = {r["name"]: r for r in json.loads((tmp_path / "ref" / "summary.json").read_text())["rows"]}
