@@ -1,7 +1,7 @@
 """Benchmark scripts read their settings from a YAML file in `recipes/` (command-line flags win).
 
 The file holds `benchmark: <script name>` and `args:`, a mapping of the script's flags (dashes or
-underscores) to values; it is read with `yaml.safe_load` (through `distill.config.load_yaml`).
+underscores) to values; it is read with `yaml.safe_load` (through `distill.run.config.load_yaml`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def parse_args(ap: argparse.ArgumentParser, name: str, argv: list[str] | None = 
     Raises:
         ConfigError: the file is missing or malformed, names another benchmark, or sets an unknown flag.
     """
-    from distill.config import load_yaml
     from distill.errors import ConfigError
+    from distill.run.config import load_yaml
 
     default = ROOT / "recipes" / f"{name}.yaml"
     ap.add_argument(

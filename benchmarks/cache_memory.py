@@ -4,8 +4,8 @@
     python benchmarks/cache_memory.py --steps 5000 --topk 10
 
 A teacher (a small MLP, untrained: only its outputs' shape matters here) is cached with
-`distill.cache.write_store` over `--samples` random 32-dimensional inputs with `--classes` classes;
-then a tiny student (Linear 32 -> 32 -> classes) is trained with `distill.trainer.Trainer` on KD + CE
+`distill.teachers.store.write_store` over `--samples` random 32-dimensional inputs with `--classes` classes;
+then a tiny student (Linear 32 -> 32 -> classes) is trained with `distill.engine.trainer.Trainer` on KD + CE
 from `CachedTeacher` for `--steps` optimizer steps (batch 64: 20k steps are ~26 epochs of 50k). The
 process's resident set (psutil RSS; file-backed pages of the memory-mapped store count in it) is
 recorded every `--every` steps, from inside the teacher call of each step. Printed: RSS before the
@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from distill import KD, CrossEntropy, Objective
-from distill.cache import CachedTeacher, write_store
 from distill.data.indexed import IndexedDataset
-from distill.trainer import Trainer
+from distill.engine.trainer import Trainer
+from distill.teachers.store import CachedTeacher, write_store
 
 MB = 1024 * 1024
 

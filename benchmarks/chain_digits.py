@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from distill.chain import ChainRecipe, Cohort, Mutual, run_chain  # noqa: E402
 from distill.checkpoint import atomic_write_text, save_weights  # noqa: E402
 from distill.data import build_data  # noqa: E402
-from distill.evaluate import evaluate  # noqa: E402
+from distill.engine.evaluate import evaluate  # noqa: E402
+from distill.engine.trainer import Trainer, make_loader, seed_everything  # noqa: E402
 from distill.losses import CrossEntropy  # noqa: E402
 from distill.models.build import build_model  # noqa: E402
 from distill.objective import Objective  # noqa: E402
-from distill.trainer import Trainer, make_loader, seed_everything  # noqa: E402
 
 TEACHER = {"name": "cnn", "init_args": {"channels": [32, 64, 128], "dropout": 0.1}}
 ASSISTANT = {"name": "mlp", "init_args": {"hidden": [128]}}

@@ -1,7 +1,7 @@
 """Runs a detection recipe (default recipes/detect_shapes.yaml): teacher, scratch student,
 distilled student; reports mAP, mAP@0.5, params, size and CPU latency in a run folder.
 
-It uses `distill.trainer.Trainer` directly, with the detection adapter and mAP evaluator (what
+It uses `distill.engine.trainer.Trainer` directly, with the detection adapter and mAP evaluator (what
 the recipe's `adapter` / `evaluator` keys name; the frozen teacher skips NMS here) and a
 label-only objective made of the recipe's terms that need no teacher (`det`), because the recipe
 pipeline trains the teacher and the scratch student with cross-entropy. Usage:
@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 
-from distill.bench import count_params, latency_ms, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
-from distill.config import load_recipe
 from distill.data.bundle import build_data
-from distill.detection import DetectionEvaluator, detection_adapter, teacher_detection_adapter
-from distill.evaluate import evaluate
+from distill.engine.evaluate import evaluate
+from distill.engine.trainer import Trainer, make_loader, seed_everything
 from distill.models.build import build_model
+from distill.models.detection import DetectionEvaluator, detection_adapter, teacher_detection_adapter
 from distill.objective import Objective
-from distill.pipeline import build_objective
-from distill.report import table, write_report
-from distill.rundir import RunDir
+from distill.run.config import load_recipe
+from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.pipeline import build_objective
+from distill.run.report import table, write_report
+from distill.run.rundir import RunDir
 from distill.teachers import Teacher
-from distill.trainer import Trainer, make_loader, seed_everything
 
 
 def label_objective(cfg) -> Objective:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from distill.config import load_recipe
 from distill.data.bundle import build_data
-from distill.evaluate import evaluate
+from distill.engine.evaluate import evaluate
+from distill.engine.trainer import Trainer, make_loader, seed_everything
 from distill.models.build import build_model
-from distill.pipeline import build_objective, scratch_objective
+from distill.run.config import load_recipe
+from distill.run.pipeline import build_objective, scratch_objective
 from distill.teachers import Teacher
-from distill.trainer import Trainer, make_loader, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [

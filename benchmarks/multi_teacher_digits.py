@@ -24,15 +24,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_text, load_weights, save_weights  # noqa: E402
 from distill.data import build_data  # noqa: E402
-from distill.ensemble import Ensemble, EnsembleKD  # noqa: E402
-from distill.evaluate import evaluate  # noqa: E402
+from distill.engine.evaluate import evaluate  # noqa: E402
+from distill.engine.trainer import Trainer, make_loader, seed_everything  # noqa: E402
 from distill.losses import KD, CrossEntropy  # noqa: E402
 from distill.models.build import build_model  # noqa: E402
 from distill.objective import Objective  # noqa: E402
 from distill.outputs import as_batch  # noqa: E402
+from distill.teacher_choice import collect_logits, score_logits  # noqa: E402
 from distill.teachers import Teacher  # noqa: E402
-from distill.teachers_report import collect_logits, score_logits  # noqa: E402
-from distill.trainer import Trainer, make_loader, seed_everything  # noqa: E402
+from distill.teachers.ensemble import Ensemble, EnsembleKD  # noqa: E402
 
 TEACHERS = {
     "cnn": {"name": "cnn", "init_args": {"channels": [32, 64, 128], "dropout": 0.1}},
@@ -244,7 +244,7 @@ def main() -> int:
         "## Use",
         "",
         "```python",
-        "from distill.ensemble import Ensemble, EnsembleKD",
+        "from distill.teachers.ensemble import Ensemble, EnsembleKD",
         'teacher = Ensemble([cnn, wide_mlp, deep_cnn], rule="entropy", tau=1.0)  # any Teacher-like use',
         'objective = Objective({"ce": CrossEntropy(), "kd": KD(4.0)}, {"ce": 0.5, "kd": 0.5})',
         "# learned per-sample weights: the gate lives in the loss term, trained with the student",

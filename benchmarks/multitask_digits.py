@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_text, load_weights, save_weights  # noqa: E402
 from distill.data import build_data  # noqa: E402
+from distill.engine.trainer import Trainer, seed_everything  # noqa: E402
 from distill.losses import KD, CrossEntropy  # noqa: E402
 from distill.models.build import build_model  # noqa: E402
 from distill.multitask import (  # noqa: E402
@@ -36,7 +37,6 @@ from distill.multitask import (  # noqa: E402
     task_probabilities,
 )
 from distill.objective import Objective  # noqa: E402
-from distill.trainer import Trainer, seed_everything  # noqa: E402
 
 TEACHER = {"name": "cnn", "init_args": {"channels": [32, 64, 128], "dropout": 0.1}}
 
@@ -178,8 +178,8 @@ def main() -> int:
 
 
 def evaluate_tasks_plain(teachers: dict, test: dict) -> dict[str, float]:
-    from distill.evaluate import evaluate
-    from distill.trainer import make_loader
+    from distill.engine.evaluate import evaluate
+    from distill.engine.trainer import make_loader
 
     return {t: evaluate(m, make_loader(test[t], 256, False, 0)[0])["accuracy"] for t, m in teachers.items()}
 

@@ -18,9 +18,9 @@ import time
 import torch
 
 from distill import KD, CrossEntropy, Objective, Teacher
+from distill.engine.trainer import DistillTask
 from distill.models import MLP, SmallCNN
 from distill.outputs import Batch
-from distill.trainer import DistillTask
 
 
 def pairs():

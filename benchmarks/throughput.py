@@ -5,8 +5,8 @@ Rows per teacher -> student pair:
   teacher inference    the frozen teacher's forward pass, fastest settings of this run
   limit                1 / (1/student + 1/teacher): an online distillation step cannot beat it
   plain fp32 KD loop   a hand-written loop: fp32, teacher under no_grad, KL + CE, SGD
-  distill online       distill.trainer.Trainer with a live Teacher (ce + kd terms)
-  distill cached       the same Trainer reading the teacher's outputs from a distill.cache store
+  distill online       distill.engine.trainer.Trainer with a live Teacher (ce + kd terms)
+  distill cached       the same Trainer reading the teacher's outputs from a distill.teachers.store store
   torchdistill         only if installed (it is skipped otherwise)
 and the ratios online/limit and cached/student-alone.
 
@@ -188,11 +188,11 @@ def plain_kd_loop(make_t, make_s, xs, ys, a, device, temperature=4.0):
 
 
 def distill_run(make_t, make_s, xs, ys, a, device, store=None):
-    from distill.cache import CachedTeacher
+    from distill.engine.trainer import Trainer
     from distill.losses.logits import KD, CrossEntropy
     from distill.objective import Objective
     from distill.teachers import Teacher
-    from distill.trainer import Trainer
+    from distill.teachers.store import CachedTeacher
 
     torch.manual_seed(1)
     t_model = make_t()
@@ -232,8 +232,8 @@ def distill_run(make_t, make_s, xs, ys, a, device, store=None):
 def write_cache(make_t, xs, ys, a, device, folder):
     from torch.utils.data import TensorDataset
 
-    from distill.cache import write_store
     from distill.teachers import Teacher
+    from distill.teachers.store import write_store
 
     torch.manual_seed(1)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]

@@ -9,8 +9,8 @@ loss value and the cosine between gradients w.r.t. the student logits, per fill 
 
 import torch
 
-from distill.cache import reconstruct_logits
 from distill.losses.logits import kd_loss
+from distill.teachers.store import reconstruct_logits
 
 
 def main(classes=1000, batch=256):

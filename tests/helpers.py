@@ -25,7 +25,7 @@ def blobs(n: int = 96, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorD
 
 def tiny_recipe(tmp_path, **over):
     """The digits recipe shrunk to seconds."""
-    from distill.config import RecipeConfig, apply_overrides, parse_recipe
+    from distill.run.config import RecipeConfig, apply_overrides, parse_recipe
 
     data = RecipeConfig().model_dump(mode="json")
     flat = {

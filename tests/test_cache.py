@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.cache import AugmentedCopies, CachedTeacher, reconstruct_logits, store_info, write_store
 from distill.data.indexed import IndexedDataset
 from distill.errors import DistillError
 from distill.losses.logits import kd_loss
 from distill.outputs import as_batch
 from distill.teachers import Teacher
+from distill.teachers.store import AugmentedCopies, CachedTeacher, reconstruct_logits, store_info, write_store
 
 
 def _data(n=40, d=6, seed=0):
@@ -220,9 +220,9 @@ def test_missing_index_and_taps_are_clear_errors(tmp_path):
 
 
 def test_trainer_with_cached_teacher_matches_online(tmp_path):
+    from distill.engine.trainer import Trainer
     from distill.losses.logits import KD, CrossEntropy
     from distill.objective import Objective
-    from distill.trainer import Trainer
 
     ds, teacher = _data(n=64), Net()
     write_store(teacher, ds, tmp_path / "s", dtype="float32", log=None)
@@ -259,7 +259,7 @@ def test_trainer_with_cached_teacher_matches_online(tmp_path):
 def _cli(argv):
     import argparse
 
-    from distill import cli_cache
+    from distill.cli import cache as cli_cache
 
     parser = argparse.ArgumentParser(prog="distill")
     cli_cache.add_parser(parser.add_subparsers(dest="command"))
@@ -271,10 +271,10 @@ def test_cli_cache_teacher_then_recipe_uses_the_store(tmp_path, capsys):
     import yaml
 
     from distill.checkpoint import save_weights
-    from distill.config import RecipeConfig
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import run_recipe
+    from distill.run.config import RecipeConfig
+    from distill.run.pipeline import run_recipe
 
     cfg = RecipeConfig()
     data = build_data("digits")

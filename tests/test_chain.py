@@ -131,7 +131,7 @@ def test_mutual_gradient_flows_to_each_member_only_through_its_own_prediction():
 
 
 def test_cohort_trains_with_the_plain_trainer(tmp_path):
-    from distill.trainer import Trainer
+    from distill.engine.trainer import Trainer
 
     torch.manual_seed(0)
     x = torch.randn(96, 1, 8, 8)
@@ -174,7 +174,7 @@ def test_shipped_chain_and_teachers_recipes_parse():
     from pathlib import Path
 
     from distill.chain import load_chain_recipe
-    from distill.teachers_report import load_teachers_recipe
+    from distill.teacher_choice import load_teachers_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     cfg = load_chain_recipe(root / "chain_digits.yaml")
@@ -188,7 +188,7 @@ def test_shipped_chain_and_teachers_recipes_parse():
 def test_chain_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
     import argparse
 
-    from distill.cli_chain import add_parser, main
+    from distill.cli.chain import add_parser, main
 
     bad = tmp_path / "r.yaml"
     bad.write_text("assistans: []\n")

@@ -225,7 +225,7 @@ def _tiny(tmp_path: Path, **compress) -> dict:
 
 
 def _cli(argv: list[str]) -> int:
-    from distill.cli_compress import add_parser, main
+    from distill.cli.compress import add_parser, main
 
     parser = argparse.ArgumentParser(prog="distill")
     add_parser(parser.add_subparsers(dest="command"))
@@ -324,7 +324,7 @@ def test_compress_imports_no_extra():
     import sys
 
     code = (
-        "import sys, distill.compress.pipeline, distill.cli_compress; "
+        "import sys, distill.compress.pipeline, distill.cli.compress; "
         "bad = [m for m in ('onnxruntime', 'torch_pruning', 'onnx', 'transformers', 'torchvision', 'matplotlib') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

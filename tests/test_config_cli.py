@@ -6,7 +6,7 @@ import yaml
 
 from distill import ConfigError
 from distill.cli import build_parser, main
-from distill.config import RecipeConfig, apply_overrides, load_recipe, load_yaml, parse_recipe
+from distill.run.config import RecipeConfig, apply_overrides, load_recipe, load_yaml, parse_recipe
 from helpers import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_every_top_level_recipe_parses_and_builds(path):
     """Every shipped pipeline recipe validates and its models and objective build."""
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import build_objective
+    from distill.run.pipeline import build_objective
 
     raw = load_yaml(path)
     if set(raw) - set(RecipeConfig.model_fields):

@@ -9,12 +9,6 @@ pytest.importorskip("torchvision")
 
 from distill.data.coco import CocoDetection, coco_folder, detection_collate  # noqa: E402
 from distill.data.shapes import generate_shapes  # noqa: E402
-from distill.detection import (  # noqa: E402
-    DetectionEvaluator,
-    build_detector,
-    detection_adapter,
-    teacher_detection_adapter,
-)
 from distill.errors import DistillError  # noqa: E402
 from distill.losses.detection import (  # noqa: E402
     DenseHeadKD,
@@ -23,6 +17,12 @@ from distill.losses.detection import (  # noqa: E402
     box_mask,
     feature_imitation_loss,
     sigmoid_kd_loss,
+)
+from distill.models.detection import (  # noqa: E402
+    DetectionEvaluator,
+    build_detector,
+    detection_adapter,
+    teacher_detection_adapter,
 )
 from distill.objective import Objective  # noqa: E402
 from distill.outputs import Batch, Outputs, as_batch  # noqa: E402
@@ -248,10 +248,10 @@ def test_fpn_imitation_level_errors(shapes):
 def test_detect_recipe_parses_and_builds(tmp_path):
     from pathlib import Path
 
-    from distill.config import load_recipe
     from distill.data.bundle import build_data
     from distill.models.build import build_model
-    from distill.pipeline import build_objective
+    from distill.run.config import load_recipe
+    from distill.run.pipeline import build_objective
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "detect_shapes.yaml"
     size = ["data.init_args.train_images=4", "data.init_args.val_images=2", "data.init_args.test_images=2"]

@@ -22,7 +22,7 @@ WORKER = textwrap.dedent(
     from torch.utils.data import TensorDataset
     from distill.losses.logits import KD, CrossEntropy
     from distill.objective import Objective
-    from distill.trainer import Trainer
+    from distill.engine.trainer import Trainer
 
     out, batch_size, epochs, parallel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
@@ -120,7 +120,7 @@ def test_fsdp2_on_two_gloo_processes_follows_the_same_trajectory_and_resumes(tmp
 
 
 def test_rank_zero_first_single_process_and_helpers():
-    from distill import distributed as dist
+    from distill.engine import distributed as dist
 
     assert dist.rank_zero_first(lambda: 7) == 7
     assert dist.broadcast_object("x") == "x"
@@ -131,7 +131,7 @@ def test_rank_zero_first_single_process_and_helpers():
 def test_fsdp2_wraps_a_student_on_one_gpu(tmp_path, monkeypatch):
     from torch import nn
 
-    from distill import distributed as dist
+    from distill.engine import distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))

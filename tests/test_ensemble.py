@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.ensemble import Ensemble, EnsembleKD, combine, member_weights
 from distill.errors import DistillError
 from distill.losses.logits import kd_loss
 from distill.objective import Objective
 from distill.outputs import Batch, Outputs
 from distill.teachers import Teacher
+from distill.teachers.ensemble import Ensemble, EnsembleKD, combine, member_weights
 
 
 def _models(seed=0, k=3):
@@ -147,8 +147,8 @@ def test_ensemble_kd_gate_is_trainable_starts_uniform_and_learns_the_right_teach
 
 
 def test_ensemble_kd_trains_with_the_trainer_and_checkpoints_the_gate(tmp_path):
+    from distill.engine.trainer import Trainer
     from distill.losses import CrossEntropy
-    from distill.trainer import Trainer
 
     torch.manual_seed(0)
     x = torch.randn(40, 1, 8, 8)
@@ -177,9 +177,9 @@ def test_ensemble_kd_without_ensemble_teacher_is_a_clear_error():
 
 def test_feature_term_per_member_through_the_trainer():
     """A feature term naming `t1.<path>` gets member 1's feature; the trainer routes the tap."""
+    from distill.engine.trainer import Trainer
     from distill.losses import CrossEntropy
     from distill.losses.base import LossTerm
-    from distill.trainer import Trainer
 
     class Hint(LossTerm):
         student_taps = ("1",)

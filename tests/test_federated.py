@@ -34,7 +34,7 @@ def tiny(**kw) -> FederatedRecipe:
 
 
 def test_import_distill_does_not_import_flwr():
-    code = "import sys, distill, distill.federated, distill.cli_federated; print('flwr' in sys.modules)"
+    code = "import sys, distill, distill.federated, distill.cli.federated; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -196,7 +196,7 @@ def test_update_of_wrong_shape_is_rejected(tmp_path):
 def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
     import argparse
 
-    from distill import cli_federated
+    from distill.cli import federated as cli_federated
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("clients: 3\nrounds: 0\n")

@@ -19,7 +19,7 @@ EXTRAS = [
 
 def test_import_distill_pulls_no_optional_extra():
     code = (
-        "import sys, distill, distill.cli, distill.trainer, distill.pipeline\n"
+        "import sys, distill, distill.cli, distill.engine.trainer, distill.run.pipeline\n"
         f"bad = [m for m in {EXTRAS!r} if m in sys.modules]\n"
         "print(','.join(bad))"
     )

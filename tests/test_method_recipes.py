@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_recipe
 from distill.data.bundle import build_data
 from distill.models.build import build_model
-from distill.pipeline import build_objective, run_recipe
+from distill.run.config import load_recipe
+from distill.run.pipeline import build_objective, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHOD_RECIPES = sorted(RECIPES.glob("digits_*.yaml")) + sorted((RECIPES / "cifar100").glob("*.yaml"))

@@ -55,7 +55,7 @@ def test_sampler_draws_single_task_batches_in_proportion():
 
 
 def test_multitask_student_distills_each_head_from_its_teacher(tmp_path):
-    from distill.trainer import Trainer
+    from distill.engine.trainer import Trainer
 
     torch.manual_seed(0)
     data = _data()

@@ -14,10 +14,10 @@ from torch.utils.data import Dataset
 
 from distill import CheckpointError, ConfigError, CrossEntropy, DistillError, Objective
 from distill.checkpoint import load_state, load_weights_file
-from distill.config import RecipeConfig, parse_recipe
-from distill.report import write_report
-from distill.rundir import RunDir
-from distill.trainer import Trainer
+from distill.engine.trainer import Trainer
+from distill.run.config import RecipeConfig, parse_recipe
+from distill.run.report import write_report
+from distill.run.rundir import RunDir
 from helpers import blobs, finish, kill_when, start_cli, tiny_recipe
 
 
@@ -107,7 +107,7 @@ def test_second_process_on_same_run_folder_is_refused(tmp_path):
     cfg = RecipeConfig().to_yaml()
     with RunDir(tmp_path / "run", cfg):
         code = (
-            "import sys\nfrom distill.rundir import RunDir\nfrom distill.errors import DistillError\n"
+            "import sys\nfrom distill.run.rundir import RunDir\nfrom distill.errors import DistillError\n"
             f"try:\n    RunDir({str(tmp_path / 'run')!r}, open({str(tmp_path / 'run' / 'config.yaml')!r}).read(), "
             "resume=True)\nexcept DistillError as e:\n    print(e); sys.exit(3)\n"
         )

@@ -52,8 +52,8 @@ def cache_recipe(tmp_path_factory):
     """A digits recipe whose teacher (a small MLP, untrained) has saved weights."""
     from distill.checkpoint import save_weights
     from distill.data.bundle import build_data
+    from distill.engine.trainer import seed_everything
     from distill.models.build import build_model
-    from distill.trainer import seed_everything
 
     d = tmp_path_factory.mktemp("cache")
     teacher = {"name": "mlp", "class_path": None, "init_args": {"hidden": [32]}}
@@ -134,7 +134,7 @@ def test_cache_teacher_sigkill_at_random_points_then_rerun_equals_uninterrupted(
 
 _KILL_AT_RENAME = """
 import os, shutil, signal, sys
-import distill.cache as cache
+import distill.teachers.store as cache
 mode = sys.argv[1]
 real_replace, real_rmtree = os.replace, shutil.rmtree
 
@@ -186,8 +186,8 @@ def test_cache_teacher_killed_at_the_final_rename(tmp_path, cache_recipe, cache_
     else:
         assert json.loads((partial / "manifest.json").read_text())["complete"]
         assert not (out / "manifest.json").exists()  # nothing at `out` passes for a store
-        from distill.cache import CachedTeacher
         from distill.errors import DistillError
+        from distill.teachers.store import CachedTeacher
 
         with pytest.raises(DistillError, match="not a teacher store.*interrupted write"):
             CachedTeacher(out)

@@ -152,9 +152,9 @@ def test_speech_kd_step(tiny_speech):
 def test_speech_recipe_parses_and_builds_models():
     from pathlib import Path
 
-    from distill.config import load_recipe
     from distill.models.build import build_model
-    from distill.pipeline import build_objective
+    from distill.run.config import load_recipe
+    from distill.run.pipeline import build_objective
 
     cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits.yaml")
     assert cfg.data.name == "speech_words"

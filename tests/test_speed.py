@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from distill.engine.trainer import Trainer
 from distill.errors import DistillError, TrainingDiverged
 from distill.losses.logits import KD, CrossEntropy
 from distill.objective import Objective
-from distill.trainer import Trainer
 
 
 def _data(n=32, bad_label=False, nan_at=None):

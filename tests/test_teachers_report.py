@@ -7,16 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError
-from distill.teachers_report import (
-    TeachersRecipe,
-    TeacherThresholds,
-    assess,
-    candidate_row,
-    ece,
-    fit_temperature,
-    reliability,
-    run_teachers,
-)
+from distill.teacher_choice import TeachersRecipe, TeacherThresholds, assess, candidate_row, run_teachers
+from distill.teachers.calibration import ece, fit_temperature, reliability
 
 
 def test_ece_against_hand_computation():
@@ -100,7 +92,7 @@ def test_assess_warns_on_weak_teacher_and_large_gap():
 
 
 def test_teachers_command_on_digits(tmp_path):
-    from distill.cli_teachers import add_parser, main
+    from distill.cli.teachers import add_parser, main
 
     fast = {"epochs": 2, "progress": "off", "tensorboard": False, "device": "cpu"}
     recipe = {

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distill import KD, CrossEntropy, DistillError, Objective, TrainingDiverged
-from distill.trainer import Trainer
+from distill.engine.trainer import Trainer
 from helpers import blobs
 
 

@@ -9,12 +9,14 @@ import sys
 import pytest
 import yaml
 
-from distill.config import parse_recipe
 from distill.errors import ConfigError
+from distill.run.config import parse_recipe
 
 optuna = pytest.importorskip("optuna")
 
 from distill import tune  # noqa: E402
+from distill.tune import space, trials  # noqa: E402
+from distill.tune import study as tune_study  # noqa: E402
 
 
 def _recipe(teacher: dict, **extra) -> dict:
@@ -128,7 +130,7 @@ def test_free_init_args_and_structural_choices_are_accepted():
     seen = set()
     for _ in range(8):
         trial = study.ask()
-        recipe, values = tune.suggest(trial, cfg)
+        recipe, values = space.suggest(trial, cfg)
         parse_recipe(recipe)
         chosen = values["objective.terms"]
         assert ("objective.terms.kd.weight" in values) == ("kd" in chosen)
@@ -139,7 +141,7 @@ def test_free_init_args_and_structural_choices_are_accepted():
 
 
 def test_import_tune_does_not_import_optuna():
-    code = "import sys, distill.tune, distill.cli_tune; print('optuna' in sys.modules)"
+    code = "import sys, distill.tune, distill.cli.tune; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -188,17 +190,17 @@ def test_tiny_study_runs_then_resumes_from_sqlite(tmp_path):
 def test_interrupted_trial_resumes_in_its_folder(tmp_path, teacher_ckpt, monkeypatch):
     cfg = tune.parse_tune_recipe(_recipe(_ckpt_teacher(teacher_ckpt)))
     out = tmp_path / "study"
-    real = tune._TrialReporter.on_evaluate
+    real = trials._TrialReporter.on_evaluate
 
     def crash(self, trainer, metrics):
         real(self, trainer, metrics)
         if metrics["epoch"] == 2:
             raise KeyboardInterrupt  # as if Ctrl-C hit the second epoch of trial 0
 
-    monkeypatch.setattr(tune._TrialReporter, "on_evaluate", crash)
+    monkeypatch.setattr(trials._TrialReporter, "on_evaluate", crash)
     with pytest.raises(KeyboardInterrupt):
         tune.run_tune(cfg, out, trials=2, log=lambda *_: None)
-    monkeypatch.setattr(tune._TrialReporter, "on_evaluate", real)
+    monkeypatch.setattr(trials._TrialReporter, "on_evaluate", real)
     assert (out / "trials" / "0" / "checkpoints" / "student_kd" / "last.safetensors").exists()
 
     s = tune.run_tune(cfg, out, trials=2, log=lambda *_: None)
@@ -224,7 +226,7 @@ def test_weak_trials_are_pruned(tmp_path, teacher_ckpt):
     cfg = tune.parse_tune_recipe(data)
     out = tmp_path / "study"
     out.mkdir()
-    study = tune.open_study(cfg, out)
+    study = tune_study.open_study(cfg, out)
     study.enqueue_trial({"trainer.optimizer.lr": 3e-2})  # learns: sets the median
     study.enqueue_trial({"trainer.optimizer.lr": 1e-6})  # barely moves: below the median after epoch 1
     s = tune.run_tune(cfg, out, trials=2, log=lambda *_: None)
@@ -268,7 +270,7 @@ def test_multi_objective_pareto(tmp_path, teacher_ckpt):
 def test_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
     import argparse
 
-    from distill import cli_tune
+    from distill.cli import tune as cli_tune
 
     data = _recipe(TRAINED_TEACHER)
     data["search"] = {"trainer.optimizer.lr": {"type": "float", "low": 0.1, "high": 0.01}}
@@ -292,26 +294,29 @@ def test_shipped_tune_recipes_parse_and_sample(name):
     )
     for _ in range(5):
         trial = study.ask()
-        recipe, _ = tune.suggest(trial, cfg)
+        recipe, _ = space.suggest(trial, cfg)
         parse_recipe(recipe)
         study.tell(trial, [0.0] * len(cfg.tune.objectives))
-    assert tune._pruner(cfg) is not None and tune._sampler(cfg.tune, len(cfg.tune.objectives) > 1) is not None
+    assert (
+        tune_study._pruner(cfg) is not None
+        and tune_study._sampler(cfg.tune, len(cfg.tune.objectives) > 1) is not None
+    )
 
 
 def test_hyperband_covers_the_searched_epochs():
     data = _recipe(TRAINED_TEACHER)
     data["search"]["trainer.epochs"] = {"type": "int", "low": 2, "high": 9}
     data["tune"] = {"pruner": "hyperband"}
-    pruner = tune._pruner(tune.parse_tune_recipe(data))
+    pruner = tune_study._pruner(tune.parse_tune_recipe(data))
     assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._max_resource == 9
 
 
 def test_concurrent_workers_get_different_sampler_seeds(tmp_path):
     cfg = tune.parse_tune_recipe(_recipe(TRAINED_TEACHER))
-    assert [tune._worker_index(tmp_path) for _ in range(3)] == [0, 1, 2]
+    assert [tune_study._worker_index(tmp_path) for _ in range(3)] == [0, 1, 2]
     draws = []
     for worker in (0, 1):
-        study = optuna.create_study(sampler=tune._sampler(cfg.tune, False, worker))
+        study = optuna.create_study(sampler=tune_study._sampler(cfg.tune, False, worker))
         draws.append(study.ask().suggest_float("x", 0, 1))
     assert draws[0] != draws[1]
 
@@ -320,7 +325,7 @@ def test_trainer_on_evaluate_hook_and_ambient_callbacks():
     from torch import nn
 
     from distill import CrossEntropy, Objective
-    from distill.trainer import Trainer, use_callbacks
+    from distill.engine.trainer import Trainer, use_callbacks
     from helpers import blobs
 
     class Recorder:

@@ -66,11 +66,7 @@ def auto_adapter(model: nn.Module, batch: Batch) -> Outputs:
 
 
 ADAPTERS.register("auto")(lambda: auto_adapter)
+# Hugging Face adapters live in distill.nlp (it needs transformers); registered by import path so
+# this module never imports it.
 ADAPTERS.add_lazy("hf", "distill.nlp.adapters.hf_adapter")
-
-
-@ADAPTERS.register("sentence")
-def _sentence_adapter() -> Adapter:
-    from distill.nlp.adapters import sentence_adapter
-
-    return sentence_adapter
+ADAPTERS.add_lazy("sentence", "distill.nlp.adapters.sentence")

@@ -24,18 +24,18 @@ from torch import Tensor, nn
 
 from distill.adapters import Adapter, auto_adapter
 from distill.checkpoint import atomic_write_text, load_weights
-from distill.config import (
+from distill.errors import ConfigError, DistillError
+from distill.losses.base import LossTerm, check_positive, flatten_logits
+from distill.outputs import Batch, Outputs
+from distill.registry import LOSSES
+from distill.run.config import (
     ModelConfig,
     RecipeConfig,
     apply_overrides,
     format_validation_error,
     load_yaml,
 )
-from distill.errors import ConfigError, DistillError
-from distill.losses.base import LossTerm, check_positive, flatten_logits
-from distill.outputs import Batch, Outputs
-from distill.registry import LOSSES
-from distill.rundir import RunDir
+from distill.run.rundir import RunDir
 
 # --------------------------------------------------------------------------- chains
 
@@ -83,11 +83,11 @@ def run_chain(
     `trainer.checkpoint_every` for checkpoints within an epoch). Rows of summary.json: every stage
     (agreement measured with the stage that taught it), plus `student_scratch` for comparison.
     """
+    from distill.engine.trainer import seed_everything
     from distill.models.build import build_model
-    from distill.pipeline import build_adapter, build_objective, measure, scratch_objective, train_stage
-    from distill.report import write_report
+    from distill.run.pipeline import build_adapter, build_objective, measure, scratch_objective, train_stage
+    from distill.run.report import write_report
     from distill.teachers import Teacher
-    from distill.trainer import seed_everything
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -214,7 +214,7 @@ class CohortEvaluator:
     trainer's monitor works unchanged) and of the members' averaged probabilities (`accuracy_ensemble`)."""
 
     def __init__(self):
-        from distill.evaluate import ClassificationEvaluator
+        from distill.engine.evaluate import ClassificationEvaluator
 
         self._make = ClassificationEvaluator
         self.reset()

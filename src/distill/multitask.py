@@ -204,7 +204,7 @@ def evaluate_tasks(
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
     """Per-task metrics (accuracy, nll, agreement with that task's teacher) on each task's data."""
-    from distill.evaluate import evaluate
+    from distill.engine.evaluate import evaluate
 
     device = next(student.parameters()).device
     out = {}

@@ -1,5 +1,5 @@
-"""Compression: structured pruning (Torch-Pruning), recovery by distillation, INT8 (ONNX Runtime),
-export. Importing this package imports no optional extra; the stages import theirs when run."""
+"""Compression workflow: structured pruning (Torch-Pruning), recovery by distillation, INT8 (ONNX
+Runtime), export. May import run, engine and below, never cli; optional extras are imported when run."""
 
 from distill.compress.config import CompressConfig, CompressRecipe, load_compress_recipe
 

@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from distill.config import (
+from distill.errors import ConfigError
+from distill.run.config import (
     RecipeConfig,
     Strict,
     apply_overrides,
     format_validation_error,
     load_yaml,
 )
-from distill.errors import ConfigError
 
 
 class PruneConfig(Strict):

@@ -20,20 +20,20 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from distill.bench import count_params, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.compress.config import CompressRecipe
 from distill.compress.export import export_onnx, input_names, to_numpy_inputs
 from distill.compress.prune import load_pruned, prune_model, reinitialize, save_pruned
 from distill.compress.quantize import calibration_reader, latency, predict, quantize_dynamic, quantize_static
 from distill.data.bundle import DataBundle, build_data
+from distill.engine.trainer import make_loader, seed_everything
 from distill.errors import ConfigError, DistillError
 from distill.models.build import build_model
 from distill.outputs import as_batch
-from distill.pipeline import aggregate, build_objective, scratch_objective, train_stage
-from distill.rundir import RunDir
+from distill.run.measure import count_params, size_mb
+from distill.run.pipeline import aggregate, build_objective, scratch_objective, train_stage
+from distill.run.rundir import RunDir
 from distill.teachers import Teacher
-from distill.trainer import make_loader, seed_everything
 
 STAGES = ("baseline", "prune", "recovery", "quantize", "export")
 RECOVERY_ROWS = {"kd": "pruned_kd", "finetune": "pruned_finetune", "kd_student": "kd_student"}

@@ -9,7 +9,7 @@ from typing import Any
 
 from distill.checkpoint import atomic_write, atomic_write_text
 from distill.errors import DistillError
-from distill.report import table
+from distill.run.report import table
 
 _STAGE_NOTE = {
     "baseline": "the model as given",

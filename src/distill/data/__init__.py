@@ -1,4 +1,5 @@
-"""Datasets: bundled offline sets, generic loaders, and the contract a recipe's data follows."""
+"""Datasets: bundled offline sets, generic loaders, and the `DataBundle` contract a recipe's data
+follows. May import only the contracts."""
 
 from distill.data import cifar  # noqa: F401  (registers cifar100, cifar100_standin)
 from distill.data.bundle import DataBundle, build_data

@@ -1,5 +1,5 @@
-"""Federated distillation on Flower: FedAvg, FedDF (server-side ensemble distillation) and
-FedMD-style logit sharing, run as a Flower ServerApp/ClientApp.
+"""Federated distillation on Flower: FedAvg, FedDF (server-side ensemble distillation) and FedMD-style
+logit sharing. May import run, engine and below, never cli.
 
 Importing this package does not import `flwr`; the Flower pieces live in
 `distill.federated.strategies`, `.apps` and `.simulation`, imported when used.

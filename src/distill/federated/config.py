@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from distill.config import (
+from distill.errors import ConfigError
+from distill.run.config import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -20,7 +21,6 @@ from distill.config import (
     format_validation_error,
     load_yaml,
 )
-from distill.errors import ConfigError
 
 STRATEGIES = ("fedavg", "feddf", "fedmd", "local")
 

@@ -28,12 +28,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from distill.bench import count_params, size_mb
 from distill.checkpoint import atomic_write_text, save_weights
 from distill.federated.apps import make_client_app, make_server_app
 from distill.federated.config import FederatedRecipe
 from distill.federated.task import FederatedTask, task_from_yaml
-from distill.rundir import RunDir
+from distill.run.measure import count_params, size_mb
+from distill.run.rundir import RunDir
 
 _FIRST_NODE = 1001
 
@@ -225,7 +225,7 @@ REPORT_COLUMNS = [
 
 def write_federated_report(run_dir: str | Path) -> Path:
     """report.md (table + accuracy-per-round and bytes plots) from summary.json alone."""
-    from distill.report import table
+    from distill.run.report import table
 
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -16,16 +16,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from distill.config import LRScheduleConfig, ModelConfig, OptimizerConfig, TrainerConfig
 from distill.data.bundle import build_data
+from distill.engine.config import LRScheduleConfig, OptimizerConfig, TrainerConfig
+from distill.engine.evaluate import evaluate
 from distill.errors import DistillError
-from distill.evaluate import evaluate
 from distill.federated.config import FederatedRecipe, parse_federated
 from distill.federated.data import FederatedSplit, split_for_clients
 from distill.losses.logits import KD, CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
 from distill.outputs import Batch, Outputs
+from distill.run.config import ModelConfig
 
 
 class FederatedTask:
@@ -97,7 +98,7 @@ def _trainer_config(epochs: int, optimizer: OptimizerConfig, device: torch.devic
 
 def local_train(model: nn.Module, data: Dataset, task: FederatedTask, seed: int) -> float:
     """Cross-entropy on a client's private data for `local.epochs`; returns the last train loss."""
-    from distill.trainer import Trainer
+    from distill.engine.trainer import Trainer
 
     cfg = task.recipe.local
     trainer = Trainer(
@@ -150,7 +151,7 @@ def distill_from_logits(
     model: nn.Module, public: Dataset, logits: Tensor, task: FederatedTask, cfg, seed: int
 ):
     """Trains `model` to match `logits` (N, C) on the public inputs with Hinton KD at cfg.temperature."""
-    from distill.trainer import Trainer
+    from distill.engine.trainer import Trainer
 
     if logits.shape[0] != len(public):
         raise DistillError(f"{logits.shape[0]} shared logits for a public set of {len(public)} samples")

@@ -1,4 +1,5 @@
-"""Loss terms. Each is an `nn.Module` over a plain function on tensors.
+"""Loss terms: every method is an `nn.Module` here over a plain tensor function (logits, features,
+relations, sequences, detection). May import only the contracts (outputs, registry, errors, schedules).
 
 Importing this package registers every term in `distill.registry.LOSSES`.
 """
@@ -48,7 +49,7 @@ from distill.losses.sequence import (
 )
 from distill.registry import LOSSES
 
-LOSSES.add_lazy("ensemble_kd", "distill.ensemble.EnsembleKD")
+LOSSES.add_lazy("ensemble_kd", "distill.teachers.ensemble.EnsembleKD")
 LOSSES.add_lazy("mutual", "distill.chain.Mutual")
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Loss terms for distilling object detectors (read `distill.detection.DetectionAdapter` outputs).
+"""Loss terms for distilling object detectors (read `distill.models.detection.DetectionAdapter` outputs).
 
 - `detector_loss`: the student detector's own losses (classification, box regression, ...).
 - `fpn_imitation`: FPN features of the student, through learned 1x1 adapters, regressed onto
@@ -136,7 +136,7 @@ class DetectorLoss(LossTerm):
         losses = student.extras.get("losses")
         if not losses:
             raise DistillError(
-                "the student produced no detector losses: call it with distill.detection.detection_adapter "
+                "the student produced no detector losses: call it with distill.models.detection.detection_adapter "
                 "in train mode on batches with targets"
             )
         unknown = set(self.component_weights) - set(losses)
@@ -198,7 +198,7 @@ class FPNImitation(LossTerm):
         if not s or not t:
             side = "student" if not s else "teacher"
             raise DistillError(
-                f"fpn_imitation found no FPN levels in the {side}'s features; use distill.detection's "
+                f"fpn_imitation found no FPN levels in the {side}'s features; use distill.models.detection's "
                 "detection_adapter (student) and teacher_detection_adapter (teacher)"
             )
         pairs = self.pairs if self.pairs is not None else {k: k for k in s if k in t}
@@ -281,7 +281,7 @@ class DenseHeadKD(LossTerm):
             side = "student" if s is None else "teacher"
             raise DistillError(
                 f"det_head_kd: the {side} has no dense classification head output (extras['cls_logits']); "
-                "it works for FCOS / RetinaNet pairs read by distill.detection's adapters"
+                "it works for FCOS / RetinaNet pairs read by distill.models.detection's adapters"
             )
         if s.shape != t.shape:
             raise DistillError(

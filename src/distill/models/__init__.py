@@ -1,4 +1,5 @@
-"""Reference models, registered by short name in `distill.registry.MODELS`."""
+"""Reference models (small nets, CIFAR benchmark nets, speech CNNs, torchvision detectors), registered
+by short name in `distill.registry.MODELS`. May import the contracts and `data`; nothing above."""
 
 from distill.models import cifar  # noqa: F401  (registers the CIFAR benchmark networks)
 from distill.models.small import MLP, SmallCNN
@@ -6,6 +7,6 @@ from distill.registry import MODELS
 
 MODELS.add_lazy("speech_cnn", "distill.models.speech.SpeechCNN")
 MODELS.add_lazy("ds_cnn", "distill.models.speech.DSCNN")
-MODELS.add_lazy("detector", "distill.detection.build_detector")  # torchvision, imported on use
+MODELS.add_lazy("detector", "distill.models.detection.build_detector")  # torchvision, imported on use
 
 __all__ = ["MLP", "SmallCNN"]

@@ -1,5 +1,5 @@
 """Language: students cut from teachers, Hugging Face adapters, generation-based batches, the
-embedding cache and a `transformers.Trainer` drop-in.
+embedding cache and a `transformers.Trainer` drop-in. May import losses, objective, teachers and below.
 
 `transformers` and `sentence-transformers` (the `[nlp]` extra) are imported only by the
 functions that need them, so importing this package is cheap.

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from distill.adapters import read_outputs
+from distill.adapters import Adapter, read_outputs
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs
 
@@ -107,6 +107,11 @@ def sentence_adapter(model: nn.Module, batch: Batch) -> Outputs:
     if "attention_mask" in inputs:
         extras["attention_mask"] = inputs["attention_mask"]
     return Outputs(logits=None, extras=extras)
+
+
+def sentence() -> Adapter:
+    """The registered `sentence` adapter builder (recipes: `adapter: {name: sentence}`)."""
+    return sentence_adapter
 
 
 def mean_pool(token_embeddings: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -50,8 +50,8 @@ def main(args) -> int:
 
 
 def _run(args) -> int:
-    from distill.config import apply_overrides, load_yaml
     from distill.federated.config import parse_federated
+    from distill.run.config import apply_overrides, load_yaml
 
     if args.seeds < 1:
         raise DistillError(f"--seeds must be at least 1, got {args.seeds}")
@@ -63,7 +63,7 @@ def _run(args) -> int:
             "distill federated needs Flower: pip install 'distill[federated]' (flwr)"
         ) from None
     from distill.federated.simulation import REPORT_COLUMNS, run_federated
-    from distill.report import table
+    from distill.run.report import table
 
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     summary = run_federated(
@@ -74,7 +74,7 @@ def _run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m distill.cli_federated RECIPE.yaml (before it is wired into distill)
+if __name__ == "__main__":  # python -m distill.cli.federated RECIPE.yaml (before it is wired into distill)
     import argparse
 
     parser = argparse.ArgumentParser(prog="distill")

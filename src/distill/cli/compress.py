@@ -47,7 +47,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     summary = run_compress_seeds(cfg, out, args.seeds, resume=args.resume, overwrite=args.overwrite)
     from distill.compress.report import _columns
-    from distill.report import table
+    from distill.run.report import table
 
     print(table(summary["rows"], _columns(summary["rows"])))
     print(f"\nrun folder: {out}  (report.md, tradeoff.png, summary.json, export/)")
@@ -66,7 +66,7 @@ def main(args) -> int:
         return 130
 
 
-if __name__ == "__main__":  # python -m distill.cli_compress RECIPE ...
+if __name__ == "__main__":  # python -m distill.cli.compress RECIPE ...
     parser = argparse.ArgumentParser(prog="distill")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)

@@ -52,7 +52,7 @@ from distill.checkpoint import atomic_write, atomic_write_text
 from distill.data.indexed import IndexedDataset
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs, as_batch
-from distill.teachers import Teacher
+from distill.teachers.frozen import Teacher
 
 STORE_VERSION = 1
 FULL_LOGITS_UP_TO = 1000  # "auto" top-k keeps every logit up to this many classes (ImageNet fits)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from distill import distributed as dist
 from distill.checkpoint import atomic_write_text
+from distill.engine import distributed as dist
 from distill.errors import DistillError
 
 

@@ -63,7 +63,7 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m distill.cli_tune RECIPE ... until `distill tune` is wired in
+if __name__ == "__main__":  # python -m distill.cli.tune RECIPE ... until `distill tune` is wired in
     parser = argparse.ArgumentParser(prog="distill")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)

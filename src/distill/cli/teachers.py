@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from distill.teachers_report import load_teachers_recipe, run_teachers
+    from distill.teacher_choice import load_teachers_recipe, run_teachers
 
     try:
         cfg = load_teachers_recipe(args.recipe, args.overrides)
@@ -54,7 +54,7 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m distill.cli_teachers RECIPE.yaml
+if __name__ == "__main__":  # python -m distill.cli.teachers RECIPE.yaml
     parser = argparse.ArgumentParser(prog="distill")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from distill import distributed as dist
+from distill.engine import distributed as dist
 
 
 class ProgressBar:

@@ -22,7 +22,7 @@ from distill.losses.base import LossTerm, check_positive, check_range, flatten_l
 from distill.losses.logits import kd_loss
 from distill.outputs import Batch, Outputs
 from distill.registry import LOSSES
-from distill.teachers import Teacher
+from distill.teachers.frozen import Teacher
 
 RULES = ("mean_logits", "mean_probs", "confidence", "entropy", "learned")
 
@@ -261,7 +261,7 @@ class EnsembleKD(LossTerm):
         if not isinstance(z, Tensor) or z.dim() != 3:
             raise DistillError(
                 "ensemble_kd needs an Ensemble teacher (teacher.extras['members'] of shape (K, N, C)); "
-                "wrap the teachers in distill.ensemble.Ensemble"
+                "wrap the teachers in distill.teachers.ensemble.Ensemble"
             )
         return z
 

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args) -> int:
     from distill.chain import load_chain_recipe, run_chain
-    from distill.report import table
+    from distill.run.report import table
 
     try:
         cfg = load_chain_recipe(args.recipe, args.overrides)
@@ -45,7 +45,7 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m distill.cli_chain RECIPE.yaml
+if __name__ == "__main__":  # python -m distill.cli.chain RECIPE.yaml
     parser = argparse.ArgumentParser(prog="distill")
     add_parser(parser.add_subparsers(dest="command"))
     sys.exit(main(parser.parse_args(["chain", *sys.argv[1:]])))

@@ -308,7 +308,7 @@ class DetectionEvaluator:
         dets = student.extras.get("detections")
         if dets is None:
             raise DistillError(
-                "no detections to score: evaluate in eval mode with distill.detection.detection_adapter"
+                "no detections to score: evaluate in eval mode with distill.models.detection.detection_adapter"
             )
         if batch.targets is None:
             raise DistillError("mAP needs ground-truth boxes: the evaluation batches carry no targets")

@@ -13,22 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill import distributed as dist
 from distill.adapters import auto_adapter
-from distill.bench import count_params, latency_ms, size_mb
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
-from distill.config import RecipeConfig, TrainerConfig
 from distill.data.bundle import DataBundle, build_data
+from distill.engine import distributed as dist
+from distill.engine.evaluate import build_evaluator, evaluate
+from distill.engine.trainer import Trainer, make_loader, seed_everything
 from distill.errors import ConfigError
-from distill.evaluate import build_evaluator, evaluate
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
 from distill.registry import ADAPTERS, LOSSES
-from distill.report import write_report
-from distill.rundir import RunDir
+from distill.run.config import RecipeConfig, TrainerConfig
+from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.report import write_report
+from distill.run.rundir import RunDir
 from distill.teachers import Teacher
-from distill.trainer import Trainer, make_loader, seed_everything
 
 
 def build_objective(cfg: RecipeConfig) -> Objective:
@@ -184,7 +184,7 @@ def run_recipe(
 
         kd_teacher, kd_data = teacher, data
         if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
-            from distill.cache import CachedTeacher
+            from distill.teachers.store import CachedTeacher
 
             kd_teacher = CachedTeacher(
                 cfg.teacher.cache,

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
 from distill.adapters import Adapter, auto_adapter
-from distill.checkpoint import atomic_write, atomic_write_text, load_weights
-from distill.config import (
+from distill.checkpoint import atomic_write_text, load_weights
+from distill.errors import ConfigError
+from distill.run.config import (
     RecipeConfig,
     Strict,
     TeacherConfig,
@@ -32,55 +31,7 @@ from distill.config import (
     format_validation_error,
     load_yaml,
 )
-from distill.errors import ConfigError
-from distill.outputs import as_batch
-
-# --------------------------------------------------------------------------- calibration math
-
-
-def ece(probs: Tensor, targets: Tensor, bins: int = 15) -> float:
-    """Expected calibration error: Σ_b (|B_b| / N) · |accuracy(B_b) − confidence(B_b)|.
-
-    Samples are binned by their top-1 confidence into `bins` equal-width bins over (0, 1]
-    (bin b holds confidences in (b/bins, (b+1)/bins]).
-
-    Args:
-        probs: (N, C) predicted probabilities.
-        targets: (N,) labels.
-    """
-    conf, pred = probs.float().max(-1)
-    correct = (pred == targets.reshape(-1)).float()
-    stats = reliability(conf, correct, bins)
-    n = conf.numel()
-    return float(
-        sum(c / n * abs(a - m) for c, a, m in zip(stats["count"], stats["accuracy"], stats["confidence"]))
-    )
-
-
-def reliability(conf: Tensor, correct: Tensor, bins: int = 15) -> dict[str, list[float]]:
-    """Per-bin sample count, accuracy and mean confidence (empty bins: count 0, values 0)."""
-    # ceil(conf * bins) - 1 puts conf in (b/bins, (b+1)/bins] into bin b; conf = 0 goes to bin 0.
-    idx = (torch.ceil(conf.double() * bins).long() - 1).clamp(0, bins - 1)
-    out: dict[str, list[float]] = {"count": [], "accuracy": [], "confidence": []}
-    for b in range(bins):
-        m = idx == b
-        k = int(m.sum())
-        out["count"].append(k)
-        out["accuracy"].append(float(correct[m].mean()) if k else 0.0)
-        out["confidence"].append(float(conf[m].double().mean()) if k else 0.0)
-    return out
-
-
-def fit_temperature(logits: Tensor, targets: Tensor) -> float:
-    """The temperature T minimising NLL of softmax(logits / T) (a log-spaced grid, 0.05..20)."""
-    z = logits.float()
-    y = targets.reshape(-1).long()
-    grid = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 300))
-    nll = torch.stack([F.cross_entropy(z / t, y) for t in grid])
-    return float(grid[int(nll.argmin())])
-
-
-# --------------------------------------------------------------------------- recipe
+from distill.teachers.calibration import collect_logits, plot_reliability, score_logits
 
 
 class TeacherThresholds(Strict):
@@ -117,42 +68,6 @@ def load_teachers_recipe(path: str | Path, overrides: list[str] | None = None) -
 
 
 @torch.no_grad()
-def collect_logits(
-    model: nn.Module, loader, adapter: Adapter = auto_adapter, device: torch.device | None = None
-) -> tuple[Tensor, Tensor]:
-    """(N, C) logits and (N,) labels of `model` over `loader`, in eval mode."""
-    device = device or next(model.parameters()).device
-    was = model.training
-    model.eval()
-    zs, ys = [], []
-    for raw in loader:
-        batch = as_batch(raw).to(device)
-        z = adapter(model, batch).require_logits("teacher").float()
-        zs.append(z.reshape(-1, z.shape[-1]).cpu())
-        ys.append(batch.targets.reshape(-1).cpu())
-    model.train(was)
-    return torch.cat(zs), torch.cat(ys)
-
-
-def score_logits(logits: Tensor, targets: Tensor, bins: int = 15) -> dict[str, Any]:
-    """accuracy, nll, ece, and temperature-scaled nll/ece for (N, C) logits."""
-    keep = targets != -100
-    z, y = logits[keep].float(), targets[keep].long()
-    probs = F.softmax(z, -1)
-    t = fit_temperature(z, y)
-    conf, pred = probs.max(-1)
-    return {
-        "accuracy": float((pred == y).float().mean()),
-        "nll": float(F.cross_entropy(z, y)),
-        "ece": ece(probs, y, bins),
-        "temperature": t,
-        "ece_at_temperature": ece(F.softmax(z / t, -1), y, bins),
-        "nll_at_temperature": float(F.cross_entropy(z / t, y)),
-        "mean_confidence": float(conf.mean()),
-        "reliability": reliability(conf, (pred == y).float(), bins),
-    }
-
-
 def assess(row: dict[str, Any], student: dict[str, Any], th: TeacherThresholds) -> list[str]:
     """Warnings for one candidate row against the scratch student's row."""
     warnings = []
@@ -190,7 +105,7 @@ def candidate_row(
     adapter: Adapter = auto_adapter,
 ) -> dict[str, Any]:
     """One summary row for a candidate teacher (the reliability bins under `reliability`)."""
-    from distill.bench import count_params, latency_ms, size_mb
+    from distill.run.measure import count_params, latency_ms, size_mb
 
     logits, targets = collect_logits(model, loader, adapter)
     row: dict[str, Any] = {"name": label, **score_logits(logits, targets, th.ece_bins)}
@@ -206,46 +121,6 @@ def candidate_row(
     return row
 
 
-def plot_reliability(rows: list[dict[str, Any]], path: Path) -> bool:
-    """One reliability diagram per row: per-bin accuracy against the diagonal of perfect calibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if "reliability" in r]
-    if not rows:
-        return False
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.3), squeeze=False)
-    for ax, r in zip(axes[0], rows):
-        rel = r["reliability"]
-        n = len(rel["count"])
-        centers = [(b + 0.5) / n for b in range(n)]
-        acc = [a if c else 0 for a, c in zip(rel["accuracy"], rel["count"])]
-        ax.bar(centers, acc, width=1 / n, edgecolor="black", alpha=0.7, label="accuracy")
-        # the gap bar spans accuracy..confidence, above the bar when over-confident, below when under
-        lo = [min(a, m) if c else 0 for a, m, c in zip(rel["accuracy"], rel["confidence"], rel["count"])]
-        gap = [abs(m - a) if c else 0 for a, m, c in zip(rel["accuracy"], rel["confidence"], rel["count"])]
-        ax.bar(
-            centers,
-            gap,
-            bottom=lo,
-            width=1 / n,
-            color="red",
-            alpha=0.3,
-            hatch="//",
-            label="gap to confidence",
-        )
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{r['name']}\nECE {r['ece']:.3f}")
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return True
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -255,13 +130,13 @@ def run_teachers(
     """Trains or loads every candidate and the scratch student, scores them on the validation split,
     and writes summary.json (one row per candidate; the scratch student under `student`),
     report.md and reliability.png to `out`."""
-    from distill.bench import count_params
     from distill.data.bundle import build_data
+    from distill.engine.trainer import make_loader, seed_everything
     from distill.models.build import build_model
-    from distill.pipeline import build_adapter, example_input, scratch_objective, train_stage
-    from distill.report import table
-    from distill.rundir import RunDir
-    from distill.trainer import make_loader, seed_everything
+    from distill.run.measure import count_params
+    from distill.run.pipeline import build_adapter, example_input, scratch_objective, train_stage
+    from distill.run.report import table
+    from distill.run.rundir import RunDir
 
     out = Path(out)
     t0 = time.perf_counter()

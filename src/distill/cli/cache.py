@@ -1,5 +1,5 @@
 """`distill cache-teacher RECIPE.yaml`: run the recipe's teacher once over its training data and
-write a store that recipes then read with `teacher.cache: PATH` (see `distill.cache`)."""
+write a store that recipes then read with `teacher.cache: PATH` (see `distill.teachers.store`)."""
 
 from __future__ import annotations
 
@@ -66,14 +66,14 @@ def _topk(value: str) -> int | str | None:
 def main(args) -> int:
     import torch
 
-    from distill.cache import write_store
     from distill.checkpoint import load_weights
-    from distill.config import apply_overrides, load_yaml, parse_recipe
     from distill.data.bundle import build_data
     from distill.data.indexed import IndexedDataset
+    from distill.engine.trainer import resolve_device, seed_everything
     from distill.models.build import build_model
+    from distill.run.config import apply_overrides, load_yaml, parse_recipe
     from distill.teachers import Teacher
-    from distill.trainer import resolve_device, seed_everything
+    from distill.teachers.store import write_store
 
     try:
         cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)

@@ -1,0 +1,89 @@
+"""What a tune recipe holds: the search space and the study's objectives, validated."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from distill.errors import ConfigError
+from distill.run.config import RecipeConfig, Strict, apply_overrides, format_validation_error, load_yaml
+from distill.tune.space import validate_search
+
+# --------------------------------------------------------------------------- configuration
+
+
+class SearchParam(Strict):
+    """How one recipe key is sampled.
+
+    `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
+    `categorical`: one of `choices`; choices may be lists or mappings (e.g. a whole
+    `objective.terms` block), shown in tables by `labels` when given.
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    labels: list[str] | None = None
+
+
+class TuneObjective(Strict):
+    metric: str = "accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class TuneConfig(Strict):
+    """The study: its name and storage, what it optimises and how it samples and prunes."""
+
+    study_name: str | None = Field(None, description="default: the recipe's name")
+    storage: str | None = Field(None, description="an Optuna storage URL; default sqlite:///<out>/study.db")
+    trials: int = Field(20, gt=0, description="finished (complete + pruned) trials to reach")
+    objectives: list[TuneObjective] = Field(default_factory=lambda: [TuneObjective()], min_length=1)
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
+        "auto", description="auto: tpe for one objective, nsga2 for several"
+    )
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(5, ge=0, description="median: trials finished before pruning")
+    pruner_warmup_epochs: int = Field(1, ge=0, description="median: epochs before a trial may be pruned")
+    seed: int | None = Field(0, description="the sampler's seed")
+    baselines: list[Literal["scratch"]] = Field(
+        default_factory=list, description="per-trial baselines (none by default: trials stay short)"
+    )
+
+
+class TuneRecipe(RecipeConfig):
+    """A recipe plus the `search:` space and the `tune:` study settings."""
+
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def base_data(self) -> dict[str, Any]:
+        """The recipe without `search`/`tune`, as plain data (every key, defaults filled)."""
+        return self.model_dump(mode="json", exclude={"search", "tune"})
+
+
+def parse_tune_recipe(data: dict[str, Any], source: str = "recipe") -> TuneRecipe:
+    try:
+        cfg = TuneRecipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        if err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "search":
+            near = difflib.get_close_matches(loc[2], list(SearchParam.model_fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            allowed = ", ".join(SearchParam.model_fields)
+            raise ConfigError(
+                f"{source}: search.{loc[1]}: unknown field '{loc[2]}'{hint}; one of {allowed}"
+            ) from None
+        raise ConfigError(f"{source}: {format_validation_error(e, TuneRecipe)}") from None
+    validate_search(cfg, source)
+    return cfg
+
+
+def load_tune_recipe(path: str | Path, overrides: list[str] | None = None) -> TuneRecipe:
+    return parse_tune_recipe(apply_overrides(load_yaml(path), overrides or []), source=str(path))

@@ -1,0 +1,182 @@
+"""One trial = one normal recipe run, distilling from a teacher trained once for the study."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from distill.checkpoint import atomic_write_text
+from distill.errors import ConfigError, DistillError, TrainingDiverged
+from distill.run.config import RecipeConfig
+from distill.tune.config import TuneRecipe
+from distill.tune.space import suggest
+
+# --------------------------------------------------------------------------- the teacher, once
+
+
+class FileLock:
+    """A blocking exclusive lock, so that several workers train the shared teacher only once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] | None]:
+    """Returns the path of the teacher's weights that every trial loads, training the teacher once
+    (in `<out>/teacher/`, resumable) when the recipe gives no checkpoint; and its measured row."""
+    if cfg.teacher.checkpoint:
+        return cfg.teacher.checkpoint, None
+    if cfg.teacher.train is None:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    from distill.checkpoint import load_weights, save_weights
+    from distill.data.bundle import build_data
+    from distill.engine.trainer import seed_everything
+    from distill.models.build import build_model
+    from distill.run.pipeline import build_adapter, measure, scratch_objective, train_stage
+    from distill.run.rundir import RunDir
+
+    path = out / "teacher.safetensors"
+    row_path = out / "teacher.json"
+    with FileLock(out / ".teacher.lock"):
+        data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.teacher.spec(), data)
+        if path.exists() and row_path.exists():
+            return str(path.resolve()), json.loads(row_path.read_text())
+        adapter = build_adapter(cfg.teacher.adapter)
+        teacher_cfg = cfg.model_copy(update={"baselines": []})
+        with RunDir(out / "teacher", teacher_cfg.to_yaml(), resume=True):
+            train_stage(
+                "teacher",
+                model,
+                scratch_objective(cfg),
+                data,
+                cfg,
+                cfg.teacher.train,
+                out / "teacher",
+                adapter=adapter,
+            )
+        save_weights(path, model.state_dict(), {"stage": "teacher"})
+        load_weights(model, path)
+        row = measure("teacher", model, data, cfg, None, adapter=adapter)
+        atomic_write_text(row_path, json.dumps(row, indent=2))
+        return str(path.resolve()), row
+
+
+# --------------------------------------------------------------------------- trials
+
+
+class _TrialReporter:
+    """Trainer callback: remembers the distilled student's last validation record and reports its
+    first objective to Optuna each evaluation, raising `optuna.TrialPruned` when the pruner says so."""
+
+    def __init__(self, trial: Any, metric: str, prune: bool, stage: str = "student_kd"):
+        self.trial, self.metric, self.prune, self.stage = trial, metric, prune, stage
+        self.last: dict[str, Any] = {}
+
+    def on_evaluate(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if trainer.stage != self.stage:
+            return
+        self.last = dict(metrics)
+        value = metrics.get(self.metric)
+        if not self.prune or value is None:
+            return
+        import optuna
+
+        epoch = int(metrics.get("epoch", trainer.epoch))
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at_epoch", epoch)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric} {float(value):.4f}")
+
+
+def _objective_values(cfg: TuneRecipe, val: dict[str, Any], row: dict[str, Any]) -> list[float]:
+    values = []
+    for o in cfg.tune.objectives:
+        v = val.get(o.metric, row.get(o.metric))
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            have = sorted(
+                {
+                    k
+                    for k, x in {**row, **val}.items()
+                    if isinstance(x, int | float) and k not in ("step", "epoch")
+                }
+            )
+            raise ConfigError(
+                f"tune.objectives: metric '{o.metric}' was not measured; one of {', '.join(have)}"
+            )
+        values.append(float(v))
+    return values
+
+
+def make_objective(cfg: TuneRecipe, out: Path, teacher_path: str):
+    """The function Optuna calls per trial: samples, runs the recipe in its own folder, scores it."""
+    import optuna
+
+    from distill.engine.trainer import use_callbacks
+    from distill.run.config import parse_recipe
+    from distill.run.pipeline import run_recipe
+
+    multi = len(cfg.tune.objectives) > 1
+    prune = not multi and cfg.tune.pruner != "none"
+
+    def objective(trial: optuna.Trial):
+        data, values = suggest(trial, cfg)
+        data["teacher"]["checkpoint"] = teacher_path
+        data["teacher"]["train"] = None
+        data["baselines"] = list(cfg.tune.baselines)
+        folder = trial.user_attrs.get("resume_of", trial.number)
+        trial_cfg = parse_recipe(data, source=f"trial {trial.number} ({_short(values)})")
+        run_dir = out / "trials" / str(folder)
+        trial.set_user_attr("run_dir", str(run_dir))
+        reporter = _TrialReporter(trial, cfg.tune.objectives[0].metric, prune)
+        try:
+            with use_callbacks(reporter):
+                summary = run_recipe(trial_cfg, run_dir, resume=True, command="tune")
+        except TrainingDiverged as e:
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        except DistillError as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        row = next(r for r in summary["rows"] if r["name"] == "student_kd")
+        val = reporter.last or _last_val(run_dir)
+        trial.set_user_attr("test", {k: v for k, v in row.items() if k != "name"})
+        trial.set_user_attr("val", {k: v for k, v in val.items() if isinstance(v, int | float)})
+        scores = _objective_values(cfg, val, row)
+        return scores if multi else scores[0]
+
+    return objective
+
+
+def _last_val(run_dir: Path) -> dict[str, Any]:
+    """The distilled student's last validation record, read back from a finished trial's folder."""
+    from distill.run.report import read_metrics
+
+    recs = [
+        r
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r.get("stage") == "student_kd" and r.get("split") == "val"
+    ]
+    return recs[-1] if recs else {}
+
+
+def _short(values: dict[str, Any]) -> str:
+    parts = []
+    for k, v in values.items():
+        s = f"{v:.4g}" if isinstance(v, float) else json.dumps(v, separators=(",", ":"))
+        parts.append(f"{k.split('.')[-1]}={s[:40]}")
+    return ", ".join(parts)
