@@ -5,8 +5,9 @@ several fp32 copies of that tensor alive for backward (two log-softmaxes, probab
 products), which at B=8, T=1024, V=50k is ~1.6 GB each. Here the loss is computed chunk by
 chunk over the valid (unmasked) tokens only, and each chunk's gradient with respect to the
 student's logits is taken right away and written into one buffer of the logits' own shape and
-dtype. Peak memory is then: the logits, that gradient buffer, and one chunk's fp32 temporaries,
-whatever the sequence length (the same trick fused cross-entropy kernels use).
+dtype (fp32 for fp16 logits, whose range cannot hold a loss-scaled gradient: 2x the logits'
+bytes). Peak memory is then: the logits, that gradient buffer, and one chunk's fp32
+temporaries, whatever the sequence length (the same trick fused cross-entropy kernels use).
 
 The teacher is a constant: no gradient flows into teacher logits.
 
@@ -123,7 +124,11 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, s2d, spans, w, denom, per_token):
         needs_grad = ctx.needs_input_grad[0]
         s_const = s2d.detach()
-        grad = torch.zeros_like(s_const) if needs_grad else None
+        # fp16 keeps the buffer in fp32: its range (max 65,504, smallest normal 6e-5) can hold
+        # neither the loss scale a GradScaler multiplies in afterwards (65,536 at the start)
+        # nor, unscaled, the small per-entry gradients of a large batch. bf16 has fp32's range.
+        buf_dtype = torch.float32 if s_const.dtype == torch.float16 else s_const.dtype
+        grad = torch.zeros_like(s_const, dtype=buf_dtype) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=s2d.device)
         for a, b in spans:
             s_c = s_const[a:b].float().detach()  # a view when the logits are fp32
@@ -138,6 +143,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 part = (per_token(s_c, a, b) * w_c).sum() / denom
             total += part.detach()
         ctx.save_for_backward(grad if needs_grad else None)
+        ctx.logits_dtype = s2d.dtype
         ctx.used = False
         return total
 
@@ -151,8 +157,10 @@ class _ChunkedLoss(torch.autograd.Function):
             )
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        # In place: the buffer is the size of the logits and is used once.
-        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None
+        # In place: the buffer is the size of the logits and is used once. The incoming gradient
+        # (the loss scale) is applied in the buffer's precision, before any cast to fp16.
+        grad = grad.mul_(grad_out.to(grad.dtype)).to(ctx.logits_dtype)
+        return grad, None, None, None, None
 
 
 def _token_weights(logits: Tensor, mask: Tensor | None, weights: Tensor | None) -> tuple[Tensor, Tensor]:
