@@ -249,3 +249,33 @@ def test_fp16_logits_under_grad_scaler_step_with_accurate_gradients():
     scaler.update()
     assert scaler.get_scale() == 65536.0  # no inf/NaN found: the step was not skipped
     assert not torch.equal(head.weight, before)
+
+
+@pytest.mark.parametrize("kind", seq.KINDS)
+@pytest.mark.parametrize("side", ["student", "teacher", "both"])
+def test_minus_inf_logits_give_finite_gradients(kind, side):
+    """-inf logits (a masked vocabulary, constrained decoding) are tokens of probability 0: value
+    and gradient must be the limit of logits -> -inf (the reference puts -700 there, in float64),
+    with exactly 0 gradient on the -inf entries; never a finite value over NaN gradients. Only
+    fkl with the student at -inf and rkl with the teacher at -inf are truly infinite (the other
+    side has mass where this one has none): their value must not be finite."""
+    s, t, mask = _data(seed=11)
+    keep = s.shape[-1] - 4
+    if side in ("student", "both"):
+        s[..., keep:] = float("-inf")
+    if side in ("teacher", "both"):
+        t[..., keep:] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    got = seq.token_divergence(x, t, kind, mask, chunk_size=4)
+    if (side, kind) in (("student", "fkl"), ("teacher", "rkl")):
+        assert not torch.isfinite(got)
+        return
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(x.grad).all(), (got, x.grad.isnan().sum())
+    y = s.double().clamp_min(-700).requires_grad_(True)
+    want = _ref(kind, y, t.double().clamp_min(-700), mask)
+    want.backward()
+    assert torch.allclose(got.double(), want, atol=1e-5), (got, want)
+    assert torch.allclose(x.grad.double(), y.grad, atol=1e-5)
+    if side != "teacher":
+        assert (x.grad[..., keep:] == 0).all()

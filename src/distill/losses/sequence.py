@@ -60,9 +60,15 @@ def auto_chunk_size(vocab: int) -> int:
 
 
 def _kl_from_logs(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) per row from log-probabilities; 0·log 0 terms count as 0."""
+    """KL(a || b) per row from log-probabilities; 0·log 0 terms count as 0.
+
+    The mask is applied to the log-ratio *before* the product: masking the product only would
+    leave 0·(-inf) = NaN in its backward wherever a = 0 (a -inf logit), a NaN gradient under
+    a finite value.
+    """
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    return (a * ratio).sum(-1)
 
 
 def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
@@ -76,7 +82,7 @@ def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float,
         return _kl_from_logs(log_q, log_p)
     if kind == "jsd":
         # GKD eq. (3): the mixture weights the teacher by beta.
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        log_m = _log_mix(log_p, log_q, beta)
         return beta * _kl_from_logs(log_p, log_m) + (1 - beta) * _kl_from_logs(log_q, log_m)
     if kind == "skl":
         # DistiLLM eq. (3): KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL.
@@ -92,10 +98,19 @@ def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float,
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, alpha: float) -> Tensor:
-    """log(alpha·a + (1-alpha)·b) from log a and log b."""
+    """log(alpha·a + (1-alpha)·b) from log a and log b.
+
+    Where both are -inf (a token neither side can produce) the result is -inf with a zero
+    gradient; logaddexp's own backward is NaN there (exp(-inf - (-inf))).
+    """
     if alpha == 0:
         return log_b
-    return torch.logaddexp(log_a + math.log(alpha), log_b + math.log1p(-alpha))
+    none = (log_a == float("-inf")) & (log_b == float("-inf"))
+    zero = torch.zeros_like(log_a)
+    mixed = torch.logaddexp(
+        torch.where(none, zero, log_a) + math.log(alpha), torch.where(none, zero, log_b) + math.log1p(-alpha)
+    )
+    return torch.where(none, torch.full_like(mixed, float("-inf")), mixed)
 
 
 def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) -> Tensor:
