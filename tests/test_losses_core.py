@@ -112,3 +112,38 @@ def test_kd_and_mse_terms_use_outputs():
     assert LogitMSE()(Outputs(s), Outputs(t), b).item() == pytest.approx(logit_mse(s, t).item())
     with pytest.raises(DistillError, match="teacher produced no logits"):
         KD()(Outputs(s), Outputs(), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions (issue 15)
+
+
+def test_kd_with_minus_inf_teacher_logits_matches_kl_div_and_has_finite_gradients():
+    """A masked vocabulary (teacher logits -inf) is probability 0, not NaN: 0·(-inf) used to
+    make kd_loss NaN while F.kl_div gave a finite value."""
+    from distill.losses import dkd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    t[..., -5:] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    got = kd_loss(x, t, 1.0)
+    want = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert torch.isfinite(x.grad).all()
+    # Both sides masked on the same entries: the value and gradient of the reduced vocabulary.
+    s[..., -5:] = float("-inf")
+    for fn in (
+        lambda a, b: kd_loss(a, b, 2.0),
+        lambda a, b: soft_cross_entropy(a, b, 2.0),
+        lambda a, b: dkd_loss(a, b, torch.tensor([0, 1, 2, 3]), temperature=2.0),
+    ):
+        x = s.clone().requires_grad_(True)
+        y = s[..., :5].clone().requires_grad_(True)
+        got, want = fn(x, t), fn(y, t[..., :5])
+        got.backward()
+        want.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.isfinite(x.grad).all() and (x.grad[..., 5:] == 0).all()
+        torch.testing.assert_close(x.grad[..., :5], y.grad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from distill.errors import DistillError
@@ -55,6 +56,19 @@ def check_same_shape(student: Tensor, teacher: Tensor, what: str = "logits") -> 
 def flatten_logits(logits: Tensor) -> Tensor:
     """(B, C) stays; (B, T, V) becomes (B*T, V), so token-level logits use the same math."""
     return logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits
+
+
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) summed over the last dim, from log-probabilities; 0·log 0 terms count as 0.
+
+    The log-ratio is masked *before* the product with p: masking the product only leaves
+    0·(-inf) = NaN in the value (a -inf teacher logit) or in the backward (a -inf student
+    logit), so -inf logits on both sides give the value and gradient of the vocabulary
+    without them. A token where p > 0 and q = 0 gives +inf, as it should.
+    """
+    p = log_p.exp()
+    ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * ratio).sum(-1)
 
 
 def reduce(per_sample: Tensor, weights: Tensor | None, reduction: str) -> Tensor:

@@ -20,6 +20,7 @@ from distill.losses.base import (
     check_range,
     check_same_shape,
     flatten_logits,
+    kl_rows,
     reduce,
 )
 from distill.outputs import Batch, Outputs
@@ -52,9 +53,10 @@ def kd_loss(
     check_same_shape(student_logits, teacher_logits)
     s = flatten_logits(student_logits).float()
     t = flatten_logits(teacher_logits).float()
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (N,)
+    # kl_rows, not p·(log p − log q): a -inf logit (masked vocabulary) is 0·(-inf) = NaN there.
+    per_sample = kl_rows(
+        F.log_softmax(t / temperature, dim=-1), F.log_softmax(s / temperature, dim=-1)
+    )  # (N,)
     return reduce(per_sample, weights, reduction) * temperature**2
 
 
@@ -74,7 +76,9 @@ def soft_cross_entropy(
     s = flatten_logits(student_logits).float()
     t = flatten_logits(teacher_logits).float()
     p_t = F.softmax(t / temperature, dim=-1)
-    per_sample = -(p_t * F.log_softmax(s / temperature, dim=-1)).sum(-1)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    # Entries the teacher rules out (p_t = 0, e.g. -inf logits) count 0 even where log_p_s = -inf.
+    per_sample = -(p_t * torch.where(p_t > 0, log_p_s, torch.zeros_like(log_p_s))).sum(-1)
     return reduce(per_sample, weights, reduction) * temperature**2
 
 
@@ -235,11 +239,6 @@ def _targets_for(logits: Tensor, targets: Tensor | None, what: str) -> Tensor:
     return t
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) summed over the last dim, given log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -285,11 +284,11 @@ def dkd_loss(
         rest = log_p.masked_fill(target_mask, float("-inf")).logsumexp(-1, keepdim=True)
         return torch.cat([tgt, rest], dim=1)  # (N, 2)
 
-    tckd = _kl_rows(binary(log_pt), binary(log_ps))  # (N,)
+    tckd = kl_rows(binary(log_pt), binary(log_ps))  # (N,)
     # Non-target classes only: drop the target column, renormalise.
     s_nt = s[~target_mask].reshape(n, c - 1)
     t_nt = t[~target_mask].reshape(n, c - 1)
-    nckd = _kl_rows(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1))  # (N,)
+    nckd = kl_rows(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1))  # (N,)
     per_sample = _as_rows(alpha, n, "alpha", s) * tckd + _as_rows(beta, n, "beta", s) * nckd
     return reduce(per_sample, weights, reduction) * temperature**2
 

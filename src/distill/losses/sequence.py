@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.losses.base import LossTerm, check_positive, check_range
+from distill.losses.base import LossTerm, check_positive, check_range, kl_rows
 from distill.outputs import Batch, Outputs
 from distill.registry import LOSSES
 
@@ -59,39 +59,27 @@ def auto_chunk_size(vocab: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _kl_from_logs(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) per row from log-probabilities; 0·log 0 terms count as 0.
-
-    The mask is applied to the log-ratio *before* the product: masking the product only would
-    leave 0·(-inf) = NaN in its backward wherever a = 0 (a -inf logit), a NaN gradient under
-    a finite value.
-    """
-    a = log_a.exp()
-    ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
-    return (a * ratio).sum(-1)
-
-
 def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
     if temperature != 1:
         s, t = s / temperature, t / temperature
     log_q = F.log_softmax(s, dim=-1)  # student
     log_p = F.log_softmax(t, dim=-1)  # teacher
     if kind == "fkl":
-        return _kl_from_logs(log_p, log_q)
+        return kl_rows(log_p, log_q)
     if kind == "rkl":
-        return _kl_from_logs(log_q, log_p)
+        return kl_rows(log_q, log_p)
     if kind == "jsd":
         # GKD eq. (3): the mixture weights the teacher by beta.
         log_m = _log_mix(log_p, log_q, beta)
-        return beta * _kl_from_logs(log_p, log_m) + (1 - beta) * _kl_from_logs(log_q, log_m)
+        return beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)
     if kind == "skl":
         # DistiLLM eq. (3): KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL.
         log_m = _log_mix(log_p, log_q, alpha)
-        return _kl_from_logs(log_p, log_m)
+        return kl_rows(log_p, log_m)
     if kind == "srkl":
         # DistiLLM eq. (4): KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL.
         log_m = _log_mix(log_q, log_p, alpha)
-        return _kl_from_logs(log_q, log_m)
+        return kl_rows(log_q, log_m)
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     raise DistillError(f"unknown token divergence '{kind}'; use one of {', '.join(KINDS)}")
@@ -120,7 +108,7 @@ def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) ->
     """
     log_q = F.log_softmax(s / temperature, dim=-1).gather(-1, indices)  # (c, k)
     log_p = F.log_softmax(values / temperature, dim=-1)  # (c, k), mass outside top-k dropped
-    return _kl_from_logs(log_p, log_q)
+    return kl_rows(log_p, log_q)
 
 
 # --------------------------------------------------------------------------------------------
