@@ -72,9 +72,22 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def reduce(per_sample: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
-    """Mean (or sum) over samples, optionally weighted per sample. `weights` is (N,)."""
+    """Mean (or sum) over samples, optionally weighted per sample.
+
+    `weights` is (N,), one per row; or (B,) for the N = B·T rows of flattened (B, T, V) logits,
+    spread over each sample's T rows.
+    """
     if weights is not None:
-        per_sample = per_sample * weights.reshape(-1).to(per_sample.dtype)
+        w = weights.reshape(-1).to(per_sample.device, per_sample.dtype)
+        n = per_sample.shape[0]
+        if w.numel() != n:
+            if w.numel() == 0 or n % w.numel():
+                raise DistillError(
+                    f"{w.numel()} per-sample weights for {n} rows; give one weight per sample or per row"
+                )
+            w = w.repeat_interleave(n // w.numel())  # (B,) -> (B*T,), rows are sample-major
+        weights = w
+        per_sample = per_sample * w
     if reduction == "sum":
         return per_sample.sum()
     if reduction == "none":

@@ -44,7 +44,7 @@ def kd_loss(
         student_logits: (B, C) or (B, T, V).
         teacher_logits: same shape as the student's.
         temperature: T > 0, a float or a scalar tensor (a learnable temperature).
-        weights: optional per-sample weights, (B,) or (B*T,).
+        weights: optional weights, per sample (B,) or per row (B*T,).
         reduction: "mean" over samples (KL summed over classes), "sum" or "none".
 
     Returns:
@@ -154,8 +154,8 @@ class KD(LossTerm):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         fn = kd_loss if self.form == "kl" else soft_cross_entropy
         return fn(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "kd"),
+            _class_logits(teacher, "teacher", "kd"),
             self.temperature,
             weights=_sample_weights(batch),
         )
@@ -169,10 +169,22 @@ class LogitMSE(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return logit_mse(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "logit_mse"),
+            _class_logits(teacher, "teacher", "logit_mse"),
             weights=_sample_weights(batch),
         )
+
+
+def _class_logits(out: Outputs, who: str, term: str) -> Tensor:
+    """(B, C) logits of one side; (B, T, V) token logits are refused (see the error)."""
+    logits = out.require_logits(who)
+    if logits.dim() > 2:
+        raise DistillError(
+            f"{term}: {who} logits {tuple(logits.shape)} are per token, and {term} would also count "
+            "prompt and padding tokens; use the fkl term (token-level, masked; shift_labels: false "
+            "for logits aligned with the labels)"
+        )
+    return logits
 
 
 def _sample_weights(batch: Batch) -> Tensor | None:
@@ -357,8 +369,8 @@ class LSKD(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return lskd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "lskd"),
+            _class_logits(teacher, "teacher", "lskd"),
             self.temperature,
             weights=_sample_weights(batch),
         )
@@ -394,8 +406,8 @@ class DKD(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         loss = dkd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "dkd"),
+            _class_logits(teacher, "teacher", "dkd"),
             batch.targets,
             self.alpha,
             self.beta,
@@ -425,8 +437,8 @@ class DIST(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return dist_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "dist"),
+            _class_logits(teacher, "teacher", "dist"),
             self.beta,
             self.gamma,
             self.temperature,
@@ -521,8 +533,8 @@ class CTKD(LossTerm):
         temperature = self.t_min + self.t_range * torch.sigmoid(self.theta.float())
         temperature = grad_reverse(temperature, self.lam)
         return kd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "ctkd"),
+            _class_logits(teacher, "teacher", "ctkd"),
             temperature,
             weights=_sample_weights(batch),
         )
