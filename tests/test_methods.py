@@ -98,14 +98,26 @@ def test_kd_t_squared_keeps_gradient_scale():
 # LSKD
 
 
-def test_lskd_matches_formula():
+def test_lskd_matches_formula_unbiased_by_default_population_as_option():
     s, t = torch.randn(5, 7) * 3, torch.randn(5, 7)
 
-    def z(x):
+    def z(x, ddof):
         x = _np(x)
-        return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # numpy std: population
+        return (x - x.mean(1, keepdims=True)) / x.std(1, ddof=ddof, keepdims=True)
 
-    assert lskd_loss(s, t, 2.0).item() == pytest.approx(_kl_ref(z(s), z(t), 2.0), rel=1e-4)
+    # Default: torch.std (1/(C-1)), as the authors' logit-standardization-KD code.
+    assert lskd_loss(s, t, 2.0).item() == pytest.approx(_kl_ref(z(s, 1), z(t, 1), 2.0), rel=1e-4)
+    assert LSKD(2.0)(Outputs(s), Outputs(t), Batch(inputs=None)).item() == pytest.approx(
+        _kl_ref(z(s, 1), z(t, 1), 2.0), rel=1e-4
+    )
+    # Option: the population std (1/C) of the paper's Eq. 8.
+    pop = _kl_ref(z(s, 0), z(t, 0), 2.0)
+    assert lskd_loss(s, t, 2.0, std="population").item() == pytest.approx(pop, rel=1e-4)
+    assert LSKD(2.0, std="population")(Outputs(s), Outputs(t), Batch(inputs=None)).item() == pytest.approx(
+        pop, rel=1e-4
+    )
+    with pytest.raises(DistillError, match="lskd.std: 'sample' is not one of unbiased, population"):
+        LSKD(std="sample")
 
 
 def test_lskd_invariant_to_shift_and_positive_scale():

@@ -196,16 +196,26 @@ def _sample_weights(batch: Batch) -> Tensor | None:
 # Logit standardisation, decoupled KD, DIST
 
 
-def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-scores logits over the class dimension: `(z - mean(z)) / std(z)` per sample.
+STD_KINDS = ("unbiased", "population")
 
-    Uses the population standard deviation (1/C), as in Sun et al. 2024, Eq. 8. `eps` keeps a
-    sample whose logits are all equal finite (it becomes all zeros).
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7, std: str = "unbiased") -> Tensor:
+    """Z-scores logits over the class dimension: `(z - mean(z)) / (std(z) + eps)` per sample.
+
+    Args:
+        logits: (..., C).
+        eps: keeps a sample whose logits are all equal finite (it becomes all zeros).
+        std: "unbiased" (1/(C−1), `torch.std`, as the authors' code that produced the published
+            CIFAR-100 numbers) or "population" (1/C, as Sun et al. 2024 write Eq. 8). The
+            z-scores differ by sqrt(C/(C−1)), which acts as a temperature: the LSKD value
+            differs by 11% at C = 10 and 1% at C = 100 (docs/methods.md, Conventions).
     """
+    if std not in STD_KINDS:
+        raise DistillError(f"lskd.std: '{std}' is not one of {', '.join(STD_KINDS)}")
     z = logits.float()
     mean = z.mean(-1, keepdim=True)
-    std = z.std(-1, keepdim=True, unbiased=False)
-    return (z - mean) / (std + eps)
+    sd = z.std(-1, keepdim=True, unbiased=std == "unbiased")
+    return (z - mean) / (sd + eps)
 
 
 def lskd_loss(
@@ -214,6 +224,7 @@ def lskd_loss(
     temperature: float | Tensor = 2.0,
     weights: Tensor | None = None,
     reduction: str = "mean",
+    std: str = "unbiased",
 ) -> Tensor:
     """Sun et al. 2024, "Logit Standardization in Knowledge Distillation": Hinton KD on
     z-scored logits, so the student matches the teacher's logit *relations* rather than their
@@ -226,11 +237,12 @@ def lskd_loss(
             CIFAR-100 with its KD weight of 9 — see `recipes/`), multiplied back as T².
         weights: optional per-sample weights (N,).
         reduction: "mean", "sum" or "none".
+        std: "unbiased" (default, the authors' code) or "population"; see `standardize_logits`.
     """
     check_same_shape(student_logits, teacher_logits)
     return kd_loss(
-        standardize_logits(student_logits),
-        standardize_logits(teacher_logits),
+        standardize_logits(student_logits, std=std),
+        standardize_logits(teacher_logits, std=std),
         temperature,
         weights=weights,
         reduction=reduction,
@@ -358,14 +370,19 @@ class LSKD(LossTerm):
 
     Args:
         temperature: base temperature T > 0 (schedulable as `<term>.temperature`).
+        std: "unbiased" (default: `torch.std`, as the authors' code behind the published
+            numbers) or "population" (the paper's Eq. 8); see `standardize_logits`.
     """
 
     supports_sample_weights = True
 
-    def __init__(self, temperature: float = 2.0):
+    def __init__(self, temperature: float = 2.0, std: str = "unbiased"):
         super().__init__()
         check_positive("lskd.temperature", temperature)
+        if std not in STD_KINDS:
+            raise DistillError(f"lskd.std: '{std}' is not one of {', '.join(STD_KINDS)}")
         self.temperature = temperature
+        self.std = std
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return lskd_loss(
@@ -373,6 +390,7 @@ class LSKD(LossTerm):
             _class_logits(teacher, "teacher", "lskd"),
             self.temperature,
             weights=_sample_weights(batch),
+            std=self.std,
         )
 
 
