@@ -265,12 +265,27 @@ def test_at_matches_formula_scale_invariance_and_sizes():
     assert at_loss(fs, ft).item() == pytest.approx(_at_ref(_np(fs), _np(ft)), rel=1e-5)
     torch.testing.assert_close(at_loss(fs * 7.0, ft * 0.01), at_loss(fs, ft), rtol=1e-5, atol=1e-8)
     assert at_loss(ft, ft).item() == pytest.approx(0.0, abs=1e-8)
-    # Different spatial sizes: the larger map is area-averaged to the smaller.
+    # Different spatial sizes, default: the larger *feature* is area-averaged to the smaller
+    # before its attention is taken, as RepDistiller's Attention.at_loss.
     big = torch.randn(3, 4, 12, 12)
+
+    def at(f):  # RepDistiller: F.normalize(f.pow(p).mean(1).view(B, -1))
+        return F.normalize(f.pow(2).mean(1).view(f.shape[0], -1))
+
+    ref = (at(F.adaptive_avg_pool2d(big, (6, 6))) - at(ft)).pow(2).mean()
+    assert at_loss(big, ft).item() == pytest.approx(float(ref), rel=1e-5)
+    assert at_loss(ft, big).item() == pytest.approx(float(ref), rel=1e-5)
+    # pool="maps": the larger *attention map* is area-averaged instead.
     pooled = F.avg_pool2d((big**2).mean(1, keepdim=True), 2)[:, 0]
     a = F.normalize(pooled.flatten(1), dim=1)
     b = F.normalize((ft**2).mean(1).flatten(1), dim=1)
-    assert at_loss(big, ft).item() == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    assert at_loss(big, ft, pool="maps").item() == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    so, to = _feats(s=big), _feats(t=ft)
+    assert AttentionTransfer("s", "t", pool="maps")(so, to, Batch(inputs=None)).item() == pytest.approx(
+        float(((a - b) ** 2).mean()), rel=1e-5
+    )
+    with pytest.raises(DistillError, match="at.pool: 'map' is not one of features, maps"):
+        AttentionTransfer("s", "t", pool="map")
 
 
 def test_at_term_sums_over_pairs_and_missing_tap():
