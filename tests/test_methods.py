@@ -252,6 +252,24 @@ def test_fitnets_linear_for_vectors_and_rank_mismatch():
         bad.setup(_feats(s=torch.randn(3, 5)), _feats(t=torch.randn(3, 7, 2, 2)), Batch(inputs=None))
 
 
+def test_fitnets_relu_option_ends_the_regressor_with_a_relu():
+    fs, ft = torch.randn(2, 4, 8, 8), torch.relu(torch.randn(2, 6, 8, 8))
+    so, to, batch = _feats(s=fs), _feats(t=ft), Batch(inputs=None)
+    plain, with_relu = FitNets("s", "t"), FitNets("s", "t", relu=True)
+    plain.setup(so, to, batch)
+    with_relu.setup(so, to, batch)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in plain.regressor.modules())
+    assert isinstance(with_relu.regressor[-1], torch.nn.ReLU)
+    with_relu.regressor[:2].load_state_dict(plain.regressor.state_dict())
+    r = torch.relu(plain.regressor(fs))
+    assert float(with_relu(so, to, batch).detach()) == pytest.approx(
+        float(((r - ft) ** 2).mean().detach()), rel=1e-5
+    )
+    vec = FitNets("s", "t", relu=True)
+    vec.setup(_feats(s=torch.randn(3, 5)), _feats(t=torch.randn(3, 7)), batch)
+    assert isinstance(vec.regressor[0], torch.nn.Linear) and isinstance(vec.regressor[1], torch.nn.ReLU)
+
+
 def _at_ref(fs, ft):
     a = (fs**2).mean(1).reshape(fs.shape[0], -1)
     b = (ft**2).mean(1).reshape(ft.shape[0], -1)

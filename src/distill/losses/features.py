@@ -98,11 +98,16 @@ def hint_loss(
 
 
 def make_regressor(
-    student_shape: Sequence[int], teacher_shape: Sequence[int], batchnorm: bool = True
+    student_shape: Sequence[int], teacher_shape: Sequence[int], batchnorm: bool = True, relu: bool = False
 ) -> nn.Module:
     """The FitNets regressor from tapped shapes: a 1×1 conv (+ BatchNorm) for (B, C, H, W)
-    maps, a linear layer over the last dim for (B, D) or (B, T, D) features."""
-    s, t = tuple(student_shape), tuple(teacher_shape)
+    maps, a linear layer over the last dim for (B, D) or (B, T, D) features; `relu` appends a
+    ReLU (RepDistiller's ConvReg has one, the paper's regressor does not)."""
+    reg = _regressor(tuple(student_shape), tuple(teacher_shape), batchnorm)
+    return nn.Sequential(*(reg if isinstance(reg, nn.Sequential) else [reg]), nn.ReLU()) if relu else reg
+
+
+def _regressor(s: tuple, t: tuple, batchnorm: bool) -> nn.Module:
     if len(s) != len(t):
         raise DistillError(
             f"fitnets: student feature {s} and teacher feature {t} have different ranks; tap layers of "
@@ -132,24 +137,33 @@ class FitNets(LossTerm):
         student_layer: module path of the student's guided layer.
         teacher_layer: module path of the teacher's hint layer.
         batchnorm: follow the 1×1 conv by BatchNorm (conv maps only).
+        relu: end the regressor with a ReLU, as the CRD benchmark's code (RepDistiller's
+            `ConvReg`, behind the published FitNets numbers) does; off by default, as in the
+            paper. It suits a teacher hint taken after a ReLU (non-negative); a pre-activation
+            hint has negative values a ReLU output cannot match.
     """
 
     supports_sample_weights = True
 
     def __init__(
-        self, student_layer: str | None = None, teacher_layer: str | None = None, batchnorm: bool = True
+        self,
+        student_layer: str | None = None,
+        teacher_layer: str | None = None,
+        batchnorm: bool = True,
+        relu: bool = False,
     ):
         super().__init__()
         ((self.student_layer, self.teacher_layer),) = _single_pair("fitnets", student_layer, teacher_layer)
         self.student_taps, self.teacher_taps = (self.student_layer,), (self.teacher_layer,)
         self.batchnorm = batchnorm
+        self.relu = relu
         self.regressor: nn.Module | None = None
 
     def setup(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         fs = student.feature(self.student_layer, "student")
         ft = teacher.feature(self.teacher_layer, "teacher")
         _check_batch(fs, ft, "fitnets")
-        self.regressor = make_regressor(fs.shape, ft.shape, self.batchnorm).to(fs.device)
+        self.regressor = make_regressor(fs.shape, ft.shape, self.batchnorm, self.relu).to(fs.device)
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         fs = student.feature(self.student_layer, "student")
