@@ -423,6 +423,71 @@ def test_crd_needs_index_trains_heads_and_updates_memory():
         CRD(student_layer="s", teacher_layer="t")
 
 
+def test_crd_uniform_negatives_never_draw_the_anchor():
+    """The anchor's own index used to be drawn as a negative (27.9% of anchors at CIFAR sizes,
+    N = 50,000, K = 16,384); now negatives are uniform over the other N − 1 samples."""
+    torch.manual_seed(0)
+    n = 5
+    term = CRD(student_layer="s", teacher_layer="t", n_data=n, feat_dim=4, nce_k=4000)
+    idx = torch.arange(n)
+    contrast = term.draw_contrast(idx)
+    assert contrast.shape == (n, 4001) and torch.equal(contrast[:, 0], idx)
+    neg = contrast[:, 1:]
+    assert not (neg == idx[:, None]).any()
+    for i in range(n):  # every other sample, about equally often (1000 expected each)
+        counts = torch.bincount(neg[i], minlength=n)
+        assert counts[i] == 0 and ((counts - 1000).abs()[torch.arange(n) != i] < 150).all()
+
+
+def test_crd_other_class_negatives_come_from_other_classes_only():
+    torch.manual_seed(0)
+    n, c = 30, 3
+    y_all = torch.arange(n) % c
+    kw = {"student_layer": "s", "teacher_layer": "t", "n_data": n, "feat_dim": 4, "nce_k": 3000}
+    # Labels given up front: negatives uniform over the 20 samples of the other two classes.
+    term = CRD(negatives="other_class", labels=y_all.tolist(), **kw)
+    idx = torch.tensor([0, 4, 29])
+    neg = term.draw_contrast(idx, y_all[idx])[:, 1:]
+    assert (y_all[neg] != y_all[idx][:, None]).all()
+    for i in range(3):
+        counts = torch.bincount(neg[i], minlength=n)[y_all != y_all[idx[i]]]
+        assert (counts > 0).all() and ((counts - 150).abs() < 60).all()
+    # Labels learned from the batches: only seen samples of other classes are drawn.
+    term = CRD(negatives="other_class", **kw)
+    seen = torch.tensor([0, 1, 2, 3])  # classes 0, 1, 2, 0
+    neg = term.draw_contrast(seen, y_all[seen])[:, 1:]
+    assert set(neg[0].tolist()) == {1, 2} and set(neg[1].tolist()) == {0, 2, 3}
+    # No other-class sample seen yet: falls back to uniform over the other samples.
+    term = CRD(negatives="other_class", **kw)
+    neg = term.draw_contrast(torch.tensor([0, 3]), torch.tensor([0, 0]))[:, 1:]
+    assert not (neg[0] == 0).any() and not (neg[1] == 3).any() and len(set(neg[0].tolist())) > 20
+    # The learned bank is checkpointed; a loaded one replaces the cached pool.
+    state = term.state_dict()
+    assert state["labels"].tolist()[:4] == [0, -1, -1, 0]
+    fresh = CRD(negatives="other_class", **kw)
+    fresh.load_state_dict(CRD(negatives="other_class", labels=y_all.tolist(), **kw).state_dict())
+    neg = fresh.draw_contrast(torch.tensor([0]), torch.tensor([0]))[:, 1:]
+    assert (y_all[neg] != 0).all()
+    assert "labels" not in CRD(**kw).state_dict()  # uniform mode keeps its old checkpoint keys
+    # In the term: labels come from the batch; evaluation batches do not write the bank.
+    term = CRD(negatives="other_class", **kw)
+    so, to = _feats(s=torch.randn(4, 6)), _feats(t=torch.randn(4, 5))
+    batch = Batch(inputs=None, targets=y_all[:4], index=torch.arange(4))
+    term.setup(so, to, batch)
+    assert torch.isfinite(term(so, to, batch)) and term.labels[:5].tolist() == [0, 1, 2, 0, -1]
+    term.eval()
+    term(so, to, Batch(inputs=None, targets=torch.tensor([2, 2, 2, 2]), index=torch.arange(4, 8)))
+    assert term.labels[4:8].tolist() == [-1, -1, -1, -1]
+    with pytest.raises(DistillError, match="needs the class labels"):
+        CRD(negatives="other_class", **kw).draw_contrast(torch.tensor([0]))
+    with pytest.raises(DistillError, match="crd.negatives: 'classes' is not one of uniform, other_class"):
+        CRD(negatives="classes", **kw)
+    with pytest.raises(DistillError, match="only with negatives: other_class"):
+        CRD(labels=y_all.tolist(), **kw)
+    with pytest.raises(DistillError, match="one class id"):
+        CRD(negatives="other_class", labels=[0, 1], **kw)
+
+
 def test_indexed_dataset_feeds_crd_indices():
     data = [(torch.randn(3), i % 2) for i in range(6)]
     ds = IndexedDataset(data)
