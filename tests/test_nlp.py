@@ -209,6 +209,22 @@ def test_hidden_and_attention_terms_against_formulas_with_projection():
     assert hidden_state_loss(proj, proj.detach(), att.bool(), "cos") < 1e-6
 
 
+def test_hidden_terms_average_or_sum_over_layer_pairs():
+    """TinyBERT sums its layer losses; the default averages them. Both are offered."""
+    teacher, student = tiny_bert(layers=4), tiny_bert(layers=2)
+    x = torch.randint(0, 64, (2, 6))
+    batch = as_batch({"input_ids": x, "attention_mask": torch.ones(2, 6, dtype=torch.long)})
+    ad = hf_adapter(hidden_states=True)
+    s_out, t_out = ad(student, batch), Teacher(teacher, adapter=ad)(batch)
+    hs, ht = s_out.extras["hidden_states"], t_out.extras["hidden_states"]
+    per = [hidden_state_loss(hs[i], ht[j]) for i, j in [(0, 0), (1, 2), (2, 4)]]  # the uniform map
+    mean = HiddenMSE()(s_out, t_out, batch)
+    total = HiddenMSE(layer_reduction="sum")(s_out, t_out, batch)
+    assert torch.allclose(mean, sum(per) / 3, atol=1e-6) and torch.allclose(total, sum(per), atol=1e-6)
+    with pytest.raises(DistillError, match="hidden_mse.layer_reduction: 'max' is not one of mean, sum"):
+        HiddenMSE(layer_reduction="max")
+
+
 def test_embedding_terms_cache_and_cached_teacher(tmp_path):
     torch.manual_seed(0)
     encoder = torch.nn.Linear(3, 8)
