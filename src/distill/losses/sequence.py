@@ -88,17 +88,15 @@ def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float,
 def _log_mix(log_a: Tensor, log_b: Tensor, alpha: float) -> Tensor:
     """log(alpha·a + (1-alpha)·b) from log a and log b.
 
-    Where both are -inf (a token neither side can produce) the result is -inf with a zero
-    gradient; logaddexp's own backward is NaN there (exp(-inf - (-inf))).
+    `log_a` is clamped to the lowest finite float first: where both inputs are -inf (a token
+    neither side can produce) logaddexp's backward is NaN (exp(-inf - (-inf))); with one side
+    finite it is not, the result there is ~-3.4e38 (probability 0), and the clamp passes no
+    gradient. One clamp is enough, and costs one pass over the chunk.
     """
     if alpha == 0:
         return log_b
-    none = (log_a == float("-inf")) & (log_b == float("-inf"))
-    zero = torch.zeros_like(log_a)
-    mixed = torch.logaddexp(
-        torch.where(none, zero, log_a) + math.log(alpha), torch.where(none, zero, log_b) + math.log1p(-alpha)
-    )
-    return torch.where(none, torch.full_like(mixed, float("-inf")), mixed)
+    low = torch.finfo(log_a.dtype).min
+    return torch.logaddexp(log_a.clamp_min(low) + math.log(alpha), log_b + math.log1p(-alpha))
 
 
 def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) -> Tensor:
