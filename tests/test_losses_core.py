@@ -112,3 +112,58 @@ def test_kd_and_mse_terms_use_outputs():
     assert LogitMSE()(Outputs(s), Outputs(t), b).item() == pytest.approx(logit_mse(s, t).item())
     with pytest.raises(DistillError, match="teacher produced no logits"):
         KD()(Outputs(s), Outputs(), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions (issue 15)
+
+
+def test_kd_with_minus_inf_teacher_logits_matches_kl_div_and_has_finite_gradients():
+    """A masked vocabulary (teacher logits -inf) is probability 0, not NaN: 0·(-inf) used to
+    make kd_loss NaN while F.kl_div gave a finite value."""
+    from distill.losses import dkd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    t[..., -5:] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    got = kd_loss(x, t, 1.0)
+    want = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert torch.isfinite(x.grad).all()
+    # Both sides masked on the same entries: the value and gradient of the reduced vocabulary.
+    s[..., -5:] = float("-inf")
+    for fn in (
+        lambda a, b: kd_loss(a, b, 2.0),
+        lambda a, b: soft_cross_entropy(a, b, 2.0),
+        lambda a, b: dkd_loss(a, b, torch.tensor([0, 1, 2, 3]), temperature=2.0),
+    ):
+        x = s.clone().requires_grad_(True)
+        y = s[..., :5].clone().requires_grad_(True)
+        got, want = fn(x, t), fn(y, t[..., :5])
+        got.backward()
+        want.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.isfinite(x.grad).all() and (x.grad[..., 5:] == 0).all()
+        torch.testing.assert_close(x.grad[..., :5], y.grad)
+
+
+def test_kd_terms_refuse_token_logits_and_plain_kd_takes_per_sample_weights():
+    """kd on (B, T, V) used to average over prompt and padding tokens too (2.30 vs 1.89 for fkl on
+    the same batch), and (B,) weights crashed. The terms now refuse token logits with a pointer
+    to fkl; the plain function spreads (B,) weights over each sample's tokens."""
+    from distill.losses import CTKD, DIST, DKD, LSKD
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    labels = torch.tensor([[-100, 1, 2], [-100, 3, -100]])
+    batch = Batch(inputs={"attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}, targets=labels)
+    for term in (KD(), LSKD(), DKD(), DIST(), CTKD(), LogitMSE()):
+        with pytest.raises(DistillError, match="use the fkl term"):
+            term(Outputs(s), Outputs(t), batch)
+    w = torch.tensor([2.0, 0.5])
+    got = kd_loss(s, t, 2.0, weights=w)
+    per = kd_loss(s, t, 2.0, reduction="none") / 4.0  # (6,), T² taken back out
+    want = (per * w.repeat_interleave(3)).sum() / (3 * w.sum()) * 4.0
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)

@@ -98,14 +98,26 @@ def test_kd_t_squared_keeps_gradient_scale():
 # LSKD
 
 
-def test_lskd_matches_formula():
+def test_lskd_matches_formula_unbiased_by_default_population_as_option():
     s, t = torch.randn(5, 7) * 3, torch.randn(5, 7)
 
-    def z(x):
+    def z(x, ddof):
         x = _np(x)
-        return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # numpy std: population
+        return (x - x.mean(1, keepdims=True)) / x.std(1, ddof=ddof, keepdims=True)
 
-    assert lskd_loss(s, t, 2.0).item() == pytest.approx(_kl_ref(z(s), z(t), 2.0), rel=1e-4)
+    # Default: torch.std (1/(C-1)), as the authors' logit-standardization-KD code.
+    assert lskd_loss(s, t, 2.0).item() == pytest.approx(_kl_ref(z(s, 1), z(t, 1), 2.0), rel=1e-4)
+    assert LSKD(2.0)(Outputs(s), Outputs(t), Batch(inputs=None)).item() == pytest.approx(
+        _kl_ref(z(s, 1), z(t, 1), 2.0), rel=1e-4
+    )
+    # Option: the population std (1/C) of the paper's Eq. 8.
+    pop = _kl_ref(z(s, 0), z(t, 0), 2.0)
+    assert lskd_loss(s, t, 2.0, std="population").item() == pytest.approx(pop, rel=1e-4)
+    assert LSKD(2.0, std="population")(Outputs(s), Outputs(t), Batch(inputs=None)).item() == pytest.approx(
+        pop, rel=1e-4
+    )
+    with pytest.raises(DistillError, match="lskd.std: 'sample' is not one of unbiased, population"):
+        LSKD(std="sample")
 
 
 def test_lskd_invariant_to_shift_and_positive_scale():
@@ -240,6 +252,24 @@ def test_fitnets_linear_for_vectors_and_rank_mismatch():
         bad.setup(_feats(s=torch.randn(3, 5)), _feats(t=torch.randn(3, 7, 2, 2)), Batch(inputs=None))
 
 
+def test_fitnets_relu_option_ends_the_regressor_with_a_relu():
+    fs, ft = torch.randn(2, 4, 8, 8), torch.relu(torch.randn(2, 6, 8, 8))
+    so, to, batch = _feats(s=fs), _feats(t=ft), Batch(inputs=None)
+    plain, with_relu = FitNets("s", "t"), FitNets("s", "t", relu=True)
+    plain.setup(so, to, batch)
+    with_relu.setup(so, to, batch)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in plain.regressor.modules())
+    assert isinstance(with_relu.regressor[-1], torch.nn.ReLU)
+    with_relu.regressor[:2].load_state_dict(plain.regressor.state_dict())
+    r = torch.relu(plain.regressor(fs))
+    assert float(with_relu(so, to, batch).detach()) == pytest.approx(
+        float(((r - ft) ** 2).mean().detach()), rel=1e-5
+    )
+    vec = FitNets("s", "t", relu=True)
+    vec.setup(_feats(s=torch.randn(3, 5)), _feats(t=torch.randn(3, 7)), batch)
+    assert isinstance(vec.regressor[0], torch.nn.Linear) and isinstance(vec.regressor[1], torch.nn.ReLU)
+
+
 def _at_ref(fs, ft):
     a = (fs**2).mean(1).reshape(fs.shape[0], -1)
     b = (ft**2).mean(1).reshape(ft.shape[0], -1)
@@ -253,12 +283,27 @@ def test_at_matches_formula_scale_invariance_and_sizes():
     assert at_loss(fs, ft).item() == pytest.approx(_at_ref(_np(fs), _np(ft)), rel=1e-5)
     torch.testing.assert_close(at_loss(fs * 7.0, ft * 0.01), at_loss(fs, ft), rtol=1e-5, atol=1e-8)
     assert at_loss(ft, ft).item() == pytest.approx(0.0, abs=1e-8)
-    # Different spatial sizes: the larger map is area-averaged to the smaller.
+    # Different spatial sizes, default: the larger *feature* is area-averaged to the smaller
+    # before its attention is taken, as RepDistiller's Attention.at_loss.
     big = torch.randn(3, 4, 12, 12)
+
+    def at(f):  # RepDistiller: F.normalize(f.pow(p).mean(1).view(B, -1))
+        return F.normalize(f.pow(2).mean(1).view(f.shape[0], -1))
+
+    ref = (at(F.adaptive_avg_pool2d(big, (6, 6))) - at(ft)).pow(2).mean()
+    assert at_loss(big, ft).item() == pytest.approx(float(ref), rel=1e-5)
+    assert at_loss(ft, big).item() == pytest.approx(float(ref), rel=1e-5)
+    # pool="maps": the larger *attention map* is area-averaged instead.
     pooled = F.avg_pool2d((big**2).mean(1, keepdim=True), 2)[:, 0]
     a = F.normalize(pooled.flatten(1), dim=1)
     b = F.normalize((ft**2).mean(1).flatten(1), dim=1)
-    assert at_loss(big, ft).item() == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    assert at_loss(big, ft, pool="maps").item() == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    so, to = _feats(s=big), _feats(t=ft)
+    assert AttentionTransfer("s", "t", pool="maps")(so, to, Batch(inputs=None)).item() == pytest.approx(
+        float(((a - b) ** 2).mean()), rel=1e-5
+    )
+    with pytest.raises(DistillError, match="at.pool: 'map' is not one of features, maps"):
+        AttentionTransfer("s", "t", pool="map")
 
 
 def test_at_term_sums_over_pairs_and_missing_tap():
@@ -376,6 +421,71 @@ def test_crd_needs_index_trains_heads_and_updates_memory():
         term(so, to, Batch(inputs=None, index=torch.tensor([0, 1, 2, 50])))
     with pytest.raises(DistillError, match="n_data"):
         CRD(student_layer="s", teacher_layer="t")
+
+
+def test_crd_uniform_negatives_never_draw_the_anchor():
+    """The anchor's own index used to be drawn as a negative (27.9% of anchors at CIFAR sizes,
+    N = 50,000, K = 16,384); now negatives are uniform over the other N − 1 samples."""
+    torch.manual_seed(0)
+    n = 5
+    term = CRD(student_layer="s", teacher_layer="t", n_data=n, feat_dim=4, nce_k=4000)
+    idx = torch.arange(n)
+    contrast = term.draw_contrast(idx)
+    assert contrast.shape == (n, 4001) and torch.equal(contrast[:, 0], idx)
+    neg = contrast[:, 1:]
+    assert not (neg == idx[:, None]).any()
+    for i in range(n):  # every other sample, about equally often (1000 expected each)
+        counts = torch.bincount(neg[i], minlength=n)
+        assert counts[i] == 0 and ((counts - 1000).abs()[torch.arange(n) != i] < 150).all()
+
+
+def test_crd_other_class_negatives_come_from_other_classes_only():
+    torch.manual_seed(0)
+    n, c = 30, 3
+    y_all = torch.arange(n) % c
+    kw = {"student_layer": "s", "teacher_layer": "t", "n_data": n, "feat_dim": 4, "nce_k": 3000}
+    # Labels given up front: negatives uniform over the 20 samples of the other two classes.
+    term = CRD(negatives="other_class", labels=y_all.tolist(), **kw)
+    idx = torch.tensor([0, 4, 29])
+    neg = term.draw_contrast(idx, y_all[idx])[:, 1:]
+    assert (y_all[neg] != y_all[idx][:, None]).all()
+    for i in range(3):
+        counts = torch.bincount(neg[i], minlength=n)[y_all != y_all[idx[i]]]
+        assert (counts > 0).all() and ((counts - 150).abs() < 60).all()
+    # Labels learned from the batches: only seen samples of other classes are drawn.
+    term = CRD(negatives="other_class", **kw)
+    seen = torch.tensor([0, 1, 2, 3])  # classes 0, 1, 2, 0
+    neg = term.draw_contrast(seen, y_all[seen])[:, 1:]
+    assert set(neg[0].tolist()) == {1, 2} and set(neg[1].tolist()) == {0, 2, 3}
+    # No other-class sample seen yet: falls back to uniform over the other samples.
+    term = CRD(negatives="other_class", **kw)
+    neg = term.draw_contrast(torch.tensor([0, 3]), torch.tensor([0, 0]))[:, 1:]
+    assert not (neg[0] == 0).any() and not (neg[1] == 3).any() and len(set(neg[0].tolist())) > 20
+    # The learned bank is checkpointed; a loaded one replaces the cached pool.
+    state = term.state_dict()
+    assert state["labels"].tolist()[:4] == [0, -1, -1, 0]
+    fresh = CRD(negatives="other_class", **kw)
+    fresh.load_state_dict(CRD(negatives="other_class", labels=y_all.tolist(), **kw).state_dict())
+    neg = fresh.draw_contrast(torch.tensor([0]), torch.tensor([0]))[:, 1:]
+    assert (y_all[neg] != 0).all()
+    assert "labels" not in CRD(**kw).state_dict()  # uniform mode keeps its old checkpoint keys
+    # In the term: labels come from the batch; evaluation batches do not write the bank.
+    term = CRD(negatives="other_class", **kw)
+    so, to = _feats(s=torch.randn(4, 6)), _feats(t=torch.randn(4, 5))
+    batch = Batch(inputs=None, targets=y_all[:4], index=torch.arange(4))
+    term.setup(so, to, batch)
+    assert torch.isfinite(term(so, to, batch)) and term.labels[:5].tolist() == [0, 1, 2, 0, -1]
+    term.eval()
+    term(so, to, Batch(inputs=None, targets=torch.tensor([2, 2, 2, 2]), index=torch.arange(4, 8)))
+    assert term.labels[4:8].tolist() == [-1, -1, -1, -1]
+    with pytest.raises(DistillError, match="needs the class labels"):
+        CRD(negatives="other_class", **kw).draw_contrast(torch.tensor([0]))
+    with pytest.raises(DistillError, match="crd.negatives: 'classes' is not one of uniform, other_class"):
+        CRD(negatives="classes", **kw)
+    with pytest.raises(DistillError, match="only with negatives: other_class"):
+        CRD(labels=y_all.tolist(), **kw)
+    with pytest.raises(DistillError, match="one class id"):
+        CRD(negatives="other_class", labels=[0, 1], **kw)
 
 
 def test_indexed_dataset_feeds_crd_indices():

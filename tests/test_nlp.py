@@ -209,6 +209,22 @@ def test_hidden_and_attention_terms_against_formulas_with_projection():
     assert hidden_state_loss(proj, proj.detach(), att.bool(), "cos") < 1e-6
 
 
+def test_hidden_terms_average_or_sum_over_layer_pairs():
+    """TinyBERT sums its layer losses; the default averages them. Both are offered."""
+    teacher, student = tiny_bert(layers=4), tiny_bert(layers=2)
+    x = torch.randint(0, 64, (2, 6))
+    batch = as_batch({"input_ids": x, "attention_mask": torch.ones(2, 6, dtype=torch.long)})
+    ad = hf_adapter(hidden_states=True)
+    s_out, t_out = ad(student, batch), Teacher(teacher, adapter=ad)(batch)
+    hs, ht = s_out.extras["hidden_states"], t_out.extras["hidden_states"]
+    per = [hidden_state_loss(hs[i], ht[j]) for i, j in [(0, 0), (1, 2), (2, 4)]]  # the uniform map
+    mean = HiddenMSE()(s_out, t_out, batch)
+    total = HiddenMSE(layer_reduction="sum")(s_out, t_out, batch)
+    assert torch.allclose(mean, sum(per) / 3, atol=1e-6) and torch.allclose(total, sum(per), atol=1e-6)
+    with pytest.raises(DistillError, match="hidden_mse.layer_reduction: 'max' is not one of mean, sum"):
+        HiddenMSE(layer_reduction="max")
+
+
 def test_embedding_terms_cache_and_cached_teacher(tmp_path):
     torch.manual_seed(0)
     encoder = torch.nn.Linear(3, 8)
@@ -279,6 +295,35 @@ def test_generate_batch_masks_prompt_and_on_policy_mix(tok):
     assert mix.counts["student"] + mix.counts["data"] == len(TEXTS) and 0 < mix.counts["student"] < len(TEXTS)
     for out in batches:
         assert set(out) >= {"input_ids", "attention_mask", "labels"}
+
+
+def test_left_padded_batches_keep_their_prompts_for_generation(tok):
+    """Decoder-only batches are usually left-padded. The prompt mask used to keep only the
+    leading run of prompt tokens from column 0, so a left-padded row got an empty prompt and
+    generation stopped with "a prompt is empty"; with no marked prompt, `prompt_tokens` was
+    counted from column 0, padding included."""
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 6, 7]])
+    att = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 7]])
+    src = OnPolicyBatches([], torch.nn.Module(), pad_token_id=0, eos_token_id=None, prompt_tokens=2)
+    p = src.prompts_of({"input_ids": ids, "attention_mask": att, "labels": labels})
+    assert p["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 1, 0]]
+    p = src.prompts_of({"input_ids": ids, "attention_mask": att})  # no marked prompt
+    assert p["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]]
+    model = tiny_gpt2(len(tok))
+    ids = ids.clamp_max(len(tok) - 1)
+    mix = OnPolicyBatches(
+        [{"input_ids": ids, "attention_mask": att, "labels": labels}],
+        model,
+        0,
+        None,
+        lam=1.0,
+        max_new_tokens=3,
+    )
+    (gen,) = list(mix)
+    assert gen["input_ids"][0, :3].tolist() == [5, 6, 7] and gen["input_ids"][1, :1].tolist() == [6]
+    assert (gen["labels"][0, :3] == -100).all() and gen["labels"][1, 0] == -100
+    assert ((gen["labels"] != -100).sum(1) <= 3).all()
 
 
 # ------------------------------------------------------------------------------- HF Trainer

@@ -214,3 +214,68 @@ def test_token_cross_entropy_matches_shifted_cross_entropy_and_lm_ce_term():
     assert torch.allclose(term(Outputs(logits=s), None, Batch(inputs={}, targets=labels)), want, atol=1e-5)
     with pytest.raises(DistillError, match="out of range"):
         seq.token_cross_entropy(s, labels.clamp_max(20) * 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions (issue 15)
+
+
+def test_fp16_logits_under_grad_scaler_step_with_accurate_gradients():
+    """fp16 logits, loss scale 65,536 (the GradScaler's start, as the Trainer uses): the step is
+    taken and the unscaled gradient matches plain fp32 autograd. The gradient buffer used to be
+    fp16 at loss scale 1, so the incoming 65,536 overflowed it (every entry inf) and small
+    entries were flushed to zero before scaling could help."""
+    torch.manual_seed(0)
+    n, d, v = 512, 16, 256
+    head = torch.nn.Linear(d, v)
+    x, t = torch.randn(n, d), torch.randn(n, v) * 2
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    before = head.weight.detach().clone()
+
+    logits = head(x).half()  # (N, V) fp16, as an fp16 model's output
+    logits.retain_grad()
+    loss = seq.forward_kl(logits, t.half())
+    scaler.scale(loss).backward()
+    assert logits.grad.dtype == torch.float16 and logits.grad.isfinite().all()
+
+    ref = logits.detach().float().requires_grad_(True)
+    seq.forward_kl(ref, t.half()).backward()
+    got = logits.grad.float() / scaler.get_scale()
+    rel = (got - ref.grad).norm() / ref.grad.norm()
+    assert rel < 1e-2, rel
+
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # no inf/NaN found: the step was not skipped
+    assert not torch.equal(head.weight, before)
+
+
+@pytest.mark.parametrize("kind", seq.KINDS)
+@pytest.mark.parametrize("side", ["student", "teacher", "both"])
+def test_minus_inf_logits_give_finite_gradients(kind, side):
+    """-inf logits (a masked vocabulary, constrained decoding) are tokens of probability 0: value
+    and gradient must be the limit of logits -> -inf (the reference puts -700 there, in float64),
+    with exactly 0 gradient on the -inf entries; never a finite value over NaN gradients. Only
+    fkl with the student at -inf and rkl with the teacher at -inf are truly infinite (the other
+    side has mass where this one has none): their value must not be finite."""
+    s, t, mask = _data(seed=11)
+    keep = s.shape[-1] - 4
+    if side in ("student", "both"):
+        s[..., keep:] = float("-inf")
+    if side in ("teacher", "both"):
+        t[..., keep:] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    got = seq.token_divergence(x, t, kind, mask, chunk_size=4)
+    if (side, kind) in (("student", "fkl"), ("teacher", "rkl")):
+        assert not torch.isfinite(got)
+        return
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(x.grad).all(), (got, x.grad.isnan().sum())
+    y = s.double().clamp_min(-700).requires_grad_(True)
+    want = _ref(kind, y, t.double().clamp_min(-700), mask)
+    want.backward()
+    assert torch.allclose(got.double(), want, atol=1e-5), (got, want)
+    assert torch.allclose(x.grad.double(), y.grad, atol=1e-5)
+    if side != "teacher":
+        assert (x.grad[..., keep:] == 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from distill.errors import DistillError
@@ -57,10 +58,36 @@ def flatten_logits(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits
 
 
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) summed over the last dim, from log-probabilities; 0·log 0 terms count as 0.
+
+    The log-ratio is masked *before* the product with p: masking the product only leaves
+    0·(-inf) = NaN in the value (a -inf teacher logit) or in the backward (a -inf student
+    logit), so -inf logits on both sides give the value and gradient of the vocabulary
+    without them. A token where p > 0 and q = 0 gives +inf, as it should.
+    """
+    p = log_p.exp()
+    ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * ratio).sum(-1)
+
+
 def reduce(per_sample: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
-    """Mean (or sum) over samples, optionally weighted per sample. `weights` is (N,)."""
+    """Mean (or sum) over samples, optionally weighted per sample.
+
+    `weights` is (N,), one per row; or (B,) for the N = B·T rows of flattened (B, T, V) logits,
+    spread over each sample's T rows.
+    """
     if weights is not None:
-        per_sample = per_sample * weights.reshape(-1).to(per_sample.dtype)
+        w = weights.reshape(-1).to(per_sample.device, per_sample.dtype)
+        n = per_sample.shape[0]
+        if w.numel() != n:
+            if w.numel() == 0 or n % w.numel():
+                raise DistillError(
+                    f"{w.numel()} per-sample weights for {n} rows; give one weight per sample or per row"
+                )
+            w = w.repeat_interleave(n // w.numel())  # (B,) -> (B*T,), rows are sample-major
+        weights = w
+        per_sample = per_sample * w
     if reduction == "sum":
         return per_sample.sum()
     if reduction == "none":

@@ -20,6 +20,7 @@ from distill.losses.base import (
     check_range,
     check_same_shape,
     flatten_logits,
+    kl_rows,
     reduce,
 )
 from distill.outputs import Batch, Outputs
@@ -43,7 +44,7 @@ def kd_loss(
         student_logits: (B, C) or (B, T, V).
         teacher_logits: same shape as the student's.
         temperature: T > 0, a float or a scalar tensor (a learnable temperature).
-        weights: optional per-sample weights, (B,) or (B*T,).
+        weights: optional weights, per sample (B,) or per row (B*T,).
         reduction: "mean" over samples (KL summed over classes), "sum" or "none".
 
     Returns:
@@ -52,9 +53,10 @@ def kd_loss(
     check_same_shape(student_logits, teacher_logits)
     s = flatten_logits(student_logits).float()
     t = flatten_logits(teacher_logits).float()
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (N,)
+    # kl_rows, not p·(log p − log q): a -inf logit (masked vocabulary) is 0·(-inf) = NaN there.
+    per_sample = kl_rows(
+        F.log_softmax(t / temperature, dim=-1), F.log_softmax(s / temperature, dim=-1)
+    )  # (N,)
     return reduce(per_sample, weights, reduction) * temperature**2
 
 
@@ -74,7 +76,9 @@ def soft_cross_entropy(
     s = flatten_logits(student_logits).float()
     t = flatten_logits(teacher_logits).float()
     p_t = F.softmax(t / temperature, dim=-1)
-    per_sample = -(p_t * F.log_softmax(s / temperature, dim=-1)).sum(-1)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    # Entries the teacher rules out (p_t = 0, e.g. -inf logits) count 0 even where log_p_s = -inf.
+    per_sample = -(p_t * torch.where(p_t > 0, log_p_s, torch.zeros_like(log_p_s))).sum(-1)
     return reduce(per_sample, weights, reduction) * temperature**2
 
 
@@ -150,8 +154,8 @@ class KD(LossTerm):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         fn = kd_loss if self.form == "kl" else soft_cross_entropy
         return fn(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "kd"),
+            _class_logits(teacher, "teacher", "kd"),
             self.temperature,
             weights=_sample_weights(batch),
         )
@@ -165,10 +169,22 @@ class LogitMSE(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return logit_mse(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "logit_mse"),
+            _class_logits(teacher, "teacher", "logit_mse"),
             weights=_sample_weights(batch),
         )
+
+
+def _class_logits(out: Outputs, who: str, term: str) -> Tensor:
+    """(B, C) logits of one side; (B, T, V) token logits are refused (see the error)."""
+    logits = out.require_logits(who)
+    if logits.dim() > 2:
+        raise DistillError(
+            f"{term}: {who} logits {tuple(logits.shape)} are per token, and {term} would also count "
+            "prompt and padding tokens; use the fkl term (token-level, masked; shift_labels: false "
+            "for logits aligned with the labels)"
+        )
+    return logits
 
 
 def _sample_weights(batch: Batch) -> Tensor | None:
@@ -180,16 +196,26 @@ def _sample_weights(batch: Batch) -> Tensor | None:
 # Logit standardisation, decoupled KD, DIST
 
 
-def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-scores logits over the class dimension: `(z - mean(z)) / std(z)` per sample.
+STD_KINDS = ("unbiased", "population")
 
-    Uses the population standard deviation (1/C), as in Sun et al. 2024, Eq. 8. `eps` keeps a
-    sample whose logits are all equal finite (it becomes all zeros).
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7, std: str = "unbiased") -> Tensor:
+    """Z-scores logits over the class dimension: `(z - mean(z)) / (std(z) + eps)` per sample.
+
+    Args:
+        logits: (..., C).
+        eps: keeps a sample whose logits are all equal finite (it becomes all zeros).
+        std: "unbiased" (1/(C−1), `torch.std`, as the authors' code that produced the published
+            CIFAR-100 numbers) or "population" (1/C, as Sun et al. 2024 write Eq. 8). The
+            z-scores differ by sqrt(C/(C−1)), which acts as a temperature: the LSKD value
+            differs by 11% at C = 10 and 1% at C = 100 (docs/methods.md, Conventions).
     """
+    if std not in STD_KINDS:
+        raise DistillError(f"lskd.std: '{std}' is not one of {', '.join(STD_KINDS)}")
     z = logits.float()
     mean = z.mean(-1, keepdim=True)
-    std = z.std(-1, keepdim=True, unbiased=False)
-    return (z - mean) / (std + eps)
+    sd = z.std(-1, keepdim=True, unbiased=std == "unbiased")
+    return (z - mean) / (sd + eps)
 
 
 def lskd_loss(
@@ -198,6 +224,7 @@ def lskd_loss(
     temperature: float | Tensor = 2.0,
     weights: Tensor | None = None,
     reduction: str = "mean",
+    std: str = "unbiased",
 ) -> Tensor:
     """Sun et al. 2024, "Logit Standardization in Knowledge Distillation": Hinton KD on
     z-scored logits, so the student matches the teacher's logit *relations* rather than their
@@ -210,11 +237,12 @@ def lskd_loss(
             CIFAR-100 with its KD weight of 9 — see `recipes/`), multiplied back as T².
         weights: optional per-sample weights (N,).
         reduction: "mean", "sum" or "none".
+        std: "unbiased" (default, the authors' code) or "population"; see `standardize_logits`.
     """
     check_same_shape(student_logits, teacher_logits)
     return kd_loss(
-        standardize_logits(student_logits),
-        standardize_logits(teacher_logits),
+        standardize_logits(student_logits, std=std),
+        standardize_logits(teacher_logits, std=std),
         temperature,
         weights=weights,
         reduction=reduction,
@@ -233,11 +261,6 @@ def _targets_for(logits: Tensor, targets: Tensor | None, what: str) -> Tensor:
         i = int(bad.nonzero()[0, 0])
         raise DistillError(f"{what}: label {int(t[i])} is out of range for {c} classes (position {i})")
     return t
-
-
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) summed over the last dim, given log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def dkd_loss(
@@ -285,11 +308,11 @@ def dkd_loss(
         rest = log_p.masked_fill(target_mask, float("-inf")).logsumexp(-1, keepdim=True)
         return torch.cat([tgt, rest], dim=1)  # (N, 2)
 
-    tckd = _kl_rows(binary(log_pt), binary(log_ps))  # (N,)
+    tckd = kl_rows(binary(log_pt), binary(log_ps))  # (N,)
     # Non-target classes only: drop the target column, renormalise.
     s_nt = s[~target_mask].reshape(n, c - 1)
     t_nt = t[~target_mask].reshape(n, c - 1)
-    nckd = _kl_rows(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1))  # (N,)
+    nckd = kl_rows(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1))  # (N,)
     per_sample = _as_rows(alpha, n, "alpha", s) * tckd + _as_rows(beta, n, "beta", s) * nckd
     return reduce(per_sample, weights, reduction) * temperature**2
 
@@ -347,21 +370,27 @@ class LSKD(LossTerm):
 
     Args:
         temperature: base temperature T > 0 (schedulable as `<term>.temperature`).
+        std: "unbiased" (default: `torch.std`, as the authors' code behind the published
+            numbers) or "population" (the paper's Eq. 8); see `standardize_logits`.
     """
 
     supports_sample_weights = True
 
-    def __init__(self, temperature: float = 2.0):
+    def __init__(self, temperature: float = 2.0, std: str = "unbiased"):
         super().__init__()
         check_positive("lskd.temperature", temperature)
+        if std not in STD_KINDS:
+            raise DistillError(f"lskd.std: '{std}' is not one of {', '.join(STD_KINDS)}")
         self.temperature = temperature
+        self.std = std
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return lskd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "lskd"),
+            _class_logits(teacher, "teacher", "lskd"),
             self.temperature,
             weights=_sample_weights(batch),
+            std=self.std,
         )
 
 
@@ -395,8 +424,8 @@ class DKD(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         loss = dkd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "dkd"),
+            _class_logits(teacher, "teacher", "dkd"),
             batch.targets,
             self.alpha,
             self.beta,
@@ -426,8 +455,8 @@ class DIST(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         return dist_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "dist"),
+            _class_logits(teacher, "teacher", "dist"),
             self.beta,
             self.gamma,
             self.temperature,
@@ -522,8 +551,8 @@ class CTKD(LossTerm):
         temperature = self.t_min + self.t_range * torch.sigmoid(self.theta.float())
         temperature = grad_reverse(temperature, self.lam)
         return kd_loss(
-            student.require_logits("student"),
-            teacher.require_logits("teacher"),
+            _class_logits(student, "student", "ctkd"),
+            _class_logits(teacher, "teacher", "ctkd"),
             temperature,
             weights=_sample_weights(batch),
         )

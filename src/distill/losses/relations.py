@@ -7,6 +7,7 @@ flattened. Math is in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,9 @@ class _Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)).float(), dim=1)
 
 
+NEGATIVES = ("uniform", "other_class")
+
+
 @LOSSES.register("crd")
 class CRD(LossTerm):
     """Contrastive representation distillation (Tian et al. 2020, "Contrastive Representation
@@ -142,11 +146,22 @@ class CRD(LossTerm):
 
     Student and teacher features are projected by two linear heads (created in `setup`) onto
     the unit sphere. Each side's embedding is contrasted with the *other* side's memory bank:
-    the stored embedding of the same sample is the positive, `nce_k` uniformly drawn samples
-    are negatives; the NCE loss (`nce_loss`) of both directions is summed. The banks (one row
+    the stored embedding of the same sample is the positive, `nce_k` drawn samples are
+    negatives; the NCE loss (`nce_loss`) of both directions is summed. The banks (one row
     per training sample, keyed by `batch.index`) are updated with momentum `nce_m` after
     each training step, and checkpointed with the objective. The normaliser Z of each
     direction is estimated once, on the first batch, as in the paper's code.
+
+    Negatives are drawn with replacement and never include the anchor's own index:
+    - "uniform": uniformly over the other N − 1 samples (the paper's noise distribution);
+    - "other_class": uniformly over the samples of *other classes*, as the authors' code in
+      its default "exact" mode (RepDistiller's `CIFAR100InstanceSample`, behind the published
+      numbers; it draws without replacement when it can, which changes only the variance).
+      Needs labels: each sample's class is remembered from `batch.targets` as its index is
+      seen (a buffer, checkpointed), or given up front with `labels`. Until every sample has
+      been seen once (the first epoch) negatives come from the samples seen so far; an
+      anchor with no other-class sample seen yet falls back to "uniform".
+    The NCE noise probability stays 1/N in both modes, as in the authors' code.
 
     Needs sample indices: wrap the training set in `distill.data.IndexedDataset`.
 
@@ -157,6 +172,9 @@ class CRD(LossTerm):
         nce_k: negatives per sample (paper: 16384).
         nce_t: temperature τ (paper: 0.07).
         nce_m: memory momentum (paper: 0.5).
+        negatives: "uniform" (default) or "other_class".
+        labels: optional class of every training sample, in index order (length n_data), for
+            "other_class" (e.g. `dataset.targets`); otherwise learned from the batches.
     """
 
     supports_sample_weights = True
@@ -170,6 +188,8 @@ class CRD(LossTerm):
         nce_k: int = 16384,
         nce_t: float = 0.07,
         nce_m: float = 0.5,
+        negatives: str = "uniform",
+        labels: Sequence[int] | Tensor | None = None,
     ):
         super().__init__()
         ((self.student_layer, self.teacher_layer),) = _single_pair("crd", student_layer, teacher_layer)
@@ -190,6 +210,28 @@ class CRD(LossTerm):
         self.register_buffer("z_t", torch.tensor(-1.0))
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
+        if negatives not in NEGATIVES:
+            raise DistillError(f"crd.negatives: '{negatives}' is not one of {', '.join(NEGATIVES)}")
+        self.negatives = negatives
+        self._pool: tuple[Tensor, Tensor, Tensor, int] | None = None  # see _class_pool
+        if negatives == "other_class":
+            bank = torch.full((self.n_data,), -1, dtype=torch.long)  # -1: not seen yet
+            if labels is not None:
+                given = torch.as_tensor(labels).reshape(-1).long()
+                if given.numel() != self.n_data or (given < 0).any():
+                    raise DistillError(
+                        f"crd.labels must hold one class id >= 0 per training sample ({self.n_data}), "
+                        f"got {given.numel()} values"
+                    )
+                bank.copy_(given)
+            # Registered only in this mode, so uniform-mode checkpoints keep their keys.
+            self.register_buffer("labels", bank)
+        elif labels is not None:
+            raise DistillError("crd.labels is used only with negatives: other_class")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pool = None  # derived from the label bank, which may just have been replaced
 
     def setup(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         fs = student.feature(self.student_layer, "student")
@@ -215,6 +257,50 @@ class CRD(LossTerm):
             )
         return idx
 
+    def _class_pool(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Sample indices sorted by known class (unseen ones first), each class's start in
+        that order and its size, and the number of unseen samples. Recomputed when the bank
+        changes."""
+        if self._pool is None:
+            bank = self.labels
+            order = torch.sort(bank, stable=True).indices
+            unseen = int((bank < 0).sum())
+            counts = torch.bincount(bank[bank >= 0], minlength=int(bank.max()) + 1 if bank.numel() else 1)
+            starts = unseen + counts.cumsum(0) - counts
+            self._pool = (order, starts, counts, unseen)
+        return self._pool
+
+    def draw_contrast(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(B,) anchor indices -> (B, K+1) memory rows: the anchor, then `nce_k` negatives."""
+        b, k, n = idx.shape[0], self.nce_k, self.n_data
+        # Uniform over the other N − 1 samples: draw from N − 1 slots and skip the anchor's.
+        r = torch.randint(0, n - 1, (b, k), device=idx.device)
+        neg = r + (r >= idx[:, None]).long()
+        if self.negatives == "other_class":
+            if targets is None:
+                raise DistillError(
+                    "crd.negatives: other_class needs the class labels in each batch; use negatives: "
+                    "uniform for unlabeled data"
+                )
+            y = targets.reshape(-1).long().to(idx.device)
+            if y.shape[0] != b:
+                raise DistillError(f"crd: {y.shape[0]} labels for a batch of {b}")
+            # Learn classes from training batches only (evaluation indices are another dataset's).
+            if self.training and (self.labels[idx] != y).any():
+                self.labels[idx] = y
+                self._pool = None
+            order, starts, counts, unseen = self._class_pool()
+            n_class = counts[y]  # (B,), the anchor's class size among seen samples
+            n_other = (n - unseen) - n_class  # seen samples of other classes
+            # Uniform over the sorted seen samples with the anchor's class block cut out.
+            u = (torch.rand(b, k, device=idx.device) * n_other[:, None].clamp_min(1)).long()
+            u = torch.minimum(u, (n_other[:, None] - 1).clamp_min(0))
+            first = (starts[y] - unseen)[:, None]
+            pos = unseen + u + (u >= first).long() * n_class[:, None]
+            picked = order[pos.clamp_max(n - 1)]
+            neg = torch.where(n_other[:, None] > 0, picked, neg)
+        return torch.cat([idx[:, None], neg], dim=1)
+
     def _scores(self, anchor: Tensor, memory: Tensor, contrast: Tensor, z: Tensor) -> Tensor:
         w = memory[contrast]  # (B, K+1, F), no gradient (a buffer)
         out = torch.exp(torch.bmm(w, anchor[:, :, None]).squeeze(-1) / self.nce_t)  # (B, K+1)
@@ -233,8 +319,7 @@ class CRD(LossTerm):
         _check_batch(fs, ft, "crd")
         idx = self._index(batch, fs.shape[0]).to(self.memory_s.device)
         es, et = self.embed_s(fs), self.embed_t(ft)  # (B, F) each, unit norm
-        contrast = torch.randint(0, self.n_data, (idx.shape[0], self.nce_k + 1), device=idx.device)
-        contrast[:, 0] = idx
+        contrast = self.draw_contrast(idx, batch.targets)
         per_sample = nce_loss(self._scores(es, self.memory_t, contrast, self.z_s), self.n_data) + nce_loss(
             self._scores(et, self.memory_s, contrast, self.z_t), self.n_data
         )

@@ -5,8 +5,9 @@ several fp32 copies of that tensor alive for backward (two log-softmaxes, probab
 products), which at B=8, T=1024, V=50k is ~1.6 GB each. Here the loss is computed chunk by
 chunk over the valid (unmasked) tokens only, and each chunk's gradient with respect to the
 student's logits is taken right away and written into one buffer of the logits' own shape and
-dtype. Peak memory is then: the logits, that gradient buffer, and one chunk's fp32 temporaries,
-whatever the sequence length (the same trick fused cross-entropy kernels use).
+dtype (fp32 for fp16 logits, whose range cannot hold a loss-scaled gradient: 2x the logits'
+bytes). Peak memory is then: the logits, that gradient buffer, and one chunk's fp32
+temporaries, whatever the sequence length (the same trick fused cross-entropy kernels use).
 
 The teacher is a constant: no gradient flows into teacher logits.
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.losses.base import LossTerm, check_positive, check_range
+from distill.losses.base import LossTerm, check_positive, check_range, kl_rows
 from distill.outputs import Batch, Outputs
 from distill.registry import LOSSES
 
@@ -58,43 +59,44 @@ def auto_chunk_size(vocab: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _kl_from_logs(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) per row from log-probabilities; 0·log 0 terms count as 0."""
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
-
-
 def _per_token(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
     if temperature != 1:
         s, t = s / temperature, t / temperature
     log_q = F.log_softmax(s, dim=-1)  # student
     log_p = F.log_softmax(t, dim=-1)  # teacher
     if kind == "fkl":
-        return _kl_from_logs(log_p, log_q)
+        return kl_rows(log_p, log_q)
     if kind == "rkl":
-        return _kl_from_logs(log_q, log_p)
+        return kl_rows(log_q, log_p)
     if kind == "jsd":
         # GKD eq. (3): the mixture weights the teacher by beta.
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        return beta * _kl_from_logs(log_p, log_m) + (1 - beta) * _kl_from_logs(log_q, log_m)
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)
     if kind == "skl":
         # DistiLLM eq. (3): KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL.
         log_m = _log_mix(log_p, log_q, alpha)
-        return _kl_from_logs(log_p, log_m)
+        return kl_rows(log_p, log_m)
     if kind == "srkl":
         # DistiLLM eq. (4): KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL.
         log_m = _log_mix(log_q, log_p, alpha)
-        return _kl_from_logs(log_q, log_m)
+        return kl_rows(log_q, log_m)
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     raise DistillError(f"unknown token divergence '{kind}'; use one of {', '.join(KINDS)}")
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, alpha: float) -> Tensor:
-    """log(alpha·a + (1-alpha)·b) from log a and log b."""
+    """log(alpha·a + (1-alpha)·b) from log a and log b.
+
+    `log_a` is clamped to the lowest finite float first: where both inputs are -inf (a token
+    neither side can produce) logaddexp's backward is NaN (exp(-inf - (-inf))); with one side
+    finite it is not, the result there is ~-3.4e38 (probability 0), and the clamp passes no
+    gradient. One clamp is enough, and costs one pass over the chunk.
+    """
     if alpha == 0:
         return log_b
-    return torch.logaddexp(log_a + math.log(alpha), log_b + math.log1p(-alpha))
+    low = torch.finfo(log_a.dtype).min
+    return torch.logaddexp(log_a.clamp_min(low) + math.log(alpha), log_b + math.log1p(-alpha))
 
 
 def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) -> Tensor:
@@ -104,7 +106,7 @@ def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) ->
     """
     log_q = F.log_softmax(s / temperature, dim=-1).gather(-1, indices)  # (c, k)
     log_p = F.log_softmax(values / temperature, dim=-1)  # (c, k), mass outside top-k dropped
-    return _kl_from_logs(log_p, log_q)
+    return kl_rows(log_p, log_q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +125,11 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, s2d, spans, w, denom, per_token):
         needs_grad = ctx.needs_input_grad[0]
         s_const = s2d.detach()
-        grad = torch.zeros_like(s_const) if needs_grad else None
+        # fp16 keeps the buffer in fp32: its range (max 65,504, smallest normal 6e-5) can hold
+        # neither the loss scale a GradScaler multiplies in afterwards (65,536 at the start)
+        # nor, unscaled, the small per-entry gradients of a large batch. bf16 has fp32's range.
+        buf_dtype = torch.float32 if s_const.dtype == torch.float16 else s_const.dtype
+        grad = torch.zeros_like(s_const, dtype=buf_dtype) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=s2d.device)
         for a, b in spans:
             s_c = s_const[a:b].float().detach()  # a view when the logits are fp32
@@ -138,6 +144,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 part = (per_token(s_c, a, b) * w_c).sum() / denom
             total += part.detach()
         ctx.save_for_backward(grad if needs_grad else None)
+        ctx.logits_dtype = s2d.dtype
         ctx.used = False
         return total
 
@@ -151,8 +158,10 @@ class _ChunkedLoss(torch.autograd.Function):
             )
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        # In place: the buffer is the size of the logits and is used once.
-        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None
+        # In place: the buffer is the size of the logits and is used once. The incoming gradient
+        # (the loss scale) is applied in the buffer's precision, before any cast to fp16.
+        grad = grad.mul_(grad_out.to(grad.dtype)).to(ctx.logits_dtype)
+        return grad, None, None, None, None
 
 
 def _token_weights(logits: Tensor, mask: Tensor | None, weights: Tensor | None) -> tuple[Tensor, Tensor]:

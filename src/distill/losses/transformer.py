@@ -124,11 +124,21 @@ def attention_kl(student: Tensor, teacher: Tensor, mask: Tensor | None = None, e
     return (per * m).sum() / m.sum().clamp_min(1)
 
 
+LAYER_REDUCTIONS = ("mean", "sum")
+
+
 class _HiddenState(LossTerm):
     kind = "mse"
 
-    def __init__(self, layer_map: LayerMap = "uniform", projection: bool = True):
+    def __init__(
+        self, layer_map: LayerMap = "uniform", projection: bool = True, layer_reduction: str = "mean"
+    ):
         super().__init__()
+        if layer_reduction not in LAYER_REDUCTIONS:
+            raise DistillError(
+                f"{self._name}.layer_reduction: '{layer_reduction}' is not one of {', '.join(LAYER_REDUCTIONS)}"
+            )
+        self.layer_reduction = layer_reduction
         if not isinstance(layer_map, str | Mapping | Sequence):
             raise DistillError(
                 f"{self._name}.layer_map must be 'uniform', 'last' or a {{student: teacher}} dict"
@@ -170,7 +180,7 @@ class _HiddenState(LossTerm):
                     f"{ht[j].shape[-1]}, and no projection was set up (the trainer calls setup once)"
                 )
             total = total + hidden_state_loss(s, ht[j], mask, self.kind)
-        return total / len(pairs)
+        return total if self.layer_reduction == "sum" else total / len(pairs)
 
 
 @LOSSES.register("hidden_mse")
@@ -181,6 +191,10 @@ class HiddenMSE(_HiddenState):
     Args:
         layer_map: {student: teacher} hidden-state indices (0 = embeddings), "uniform" or "last".
         projection: allow a learned projection when widths differ.
+        layer_reduction: "mean" (default) or "sum" over the layer pairs. TinyBERT sums them, so
+            its published weights assume "sum" (5x "mean" for a 4-layer student with the
+            uniform map: embeddings + 4 blocks); "mean" keeps a weight's meaning when the
+            number of layers changes.
     """
 
     kind = "mse"

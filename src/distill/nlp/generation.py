@@ -137,15 +137,19 @@ class OnPolicyBatches:
         return len(self.loader)
 
     def prompts_of(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The prompt of each row: its first run of prompt tokens, counted from its first real
+        (attended) token, so left- and right-padded batches both work."""
         ids = batch["input_ids"]
-        att = batch.get("attention_mask", torch.ones_like(ids)).clone()
+        att = batch.get("attention_mask", torch.ones_like(ids)).bool()
         labels = batch.get("labels")
-        if labels is not None and (labels == -100).logical_and(att.bool()).any(1).all():
-            keep = (labels == -100) & att.bool()
+        if labels is not None and (labels == -100).logical_and(att).any(1).all():
+            keep = (labels == -100) & att
         else:
-            keep = att.bool() & (torch.arange(ids.shape[1], device=ids.device)[None, :] < self.prompt_tokens)
-        # the prompt is the leading run of prompt tokens
-        keep = keep.long().cumprod(1).bool()
+            # position among the row's real tokens, so left padding does not eat the prompt
+            keep = att & (att.long().cumsum(1) <= self.prompt_tokens)
+        # Padding is transparent to the run: the prompt is the leading run of prompt tokens
+        # among the real ones (a cumulative product over columns would stop at left padding).
+        keep = (keep | ~att).long().cumprod(1).bool() & att
         return {"input_ids": ids, "attention_mask": keep.long()}
 
     def __iter__(self):
