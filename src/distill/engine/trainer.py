@@ -262,6 +262,18 @@ class MetricsLog:
     def __init__(self, path: Path | None, stage: str):
         self.path, self.stage = path, stage
 
+    def has_lines(self) -> bool:
+        """Whether the file holds any line of this stage."""
+        if self.path is None or not self.path.exists():
+            return False
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("stage") == self.stage:
+                    return True
+            except json.JSONDecodeError:
+                continue
+        return False
+
     def truncate_after(self, step: int) -> None:
         if self.path is None or not self.path.exists() or not dist.is_main():
             return
@@ -271,7 +283,7 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if rec.get("stage") == self.stage and rec.get("step", 0) > step:
+            if rec.get("stage") == self.stage and rec.get("step", 0) > step:  # step -1: every line
                 continue
             keep.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
@@ -324,6 +336,9 @@ class Trainer:
         batch_size, num_workers, pin_memory, collate_fn: used when `train_data` is a Dataset.
         seed: for initialisation order, data order and dropout.
         resume: continue from `out_dir/checkpoints/<stage>/last.safetensors` if it exists.
+        overwrite: replace this stage's checkpoints and metrics lines already in `out_dir`. Without
+            `resume` or `overwrite`, an `out_dir` that already holds this stage is refused, so two runs
+            never mix their checkpoints and `metrics.jsonl`.
         callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
             evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
             `optuna.TrialPruned`) stops training and propagates out of `fit()`.
@@ -349,6 +364,7 @@ class Trainer:
         seed: int = 0,
         resume: bool = False,
         callbacks: Sequence[Any] = (),
+        overwrite: bool = False,
         **overrides: Any,
     ):
         self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
@@ -360,6 +376,7 @@ class Trainer:
         self.stage = stage
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ckpt_dir = self.out_dir / "checkpoints" / stage if self.out_dir else None
+        self._claim_out_dir(resume, overwrite)
         self.device = resolve_device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -418,6 +435,29 @@ class Trainer:
             self.resume()
 
     # ---------------------------------------------------------------- setup
+
+    def _claim_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuses an `out_dir` that already holds this stage unless told to continue or replace it."""
+        if resume and overwrite:
+            raise DistillError("give resume=True or overwrite=True, not both")
+        if self.out_dir is None:
+            return
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.stage)
+        used = (self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())) or metrics.has_lines()
+        if not used or resume:
+            return
+        if not overwrite:
+            raise DistillError(
+                f"{self.out_dir} already holds training stage '{self.stage}' (checkpoints or metrics.jsonl "
+                "lines); pass resume=True to continue it, overwrite=True to replace it, or another out_dir"
+            )
+        if dist.is_main():
+            import shutil
+
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            shutil.rmtree(self.out_dir / "tensorboard" / self.stage, ignore_errors=True)
+            metrics.truncate_after(-1)
+        dist.barrier()
 
     def _preflight(self) -> None:
         """Runs one batch through teacher and student before training: creates adapters from the
@@ -571,6 +611,7 @@ class Trainer:
     def resume(self) -> bool:
         path = self.ckpt_dir / "last.safetensors" if self.ckpt_dir else None
         if path is None or not path.exists():
+            self.metrics.truncate_after(-1)  # lines of a start that never checkpointed
             return False
         state = load_state(path)
         try:
