@@ -18,7 +18,8 @@ class RunDir:
     """Claims `path` for a run with config text `config_yaml`.
 
     A folder holding another run is refused unless `overwrite` (it is then emptied) or `resume`
-    with the same config; two processes on one folder are refused by an exclusive lock. Under
+    with the same config; a folder where no stage finished anything (only the config and the log of
+    a run that failed at once) is reclaimed silently; two processes on one folder are refused by an exclusive lock. Under
     `torchrun` only rank 0 checks, claims and writes the folder; the other ranks wait for its
     verdict (and raise the same error if it refuses).
     """
@@ -36,7 +37,9 @@ class RunDir:
                     f"{self.path} exists and is not a distill run folder; choose another --out"
                 )
             self._lock()
-            if overwrite:
+            if overwrite or not self._holds_results():
+                # a run that failed before finishing anything (bad import, bad argument) left only
+                # its config and log: the folder is reclaimed without --resume or --overwrite
                 for child in self.path.iterdir():
                     if child.name == ".lock":
                         continue
@@ -60,6 +63,19 @@ class RunDir:
             self._lock()
         self._remove_stale_temp_files()
         atomic_write_text(saved, config_yaml)
+
+    def _holds_results(self) -> bool:
+        """Whether anything worth keeping is here: a checkpoint, a summary, a store; anything but the
+        config, the lock, the metrics log, TensorBoard files and stale temp files."""
+        disposable = {"config.yaml", ".lock", "metrics.jsonl"}
+        for f in self.path.rglob("*"):
+            rel = f.relative_to(self.path)
+            if f.is_dir() or rel.parts[0] == "tensorboard" or str(rel) in disposable:
+                continue
+            if f.name.startswith(".") and ".tmp-" in f.name:
+                continue
+            return True
+        return False
 
     def _remove_stale_temp_files(self) -> None:
         """A process killed mid-write leaves its temp file (the real file is intact); holding the
