@@ -66,3 +66,30 @@ def test_a_run_that_failed_before_finishing_anything_is_reclaimed(tmp_path, caps
     with RunDir(out, "name: other\n"):
         assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml"]
     assert yaml.safe_load((out / "config.yaml").read_text()) == {"name": "other"}
+
+
+# --------------------------------------------------------------------------- bug 6: threads
+
+
+def test_trainer_threads_reach_the_teachers_own_training(tmp_path):
+    import torch
+
+    from distill.engine.trainer import use_callbacks
+    from distill.run.pipeline import run_recipe
+
+    seen = {}
+
+    class Threads:
+        def on_evaluate(self, trainer, metrics):
+            seen[trainer.stage] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    cfg = tiny_recipe(tmp_path, **{"trainer.threads": 1, "teacher.train.threads": "null", "baselines": "[]"})
+    assert cfg.teacher.train.threads is None
+    try:
+        with use_callbacks(Threads()):
+            run_recipe(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"teacher": 1, "student_kd": 1}

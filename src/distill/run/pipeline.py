@@ -88,6 +88,10 @@ def train_stage(
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
         return load_weights(model, final)
+    if trainer_cfg.threads is None and cfg.trainer.threads is not None:
+        # a stage with its own settings (teacher.train, a candidate's train) that leaves `threads`
+        # unset takes the recipe's: one CPU-thread setting for the whole run
+        trainer_cfg = trainer_cfg.model_copy(update={"threads": cfg.trainer.threads})
     sharded = trainer_cfg.parallel == "fsdp2" and dist.world_size() > 1
     blank = copy.deepcopy(model) if sharded else None  # the Trainer shards `model` in place
     trainer = Trainer(
