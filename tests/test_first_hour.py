@@ -43,7 +43,9 @@ def test_empty_or_near_empty_recipe_is_an_error_naming_what_is_missing(tmp_path,
 
 
 def test_a_run_that_failed_before_finishing_anything_is_reclaimed(tmp_path, capsys):
-    recipe = _write(tmp_path, tiny_recipe(tmp_path, **{"teacher.class_path": "nowhere.Model", "teacher.name": "null"}))
+    recipe = _write(
+        tmp_path, tiny_recipe(tmp_path, **{"teacher.class_path": "nowhere.Model", "teacher.name": "null"})
+    )
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     assert (out / "config.yaml").exists()
@@ -93,3 +95,48 @@ def test_trainer_threads_reach_the_teachers_own_training(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert seen == {"teacher": 1, "student_kd": 1}
+
+
+# --------------------------------------------------------------------------- bugs 1 and 7: distill eval
+
+
+def _kd_row(summary):
+    return next(r for r in summary["rows"] if r["name"] == "student_kd")
+
+
+def test_eval_uses_the_recipes_evaluator(tmp_path, capsys):
+    """`distill eval` scored with plain accuracy whatever the recipe's evaluator (LM: no perplexity)."""
+    cfg = tiny_recipe(
+        tmp_path, **{"evaluator": "{name: perplexity, init_args: {shift: false}}", "baselines": "[]"}
+    )
+    recipe, out = _write(tmp_path, cfg), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    row = _kd_row(json.loads((out / "summary.json").read_text()))
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert "perplexity" in ev
+    for k in ("perplexity", "nll", "accuracy", "agreement"):
+        assert ev[k] == pytest.approx(row[k]), k
+
+
+def test_eval_scores_every_seed_of_a_multi_seed_run(tmp_path, capsys):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, baselines="[]")), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--seeds", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(isinstance(r["params"], int) for r in summary["rows"])  # was written as a float
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert [s["seed"] for s in ev["seeds"]] == [0, 1]
+    per_seed = [_kd_row(json.loads((out / f"seed{k}" / "summary.json").read_text())) for k in (0, 1)]
+    for s, row in zip(ev["seeds"], per_seed):
+        assert s["accuracy"] == pytest.approx(row["accuracy"])
+    assert ev["accuracy"] == pytest.approx(sum(r["accuracy"] for r in per_seed) / 2)
+    assert ev["params"] == per_seed[0]["params"]
+    # a folder without a finished student names what is missing
+    empty = tmp_path / "unfinished"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((out / "seed0" / "config.yaml").read_text())
+    assert main(["eval", str(empty)]) == 2
+    assert "has no finished student_kd" in capsys.readouterr().err

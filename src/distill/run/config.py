@@ -156,7 +156,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def require_sections(data: dict[str, Any], source: str, sections: tuple[str, ...] = ("teacher", "student")) -> None:
+def require_sections(
+    data: dict[str, Any], source: str, sections: tuple[str, ...] = ("teacher", "student")
+) -> None:
     """A recipe file must name the models it distils: a near-empty one (only `name:`, say) would
     otherwise run the demo's digits defaults without a word."""
     missing = [k for k in sections if k not in data]

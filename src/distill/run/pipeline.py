@@ -241,7 +241,9 @@ def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
         for k, v in per_seed[0].items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 vals = [float(r[k]) for r in per_seed if k in r]
-                row[k] = statistics.fmean(vals)
+                ints = [r[k] for r in per_seed if k in r and isinstance(r[k], int)]
+                # a count that every seed agrees on (params) stays an int
+                row[k] = ints[0] if len(ints) == len(vals) and len(set(ints)) == 1 else statistics.fmean(vals)
                 if k not in ("params", "size_mb"):
                     row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
@@ -293,11 +295,17 @@ def evaluate_checkpoint(
             raise ConfigError("give --checkpoint, or a run folder whose checkpoints to score")
         stage = "student_kd" if which == "student" else "teacher"
         checkpoint = str(run_dir / "checkpoints" / stage / "final.safetensors")
+        if not Path(checkpoint).exists():
+            raise ConfigError(
+                f"{run_dir} has no finished {stage} ({checkpoint} is missing): finish the run with "
+                "--resume, or give --checkpoint"
+            )
     data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     model_cfg = cfg.student if which == "student" else cfg.teacher
     teacher_model = build_model(cfg.teacher.spec(), data) if which == "student" else None
     model = build_model(model_cfg.spec(), data, teacher=teacher_model)
     load_weights(model, checkpoint)
+    adapter = build_adapter(model_cfg.adapter)
     teacher = None
     teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
     if cfg.teacher.checkpoint:
@@ -313,6 +321,6 @@ def evaluate_checkpoint(
     return {
         "checkpoint": checkpoint,
         "split": split,
-        **evaluate(model, loader, teacher=teacher),
+        **evaluate(model, loader, build_evaluator(_spec(cfg.evaluator)), adapter, teacher=teacher),
         "params": count_params(model),
     }
