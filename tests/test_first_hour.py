@@ -140,3 +140,29 @@ def test_eval_scores_every_seed_of_a_multi_seed_run(tmp_path, capsys):
     (empty / "config.yaml").write_text((out / "seed0" / "config.yaml").read_text())
     assert main(["eval", str(empty)]) == 2
     assert "has no finished student_kd" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bug 8: Debian extras
+
+
+def test_recipe_tests_skip_without_espeak_ng_naming_the_install(monkeypatch):
+    """On a fresh machine without espeak-ng the README's test command raised instead of skipping."""
+    import shutil
+
+    from test_config_cli import test_every_top_level_recipe_parses_and_builds
+
+    real = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if name == "espeak-ng" else real(name, *a, **k)
+    )
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(pytest.skip.Exception, match="apt-get install espeak-ng"):
+        test_every_top_level_recipe_parses_and_builds(root / "recipes" / "speech_digits.yaml")
+
+
+def test_fortunes_error_names_the_install(tmp_path):
+    from distill.data.text import fortunes
+    from helpers import skip_without_system_package
+
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y fortunes"):
+        skip_without_system_package(fortunes, tmp_path / "no-fortunes-here")
