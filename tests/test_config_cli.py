@@ -128,8 +128,8 @@ def test_run_eval_report_and_run_folder_guards(tmp_path, capsys):
     # a second run into the same folder is refused; --resume with another config too
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["run", str(recipe), "--out", str(out), "--resume", "trainer.epochs=3"]) == 2
-    assert "config differs at trainer.epochs" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(out), "--resume", "teacher.train.epochs=3"]) == 2
+    assert "config differs at teacher.train.epochs" in capsys.readouterr().err
     # --resume of a finished run redoes nothing and gives the same numbers
     assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
     again = json.loads((out / "summary.json").read_text())

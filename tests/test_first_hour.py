@@ -166,3 +166,69 @@ def test_fortunes_error_names_the_install(tmp_path):
 
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y fortunes"):
         skip_without_system_package(fortunes, tmp_path / "no-fortunes-here")
+
+
+# --------------------------------------------------------------------------- bug 4: mistakes before training
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("student.init_args.hiddn=[64]", "hiddn"),
+        ("evaluator={name: perplexty}", "perplexty"),
+        # builds, but the student's 5 classes meet the teacher's 10 only in the first batch
+        ("student.init_args.num_classes=5", "student_scratch (one-batch preflight, before any training)"),
+    ],
+)
+def test_student_objective_and_evaluator_mistakes_fail_before_the_teacher_trains(
+    tmp_path, capsys, override, message
+):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path)), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (out / "checkpoints" / "teacher").exists()  # the teacher never started
+
+
+def test_a_finished_teacher_is_reused_when_only_later_sections_change(tmp_path, capsys):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, baselines="[]")), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    final = out / "checkpoints" / "teacher" / "final.safetensors"
+    before = final.read_bytes(), final.stat().st_mtime_ns
+
+    def teacher_lines():
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in lines if r["stage"] == "teacher"]
+
+    t_lines = teacher_lines()
+    capsys.readouterr()
+    # the fixed student and a new temperature: the teacher stage is kept, the student redone
+    fixes = ["student.init_args.hidden=[24]", "objective.terms.kd.init_args.temperature=2"]
+    assert main(["run", str(recipe), "--out", str(out), "--resume", *fixes]) == 0
+    assert "reusing the finished teacher stage" in capsys.readouterr().err
+    assert (final.read_bytes(), final.stat().st_mtime_ns) == before
+    assert teacher_lines() == t_lines
+    summary = json.loads((out / "summary.json").read_text())
+    student = yaml.safe_load((out / "config.yaml").read_text())["student"]
+    assert (
+        student["init_args"]["hidden"] == [24]
+        and summary["rows"][1]["params"] != summary["rows"][0]["params"]
+    )
+    kd_lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if '"student_kd"' in x]
+    assert len(kd_lines) == len(set(kd_lines))  # the old student's lines are gone, not mixed in
+    # a change to what the teacher learns from is still refused
+    assert (
+        main(
+            [
+                "run",
+                str(recipe),
+                "--out",
+                str(out),
+                "--resume",
+                *fixes,
+                "objective.terms.ce.init_args.label_smoothing=0.1",
+            ]
+        )
+        == 2
+    )
+    assert "config differs at objective.terms.ce" in capsys.readouterr().err

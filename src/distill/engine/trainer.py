@@ -80,6 +80,21 @@ class DistillTask(nn.Module):
         return self.objective(s_out, t_out, batch), s_out, t_out
 
 
+def preflight_batch(
+    task: DistillTask, batch: Batch, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Tensor], Outputs, Outputs | None]:
+    """One batch through teacher, student and objective without gradients: creates the objective's
+    adapters from the real shapes and turns shape and class-count mistakes into errors before any
+    training step. Returns (losses, student outputs, teacher outputs)."""
+    with torch.no_grad():
+        t_out = task.teacher_outputs(batch)
+        s_out = task.student_outputs(batch)
+        task.objective.setup(s_out, t_out, batch)
+        task.objective.to(device)
+        losses = task.objective(s_out, t_out, batch)
+    return losses, s_out, t_out
+
+
 # --------------------------------------------------------------------------- data order
 
 
@@ -467,12 +482,7 @@ class Trainer:
         except StopIteration:
             raise DistillError("the training data yields no batch: is the dataset empty?") from None
         batch = as_batch(raw).to(self.device)
-        with torch.no_grad():
-            t_out = self.task.teacher_outputs(batch)
-            s_out = self.task.student_outputs(batch)
-            self.task.objective.setup(s_out, t_out, batch)
-            self.task.objective.to(self.device)
-            self.task.objective(s_out, t_out, batch)
+        _, s_out, _ = preflight_batch(self.task, batch, self.device)
         logits = s_out.logits
         self._num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 2 else None
         # Label terms (those with `check_labels`, such as `ce`) say which target value they skip.

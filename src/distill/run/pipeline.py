@@ -18,7 +18,7 @@ from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
 from distill.engine.evaluate import build_evaluator, evaluate
-from distill.engine.trainer import Trainer, make_loader, seed_everything
+from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
@@ -159,7 +159,7 @@ def run_recipe(
     """Trains and measures everything the recipe asks for; writes the run folder; returns the summary."""
     out = Path(out)
     t0 = time.perf_counter()
-    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
         seed_everything(cfg.seed)
@@ -168,6 +168,7 @@ def run_recipe(
             build_adapter(cfg.teacher.adapter),
             build_adapter(cfg.student.adapter),
         )
+        preflight_recipe(cfg, data, teacher_model)  # every component and one batch, before any training
         if cfg.teacher.checkpoint:
             load_weights(teacher_model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
@@ -268,7 +269,7 @@ def run_seeds(
     out = Path(out)
     if seeds == 1:
         return run_recipe(cfg, out, resume, overwrite, command)
-    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         summaries = []
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
@@ -324,3 +325,125 @@ def evaluate_checkpoint(
         **evaluate(model, loader, build_evaluator(_spec(cfg.evaluator)), adapter, teacher=teacher),
         "params": count_params(model),
     }
+
+
+def preflight_recipe(
+    cfg: RecipeConfig, data: DataBundle | None = None, teacher_model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Builds every component of `cfg` and runs one batch through each stage it will train.
+
+    Args:
+        data: the built data (built here when None).
+        teacher_model: the run's teacher, not yet trained or loaded. A teacher that will be trained
+            is copied (the run's own model is left as it is); one loaded from a checkpoint is used
+            in place (it is frozen for distillation anyway). None: built here, with its checkpoint.
+
+    Returns:
+        What was built: data sizes and shapes, models with parameters, objective terms and taps,
+        and each stage's losses and evaluator metrics on the batch.
+    """
+    from distill.run.preflight import (
+        describe_data,
+        describe_model,
+        describe_objective,
+        first_batch,
+        run_stage,
+    )
+
+    if not cfg.teacher.checkpoint and cfg.teacher.train is None:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    if data is None:
+        data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    batch = first_batch(data, cfg.data.batch_size, cfg.seed).to(device)
+    report: dict[str, Any] = {"data": describe_data(data, batch, cfg.data.name or cfg.data.class_path)}
+    evaluator_spec = cfg.evaluator.spec() if cfg.evaluator is not None else None
+    build_evaluator(evaluator_spec)  # a typo in the evaluator fails here, before anything else
+
+    teacher_adapter = build_adapter(cfg.teacher.adapter)
+    student_adapter = build_adapter(cfg.student.adapter)
+    if teacher_model is None:
+        teacher_model = build_model(cfg.teacher.spec(), data)
+        if cfg.teacher.checkpoint:
+            load_weights(teacher_model, cfg.teacher.checkpoint)
+    elif not cfg.teacher.checkpoint:
+        teacher_model = copy.deepcopy(teacher_model)
+    teacher_model.to(device)
+    report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
+    report["teacher"]["source"] = (
+        f"checkpoint {cfg.teacher.checkpoint}"
+        if cfg.teacher.checkpoint
+        else f"trained first ({cfg.teacher.train.epochs} epochs)"
+    )
+    stages: dict[str, Any] = {}
+    if not cfg.teacher.checkpoint:
+        stages["teacher"] = run_stage(
+            "teacher",
+            teacher_model,
+            scratch_objective(cfg),
+            None,
+            teacher_adapter,
+            batch,
+            device,
+            evaluator_spec,
+        )
+    teacher = Teacher(teacher_model, adapter=teacher_adapter)
+    try:
+        student = build_model(cfg.student.spec(), data, teacher=teacher_model)
+        if cfg.student.checkpoint:
+            load_weights(student, cfg.student.checkpoint)
+        student.to(device)
+        report["student"] = describe_model(cfg.student.spec(), student)
+        kd = build_objective(cfg)
+        report["objective"] = describe_objective(kd, {n: t.weight for n, t in cfg.objective.terms.items()})
+        if "scratch" in cfg.baselines:
+            stages["student_scratch"] = run_stage(
+                "student_scratch",
+                student,
+                scratch_objective(cfg),
+                None,
+                student_adapter,
+                batch,
+                device,
+                evaluator_spec,
+            )
+        stages["student_kd"] = run_stage(
+            "student_kd", student, kd, teacher, student_adapter, batch, device, evaluator_spec
+        )
+    finally:
+        teacher.tap.remove()  # the run's Teacher adds its own taps
+    report["stages"] = stages
+    return report
+
+
+# Teacher settings that change only how the teacher is used for distillation, not its trained weights.
+_TEACHER_USE_ONLY = ("cache", "cache_fill", "dtype", "compile")
+
+
+def teacher_stage_inputs(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """What the teacher stage's weights depend on, from a recipe as data: the seed, the data, the
+    teacher section and the label-only objective terms the teacher trains with (None if the terms
+    do not build)."""
+    label = {}
+    for n, t in ((recipe.get("objective") or {}).get("terms") or {}).items():
+        try:
+            term = LOSSES.build(
+                name=t.get("name"), class_path=t.get("class_path"), init_args=t.get("init_args") or {}
+            )
+        except Exception:  # noqa: BLE001 - a saved recipe that no longer builds reuses nothing
+            return None
+        if not term.needs_teacher:
+            label[n] = {k: t.get(k) for k in ("name", "class_path", "init_args")}
+    teacher = {k: v for k, v in (recipe.get("teacher") or {}).items() if k not in _TEACHER_USE_ONLY}
+    return {"seed": recipe.get("seed"), "data": recipe.get("data"), "teacher": teacher, "label_terms": label}
+
+
+def reusable_teacher(cfg: RecipeConfig):
+    """For `RunDir(reusable=...)`: a finished teacher stage is reused on `--resume` when only later
+    sections (student, objective's distillation terms, trainer, evaluator, report) changed."""
+    mine = teacher_stage_inputs(cfg.model_dump(mode="json"))
+
+    def reusable(saved: dict[str, Any]) -> list[str]:
+        return ["teacher"] if mine is not None and teacher_stage_inputs(saved) == mine else []
+
+    return reusable
