@@ -232,3 +232,34 @@ def test_a_finished_teacher_is_reused_when_only_later_sections_change(tmp_path, 
         == 2
     )
     assert "config differs at objective.terms.ce" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bug 9: a useless teacher
+
+
+def test_a_teacher_at_chance_is_flagged_in_the_log_and_the_report(tmp_path, capsys):
+    over = {"teacher.train.epochs": 1, "teacher.train.optimizer.lr": 1e-7, "trainer.epochs": 1}
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, **over)), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    teacher = summary["rows"][0]
+    assert teacher["accuracy"] < 0.15  # 10 classes: chance is 0.1
+    assert any("at chance" in w for w in summary["warnings"])
+    assert "warning: the teacher's accuracy" in capsys.readouterr().err
+    assert "**Warning:** the teacher's accuracy" in (out / "report.md").read_text()
+
+
+def test_teacher_warnings_rules():
+    from distill.run.pipeline import teacher_warnings
+
+    def rows(t, s):
+        return [{"name": "teacher", "accuracy": t}, {"name": "student_scratch", "accuracy": s}]
+
+    assert teacher_warnings(rows(0.98, 0.95), 10) == []
+    assert "not clearly better" in teacher_warnings(rows(0.955, 0.95), 10)[0]
+    assert "at chance" in teacher_warnings(rows(0.11, 0.5), 10)[0]
+    lm = [
+        {"name": "teacher", "perplexity": 20.0, "accuracy": 0.2},
+        {"name": "student_scratch", "perplexity": 19.0},
+    ]
+    assert len(teacher_warnings(lm, 2000)) == 1 and "perplexity" in teacher_warnings(lm, 2000)[0]

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -227,9 +228,49 @@ def run_recipe(
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "rows": rows,
         }
+        note_teacher_warnings(summary, data.num_classes)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
+
+
+def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> list[str]:
+    """Why distilling from this teacher may be wasted: it is at chance, or not clearly better than
+    the student trained from labels alone (accuracy within 0.01, perplexity within 1%)."""
+    teacher = next((r for r in rows if r["name"] == "teacher"), None)
+    scratch = next((r for r in rows if r["name"] == "student_scratch"), None)
+    if teacher is None:
+        return []
+    out = []
+    if "perplexity" in teacher:  # a language model: its token accuracy is not the measure
+        if scratch is not None and teacher["perplexity"] > 0.99 * scratch.get("perplexity", float("inf")):
+            out.append(
+                f"the teacher's perplexity {teacher['perplexity']:.2f} is not clearly better than the "
+                f"scratch student's {scratch['perplexity']:.2f}: there is little to distil"
+            )
+    elif "accuracy" in teacher:
+        acc = teacher["accuracy"]
+        chance = 1 / num_classes if num_classes else None
+        if chance is not None and acc < chance + 0.05:
+            out.append(
+                f"the teacher's accuracy {acc:.4f} is at chance ({chance:.4f} for {num_classes} classes): "
+                "distilling from it teaches noise; train it longer (teacher.train.epochs) or check its data"
+            )
+        elif scratch is not None and "accuracy" in scratch and acc < scratch["accuracy"] + 0.01:
+            out.append(
+                f"the teacher's accuracy {acc:.4f} is not clearly better than the scratch student's "
+                f"{scratch['accuracy']:.4f}: there is little to distil; use a stronger or longer-trained teacher"
+            )
+    return out
+
+
+def note_teacher_warnings(summary: dict[str, Any], num_classes: int | None) -> None:
+    """Adds the teacher warnings to `summary["warnings"]` (report.md shows them) and to the log."""
+    warnings = teacher_warnings(summary["rows"], num_classes)
+    if warnings:
+        summary["warnings"] = warnings
+        for w in warnings:
+            print(f"distill: warning: {w}", file=sys.stderr)
 
 
 def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
@@ -277,6 +318,9 @@ def run_seeds(
         if not dist.is_main():
             return summaries[0]
         summary = aggregate(summaries, command)
+        warnings = [w for s in summaries for w in s.get("warnings", [])]
+        if warnings:
+            summary["warnings"] = list(dict.fromkeys(w for w in warnings))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
