@@ -41,8 +41,8 @@ def shape_of(x: Any) -> Any:
         return tuple(x.shape)
     if isinstance(x, dict):
         return {k: shape_of(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [shape_of(v) for v in x[:3]] + (["..."] if len(x) > 3 else [])
+    if isinstance(x, list | tuple):  # a list of samples (detection): its length and the first one
+        return f"{len(x)} x {shape_of(x[0])}" if x else "[]"
     return type(x).__name__
 
 
@@ -101,10 +101,18 @@ def run_stage(
         task = DistillTask(student, objective.to(device), teacher, adapter)
         losses, s_out, t_out = preflight_batch(task, batch, device)
         metrics: dict[str, float] = {}
+        # the evaluator sees what it sees after each epoch: the student in eval mode
         evaluator = build_evaluator(evaluator_spec)
         evaluator.reset()
-        with torch.no_grad():
-            evaluator.update(s_out, t_out, batch)
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                evaluator.update(
+                    task.student_outputs(batch), teacher(batch) if teacher is not None else None, batch
+                )
+        finally:
+            student.train(was_training)
         metrics = {k: float(v) for k, v in evaluator.compute().items() if isinstance(v, int | float)}
     except DistillError as e:
         raise type(e)(f"{stage} (one-batch preflight, before any training): {_first_line(e)}") from e
