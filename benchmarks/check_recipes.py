@@ -17,7 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # CIFAR-100 is not on most machines: the compression recipe is checked on the generated stand-in.
-OVERRIDES = {"compress_cifar.yaml": ["data.name=cifar100_standin", "data.init_args={n_train: 64, n_test: 32}"]}
+OVERRIDES = {
+    "compress_cifar.yaml": ["data.name=cifar100_standin", "data.init_args={n_train: 64, n_test: 32}"]
+}
 
 
 def main() -> None:

@@ -263,3 +263,25 @@ def test_teacher_warnings_rules():
         {"name": "student_scratch", "perplexity": 19.0},
     ]
     assert len(teacher_warnings(lm, 2000)) == 1 and "perplexity" in teacher_warnings(lm, 2000)[0]
+
+
+def test_reuse_keeps_only_the_named_stages_and_nested_seed_folders(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out, "a: 1\n"):
+        for stage in ("teacher", "student_kd"):
+            (out / "checkpoints" / stage).mkdir(parents=True)
+            (out / "checkpoints" / stage / "final.safetensors").write_bytes(b"x")
+        (out / "metrics.jsonl").write_text(
+            '{"stage": "teacher", "step": 1}\n{"stage": "student_kd", "step": 1}\n'
+        )
+        (out / "summary.json").write_text("{}")
+        (out / "seed1").mkdir()
+        (out / "seed1" / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(DistillError, match="config differs at a"):
+        RunDir(out, "a: 2\n", resume=True, reusable=lambda saved: [])
+    with RunDir(out, "a: 2\n", resume=True, reusable=lambda saved: ["teacher"] if saved == {"a": 1} else []):
+        pass
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["teacher"]
+    assert (out / "metrics.jsonl").read_text() == '{"stage": "teacher", "step": 1}\n'
+    assert not (out / "summary.json").exists() and (out / "seed1" / "config.yaml").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"a": 2}
