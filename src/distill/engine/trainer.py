@@ -455,11 +455,11 @@ class Trainer:
         """Refuses an `out_dir` that already holds this stage unless told to continue or replace it."""
         if resume and overwrite:
             raise DistillError("give resume=True or overwrite=True, not both")
-        if self.out_dir is None:
+        if self.out_dir is None or resume:
             return
         metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.stage)
         used = (self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())) or metrics.has_lines()
-        if not used or resume:
+        if not used:
             return
         if not overwrite:
             raise DistillError(
