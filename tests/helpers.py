@@ -14,6 +14,21 @@ from torch.utils.data import TensorDataset
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
+def skip_without_system_package(fn, *args, **kwargs):
+    """Calls `fn`; the error of data that needs a Debian package this machine lacks (espeak-ng,
+    fortunes: its message says `apt-get install ...`) becomes a skip whose reason is that command."""
+    import pytest
+
+    from distill.errors import DistillError
+
+    try:
+        return fn(*args, **kwargs)
+    except DistillError as e:
+        if "apt-get install" not in str(e):
+            raise
+        pytest.skip(f"needs a Debian package: {e}")
+
+
 def blobs(n: int = 96, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorDataset:
     """Separable Gaussian blobs (fixed centres; `seed` draws the samples): learnt in a few steps."""
     centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234)) * 3

@@ -7,7 +7,7 @@ import yaml
 from distill import ConfigError
 from distill.cli import build_parser, main
 from distill.run.config import RecipeConfig, apply_overrides, load_recipe, load_yaml, parse_recipe
-from helpers import tiny_recipe
+from helpers import skip_without_system_package, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_every_top_level_recipe_parses_and_builds(path):
     if set(raw) - set(RecipeConfig.model_fields):
         pytest.skip("recipe for another command (compress, tune, federated, ...) is tested with it")
     cfg = load_recipe(path)
-    data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args)
+    data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
     build_model(cfg.teacher.spec(), data)
     build_model(cfg.student.spec(), data)
     build_objective(cfg)
@@ -128,8 +128,8 @@ def test_run_eval_report_and_run_folder_guards(tmp_path, capsys):
     # a second run into the same folder is refused; --resume with another config too
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["run", str(recipe), "--out", str(out), "--resume", "trainer.epochs=3"]) == 2
-    assert "config differs at trainer.epochs" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(out), "--resume", "teacher.train.epochs=3"]) == 2
+    assert "config differs at teacher.train.epochs" in capsys.readouterr().err
     # --resume of a finished run redoes nothing and gives the same numbers
     assert main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
     again = json.loads((out / "summary.json").read_text())

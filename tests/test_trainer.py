@@ -167,3 +167,49 @@ def test_max_steps_stops_mid_epoch():
     )
     tr.fit()
     assert tr.progress.step == 7
+
+
+def test_used_out_dir_is_refused_unless_resume_or_overwrite(tmp_path):
+    """Issue 18 bug 5: a second `fit()` into the same out_dir silently mixed two runs."""
+
+    def make(**kw):
+        return Trainer(
+            _student(),
+            Objective({"ce": CrossEntropy()}),
+            blobs(),
+            epochs=1,
+            batch_size=16,
+            out_dir=tmp_path,
+            progress="off",
+            log_every=1,
+            tensorboard=False,
+            **kw,
+        )
+
+    def lines():
+        return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    make().fit()
+    first = lines()
+    with pytest.raises(
+        DistillError, match="already holds training stage 'student'.*resume=True.*overwrite=True"
+    ):
+        make()
+    make(overwrite=True).fit()
+    assert [r["step"] for r in lines()] == [r["step"] for r in first]  # replaced, not appended
+    make(resume=True).fit()  # finished: resume adds nothing
+    assert len(lines()) == len(first)
+    # another stage in the same folder is not a conflict
+    Trainer(
+        _student(),
+        Objective({"ce": CrossEntropy()}),
+        blobs(),
+        epochs=1,
+        batch_size=16,
+        out_dir=tmp_path,
+        stage="other",
+        progress="off",
+        tensorboard=False,
+    )
+    with pytest.raises(DistillError, match="not both"):
+        make(resume=True, overwrite=True)

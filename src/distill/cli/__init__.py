@@ -14,12 +14,13 @@ from distill.errors import DistillError
 
 # One module per command group, each with `add_parser(subparsers)` and `main(args)`; a module's heavy
 # imports (torch, its workflow, optional extras) happen inside `main`, so `distill --help` stays fast.
-COMMANDS = ["run", "eval", "report", "cache", "teachers", "chain", "compress", "tune", "federated"]
+COMMANDS = ["run", "check", "eval", "report", "cache", "teachers", "chain", "compress", "tune", "federated"]
 
 EPILOG = """examples:
   distill demo                                  teacher -> student on bundled digits, with a report
   distill demo --seeds 3                        the same, mean and spread over 3 seeds
   distill run recipes/digits.yaml trainer.epochs=10 objective.terms.kd.init_args.temperature=2
+  distill check recipes/digits.yaml             build everything and run one batch, no training (seconds)
   distill eval runs/digits                      score the run's distilled student on the test split
   distill report runs/digits                    rebuild report.md and plots from a finished run
   distill tune recipes/tune_digits.yaml --trials 20   Optuna search over temperature, weights, lr, ...

@@ -77,7 +77,7 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_run(args, recipe_path: str | None) -> int:
-    from distill.run.config import RecipeConfig, apply_overrides, load_yaml, parse_recipe
+    from distill.run.config import RecipeConfig, apply_overrides, load_yaml, parse_recipe, require_sections
     from distill.run.pipeline import run_seeds
 
     if args.seeds < 1:
@@ -87,6 +87,7 @@ def cmd_run(args, recipe_path: str | None) -> int:
         cfg = parse_recipe(data, source="demo")
     else:
         data = apply_overrides(load_yaml(recipe_path), args.overrides)
+        require_sections(data, recipe_path)
         cfg = parse_recipe(data, source=recipe_path)
     if args.out:
         out = Path(args.out)

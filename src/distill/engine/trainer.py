@@ -80,6 +80,21 @@ class DistillTask(nn.Module):
         return self.objective(s_out, t_out, batch), s_out, t_out
 
 
+def preflight_batch(
+    task: DistillTask, batch: Batch, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Tensor], Outputs, Outputs | None]:
+    """One batch through teacher, student and objective without gradients: creates the objective's
+    adapters from the real shapes and turns shape and class-count mistakes into errors before any
+    training step. Returns (losses, student outputs, teacher outputs)."""
+    with torch.no_grad():
+        t_out = task.teacher_outputs(batch)
+        s_out = task.student_outputs(batch)
+        task.objective.setup(s_out, t_out, batch)
+        task.objective.to(device)
+        losses = task.objective(s_out, t_out, batch)
+    return losses, s_out, t_out
+
+
 # --------------------------------------------------------------------------- data order
 
 
@@ -262,6 +277,18 @@ class MetricsLog:
     def __init__(self, path: Path | None, stage: str):
         self.path, self.stage = path, stage
 
+    def has_lines(self) -> bool:
+        """Whether the file holds any line of this stage."""
+        if self.path is None or not self.path.exists():
+            return False
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("stage") == self.stage:
+                    return True
+            except json.JSONDecodeError:
+                continue
+        return False
+
     def truncate_after(self, step: int) -> None:
         if self.path is None or not self.path.exists() or not dist.is_main():
             return
@@ -271,7 +298,7 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if rec.get("stage") == self.stage and rec.get("step", 0) > step:
+            if rec.get("stage") == self.stage and rec.get("step", 0) > step:  # step -1: every line
                 continue
             keep.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
@@ -324,6 +351,9 @@ class Trainer:
         batch_size, num_workers, pin_memory, collate_fn: used when `train_data` is a Dataset.
         seed: for initialisation order, data order and dropout.
         resume: continue from `out_dir/checkpoints/<stage>/last.safetensors` if it exists.
+        overwrite: replace this stage's checkpoints and metrics lines already in `out_dir`. Without
+            `resume` or `overwrite`, an `out_dir` that already holds this stage is refused, so two runs
+            never mix their checkpoints and `metrics.jsonl`.
         callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
             evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
             `optuna.TrialPruned`) stops training and propagates out of `fit()`.
@@ -349,6 +379,7 @@ class Trainer:
         seed: int = 0,
         resume: bool = False,
         callbacks: Sequence[Any] = (),
+        overwrite: bool = False,
         **overrides: Any,
     ):
         self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
@@ -360,6 +391,7 @@ class Trainer:
         self.stage = stage
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ckpt_dir = self.out_dir / "checkpoints" / stage if self.out_dir else None
+        self._claim_out_dir(resume, overwrite)
         self.device = resolve_device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -419,6 +451,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
 
+    def _claim_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuses an `out_dir` that already holds this stage unless told to continue or replace it."""
+        if resume and overwrite:
+            raise DistillError("give resume=True or overwrite=True, not both")
+        if self.out_dir is None or resume:
+            return
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.stage)
+        used = (self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())) or metrics.has_lines()
+        if not used:
+            return
+        if not overwrite:
+            raise DistillError(
+                f"{self.out_dir} already holds training stage '{self.stage}' (checkpoints or metrics.jsonl "
+                "lines); pass resume=True to continue it, overwrite=True to replace it, or another out_dir"
+            )
+        if dist.is_main():
+            import shutil
+
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            shutil.rmtree(self.out_dir / "tensorboard" / self.stage, ignore_errors=True)
+            metrics.truncate_after(-1)
+        dist.barrier()
+
     def _preflight(self) -> None:
         """Runs one batch through teacher and student before training: creates adapters from the
         real shapes, and turns shape and class-count mistakes into errors before any step."""
@@ -427,12 +482,7 @@ class Trainer:
         except StopIteration:
             raise DistillError("the training data yields no batch: is the dataset empty?") from None
         batch = as_batch(raw).to(self.device)
-        with torch.no_grad():
-            t_out = self.task.teacher_outputs(batch)
-            s_out = self.task.student_outputs(batch)
-            self.task.objective.setup(s_out, t_out, batch)
-            self.task.objective.to(self.device)
-            self.task.objective(s_out, t_out, batch)
+        _, s_out, _ = preflight_batch(self.task, batch, self.device)
         logits = s_out.logits
         self._num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 2 else None
         # Label terms (those with `check_labels`, such as `ce`) say which target value they skip.
@@ -571,6 +621,7 @@ class Trainer:
     def resume(self) -> bool:
         path = self.ckpt_dir / "last.safetensors" if self.ckpt_dir else None
         if path is None or not path.exists():
+            self.metrics.truncate_after(-1)  # lines of a start that never checkpointed
             return False
         state = load_state(path)
         try:

@@ -144,13 +144,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         first = str(e).replace("\n", " ")
         raise ConfigError(f"{path} is not valid YAML (tags that build objects are refused): {first}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ConfigError(
             f"{path} must hold a mapping of keys (name:, data:, teacher:, ...), not a {type(data).__name__}"
         )
+    if not data:  # an empty file must not silently run the 90-epoch demo
+        raise ConfigError(
+            f"{path} is empty: a recipe names at least its teacher: and student: (copy recipes/digits.yaml "
+            "to start, or run `distill demo` for the defaults)"
+        )
     return data
+
+
+def require_sections(
+    data: dict[str, Any], source: str, sections: tuple[str, ...] = ("teacher", "student")
+) -> None:
+    """A recipe file must name the models it distils: a near-empty one (only `name:`, say) would
+    otherwise run the demo's digits defaults without a word."""
+    missing = [k for k in sections if k not in data]
+    if missing:
+        raise ConfigError(
+            f"{source} does not say {' or '.join(f'{k}:' for k in missing)} (missing: {', '.join(missing)}); "
+            "a recipe names its teacher: and student: (see recipes/digits.yaml)"
+        )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

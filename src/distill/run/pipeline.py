@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
 from distill.engine.evaluate import build_evaluator, evaluate
-from distill.engine.trainer import Trainer, make_loader, seed_everything
+from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
@@ -88,6 +89,10 @@ def train_stage(
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
         return load_weights(model, final)
+    if trainer_cfg.threads is None and cfg.trainer.threads is not None:
+        # a stage with its own settings (teacher.train, a candidate's train) that leaves `threads`
+        # unset takes the recipe's: one CPU-thread setting for the whole run
+        trainer_cfg = trainer_cfg.model_copy(update={"threads": cfg.trainer.threads})
     sharded = trainer_cfg.parallel == "fsdp2" and dist.world_size() > 1
     blank = copy.deepcopy(model) if sharded else None  # the Trainer shards `model` in place
     trainer = Trainer(
@@ -155,7 +160,7 @@ def run_recipe(
     """Trains and measures everything the recipe asks for; writes the run folder; returns the summary."""
     out = Path(out)
     t0 = time.perf_counter()
-    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
         seed_everything(cfg.seed)
@@ -164,6 +169,7 @@ def run_recipe(
             build_adapter(cfg.teacher.adapter),
             build_adapter(cfg.student.adapter),
         )
+        preflight_recipe(cfg, data, teacher_model)  # every component and one batch, before any training
         if cfg.teacher.checkpoint:
             load_weights(teacher_model, cfg.teacher.checkpoint)
         elif cfg.teacher.train is not None:
@@ -222,9 +228,49 @@ def run_recipe(
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "rows": rows,
         }
+        note_teacher_warnings(summary, data.num_classes)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
+
+
+def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> list[str]:
+    """Why distilling from this teacher may be wasted: it is at chance, or not clearly better than
+    the student trained from labels alone (accuracy within 0.01, perplexity within 1%)."""
+    teacher = next((r for r in rows if r["name"] == "teacher"), None)
+    scratch = next((r for r in rows if r["name"] == "student_scratch"), None)
+    if teacher is None:
+        return []
+    out = []
+    if "perplexity" in teacher:  # a language model: its token accuracy is not the measure
+        if scratch is not None and teacher["perplexity"] > 0.99 * scratch.get("perplexity", float("inf")):
+            out.append(
+                f"the teacher's perplexity {teacher['perplexity']:.2f} is not clearly better than the "
+                f"scratch student's {scratch['perplexity']:.2f}: there is little to distil"
+            )
+    elif "accuracy" in teacher:
+        acc = teacher["accuracy"]
+        chance = 1 / num_classes if num_classes else None
+        if chance is not None and acc < chance + 0.05:
+            out.append(
+                f"the teacher's accuracy {acc:.4f} is at chance ({chance:.4f} for {num_classes} classes): "
+                "distilling from it teaches noise; train it longer (teacher.train.epochs) or check its data"
+            )
+        elif scratch is not None and "accuracy" in scratch and acc < scratch["accuracy"] + 0.01:
+            out.append(
+                f"the teacher's accuracy {acc:.4f} is not clearly better than the scratch student's "
+                f"{scratch['accuracy']:.4f}: there is little to distil; use a stronger or longer-trained teacher"
+            )
+    return out
+
+
+def note_teacher_warnings(summary: dict[str, Any], num_classes: int | None) -> None:
+    """Adds the teacher warnings to `summary["warnings"]` (report.md shows them) and to the log."""
+    warnings = teacher_warnings(summary["rows"], num_classes)
+    if warnings:
+        summary["warnings"] = warnings
+        for w in warnings:
+            print(f"distill: warning: {w}", file=sys.stderr)
 
 
 def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
@@ -237,7 +283,9 @@ def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
         for k, v in per_seed[0].items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 vals = [float(r[k]) for r in per_seed if k in r]
-                row[k] = statistics.fmean(vals)
+                ints = [r[k] for r in per_seed if k in r and isinstance(r[k], int)]
+                # a count that every seed agrees on (params) stays an int
+                row[k] = ints[0] if len(ints) == len(vals) and len(set(ints)) == 1 else statistics.fmean(vals)
                 if k not in ("params", "size_mb"):
                     row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
@@ -262,7 +310,7 @@ def run_seeds(
     out = Path(out)
     if seeds == 1:
         return run_recipe(cfg, out, resume, overwrite, command)
-    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
+    with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         summaries = []
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
@@ -270,6 +318,9 @@ def run_seeds(
         if not dist.is_main():
             return summaries[0]
         summary = aggregate(summaries, command)
+        warnings = [w for s in summaries for w in s.get("warnings", [])]
+        if warnings:
+            summary["warnings"] = list(dict.fromkeys(w for w in warnings))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
@@ -289,11 +340,17 @@ def evaluate_checkpoint(
             raise ConfigError("give --checkpoint, or a run folder whose checkpoints to score")
         stage = "student_kd" if which == "student" else "teacher"
         checkpoint = str(run_dir / "checkpoints" / stage / "final.safetensors")
+        if not Path(checkpoint).exists():
+            raise ConfigError(
+                f"{run_dir} has no finished {stage} ({checkpoint} is missing): finish the run with "
+                "--resume, or give --checkpoint"
+            )
     data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     model_cfg = cfg.student if which == "student" else cfg.teacher
     teacher_model = build_model(cfg.teacher.spec(), data) if which == "student" else None
     model = build_model(model_cfg.spec(), data, teacher=teacher_model)
     load_weights(model, checkpoint)
+    adapter = build_adapter(model_cfg.adapter)
     teacher = None
     teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
     if cfg.teacher.checkpoint:
@@ -309,6 +366,128 @@ def evaluate_checkpoint(
     return {
         "checkpoint": checkpoint,
         "split": split,
-        **evaluate(model, loader, teacher=teacher),
+        **evaluate(model, loader, build_evaluator(_spec(cfg.evaluator)), adapter, teacher=teacher),
         "params": count_params(model),
     }
+
+
+def preflight_recipe(
+    cfg: RecipeConfig, data: DataBundle | None = None, teacher_model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Builds every component of `cfg` and runs one batch through each stage it will train.
+
+    Args:
+        data: the built data (built here when None).
+        teacher_model: the run's teacher, not yet trained or loaded. A teacher that will be trained
+            is copied (the run's own model is left as it is); one loaded from a checkpoint is used
+            in place (it is frozen for distillation anyway). None: built here, with its checkpoint.
+
+    Returns:
+        What was built: data sizes and shapes, models with parameters, objective terms and taps,
+        and each stage's losses and evaluator metrics on the batch.
+    """
+    from distill.run.preflight import (
+        describe_data,
+        describe_model,
+        describe_objective,
+        first_batch,
+        run_stage,
+    )
+
+    if not cfg.teacher.checkpoint and cfg.teacher.train is None:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    if data is None:
+        data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    batch = first_batch(data, cfg.data.batch_size, cfg.seed).to(device)
+    report: dict[str, Any] = {"data": describe_data(data, batch, cfg.data.name or cfg.data.class_path)}
+    evaluator_spec = cfg.evaluator.spec() if cfg.evaluator is not None else None
+    build_evaluator(evaluator_spec)  # a typo in the evaluator fails here, before anything else
+
+    teacher_adapter = build_adapter(cfg.teacher.adapter)
+    student_adapter = build_adapter(cfg.student.adapter)
+    if teacher_model is None:
+        teacher_model = build_model(cfg.teacher.spec(), data)
+        if cfg.teacher.checkpoint:
+            load_weights(teacher_model, cfg.teacher.checkpoint)
+    elif not cfg.teacher.checkpoint:
+        teacher_model = copy.deepcopy(teacher_model)
+    teacher_model.to(device)
+    report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
+    report["teacher"]["source"] = (
+        f"checkpoint {cfg.teacher.checkpoint}"
+        if cfg.teacher.checkpoint
+        else f"trained first ({cfg.teacher.train.epochs} epochs)"
+    )
+    stages: dict[str, Any] = {}
+    if not cfg.teacher.checkpoint:
+        stages["teacher"] = run_stage(
+            "teacher",
+            teacher_model,
+            scratch_objective(cfg),
+            None,
+            teacher_adapter,
+            batch,
+            device,
+            evaluator_spec,
+        )
+    teacher = Teacher(teacher_model, adapter=teacher_adapter)
+    try:
+        student = build_model(cfg.student.spec(), data, teacher=teacher_model)
+        if cfg.student.checkpoint:
+            load_weights(student, cfg.student.checkpoint)
+        student.to(device)
+        report["student"] = describe_model(cfg.student.spec(), student)
+        kd = build_objective(cfg)
+        report["objective"] = describe_objective(kd, {n: t.weight for n, t in cfg.objective.terms.items()})
+        if "scratch" in cfg.baselines:
+            stages["student_scratch"] = run_stage(
+                "student_scratch",
+                student,
+                scratch_objective(cfg),
+                None,
+                student_adapter,
+                batch,
+                device,
+                evaluator_spec,
+            )
+        stages["student_kd"] = run_stage(
+            "student_kd", student, kd, teacher, student_adapter, batch, device, evaluator_spec
+        )
+    finally:
+        teacher.tap.remove()  # the run's Teacher adds its own taps
+    report["stages"] = stages
+    return report
+
+
+# Teacher settings that change only how the teacher is used for distillation, not its trained weights.
+_TEACHER_USE_ONLY = ("cache", "cache_fill", "dtype", "compile")
+
+
+def teacher_stage_inputs(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """What the teacher stage's weights depend on, from a recipe as data: the seed, the data, the
+    teacher section and the label-only objective terms the teacher trains with (None if the terms
+    do not build)."""
+    label = {}
+    for n, t in ((recipe.get("objective") or {}).get("terms") or {}).items():
+        try:
+            term = LOSSES.build(
+                name=t.get("name"), class_path=t.get("class_path"), init_args=t.get("init_args") or {}
+            )
+        except Exception:  # noqa: BLE001 - a saved recipe that no longer builds reuses nothing
+            return None
+        if not term.needs_teacher:
+            label[n] = {k: t.get(k) for k in ("name", "class_path", "init_args")}
+    teacher = {k: v for k, v in (recipe.get("teacher") or {}).items() if k not in _TEACHER_USE_ONLY}
+    return {"seed": recipe.get("seed"), "data": recipe.get("data"), "teacher": teacher, "label_terms": label}
+
+
+def reusable_teacher(cfg: RecipeConfig):
+    """For `RunDir(reusable=...)`: a finished teacher stage is reused on `--resume` when only later
+    sections (student, objective's distillation terms, trainer, evaluator, report) changed."""
+    mine = teacher_stage_inputs(cfg.model_dump(mode="json"))
+
+    def reusable(saved: dict[str, Any]) -> list[str]:
+        return ["teacher"] if mine is not None and teacher_stage_inputs(saved) == mine else []
+
+    return reusable

@@ -153,6 +153,9 @@ def write_report(run_dir: str | Path) -> Path:
         if seeds
         else f"Seed: {summary.get('seed', 0)}."
     )
+    lines += [f"> **Warning:** {w}" for w in summary.get("warnings", [])] + [""] * bool(
+        summary.get("warnings")
+    )
     lines += [
         f"Wall time: {summary.get('wall_seconds', 0)} s. Accuracy and agreement (top-1 with the teacher) "
         "on the test split; latency is CPU forward time (median, fixed threads).",

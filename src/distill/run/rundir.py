@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -18,14 +21,25 @@ class RunDir:
     """Claims `path` for a run with config text `config_yaml`.
 
     A folder holding another run is refused unless `overwrite` (it is then emptied) or `resume`
-    with the same config; two processes on one folder are refused by an exclusive lock. Under
+    with the same config; a folder where no stage finished anything (only the config and the log of
+    a run that failed at once) is reclaimed silently; with `resume` and another config, the stages
+    that `reusable(saved_config)` names (e.g. a teacher whose inputs did not change) are kept and the
+    rest is emptied; two processes on one folder are refused by an exclusive lock. Under
     `torchrun` only rank 0 checks, claims and writes the folder; the other ranks wait for its
     verdict (and raise the same error if it refuses).
     """
 
-    def __init__(self, path: str | Path, config_yaml: str, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        config_yaml: str,
+        resume: bool = False,
+        overwrite: bool = False,
+        reusable: Callable[[dict], list[str]] | None = None,
+    ):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._reusable = reusable
         dist.rank_zero_first(lambda: self._claim(config_yaml, resume, overwrite))
 
     def _claim(self, config_yaml: str, resume: bool, overwrite: bool) -> None:
@@ -36,14 +50,25 @@ class RunDir:
                     f"{self.path} exists and is not a distill run folder; choose another --out"
                 )
             self._lock()
-            if overwrite:
+            if overwrite or not self._holds_results():
+                # a run that failed before finishing anything (bad import, bad argument) left only
+                # its config and log: the folder is reclaimed without --resume or --overwrite
                 for child in self.path.iterdir():
                     if child.name == ".lock":
                         continue
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             elif resume:
-                diff = _first_difference(yaml.safe_load(saved.read_text()), yaml.safe_load(config_yaml))
-                if diff:
+                old_config = yaml.safe_load(saved.read_text())
+                diff = _first_difference(old_config, yaml.safe_load(config_yaml))
+                keep = self._reusable(old_config) if diff and self._reusable is not None else []
+                if diff and keep:
+                    self._keep_only(keep)
+                    print(
+                        f"distill: {self.path}: the recipe changed at {diff}; reusing the finished "
+                        f"{', '.join(keep)} stage(s), redoing the rest",
+                        file=sys.stderr,
+                    )
+                elif diff:
                     self._unlock()
                     raise DistillError(
                         f"{self.path} holds a different run (config differs at {diff}); "
@@ -60,6 +85,41 @@ class RunDir:
             self._lock()
         self._remove_stale_temp_files()
         atomic_write_text(saved, config_yaml)
+
+    def _keep_only(self, stages: list[str]) -> None:
+        """Empties the folder but for `stages`: their checkpoints, TensorBoard files and metrics lines.
+        A nested run folder (`seed1/`, holding its own config.yaml) is left to its own claim."""
+        for child in self.path.iterdir():
+            if child.name in (".lock", "config.yaml") or (child / "config.yaml").is_file():
+                continue
+            if child.name in ("checkpoints", "tensorboard") and child.is_dir():
+                for stage in child.iterdir():
+                    if stage.name not in stages:
+                        shutil.rmtree(stage) if stage.is_dir() else stage.unlink()
+            elif child.name == "metrics.jsonl":
+                kept = []
+                for line in child.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("stage") in stages:
+                            kept.append(line + "\n")
+                    except json.JSONDecodeError:
+                        continue
+                atomic_write_text(child, "".join(kept))
+            else:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def _holds_results(self) -> bool:
+        """Whether anything worth keeping is here: a checkpoint, a summary, a store; anything but the
+        config, the lock, the metrics log, TensorBoard files and stale temp files."""
+        disposable = {"config.yaml", ".lock", "metrics.jsonl"}
+        for f in self.path.rglob("*"):
+            rel = f.relative_to(self.path)
+            if f.is_dir() or rel.parts[0] == "tensorboard" or str(rel) in disposable:
+                continue
+            if f.name.startswith(".") and ".tmp-" in f.name:
+                continue
+            return True
+        return False
 
     def _remove_stale_temp_files(self) -> None:
         """A process killed mid-write leaves its temp file (the real file is intact); holding the
@@ -97,9 +157,11 @@ class RunDir:
 
 def _first_difference(a, b, prefix: str = "") -> str | None:
     """The first dotted key at which saved config `a` and new config `b` differ. Keys that `a`
-    lacks (added by a newer distill with defaults) are not differences."""
+    lacks (added by a newer distill with defaults) are not differences, except in free-form
+    `init_args`, where an added argument changes what is built."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in a:
+        keys = list(a) + ([k for k in b if k not in a] if prefix.endswith("init_args") else [])
+        for k in keys:
             d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
             if d:
                 return d

@@ -1,0 +1,287 @@
+"""Issue 18: what cost a new user a retrain or left clutter, each reproduced and fixed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill import ConfigError, DistillError
+from distill.cli import main
+from distill.run.config import load_yaml
+from distill.run.rundir import RunDir
+from helpers import tiny_recipe
+
+
+def _write(tmp_path, cfg, name="tiny.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(cfg.to_yaml())
+    return p
+
+
+# --------------------------------------------------------------------------- bug 2: empty recipes
+
+
+def test_empty_or_near_empty_recipe_is_an_error_naming_what_is_missing(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty: a recipe names at least its teacher: and student:"):
+        load_yaml(empty)
+    assert main(["run", str(empty), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "is empty" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing trained, nothing written
+
+    near = tmp_path / "near.yaml"
+    near.write_text("name: mine\nteacher: {name: cnn}\n")
+    assert main(["run", str(near), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "missing: student" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- bug 3: failed runs
+
+
+def test_a_run_that_failed_before_finishing_anything_is_reclaimed(tmp_path, capsys):
+    recipe = _write(
+        tmp_path, tiny_recipe(tmp_path, **{"teacher.class_path": "nowhere.Model", "teacher.name": "null"})
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 2
+    assert (out / "config.yaml").exists()
+    capsys.readouterr()
+    # the rerun meets the same error again, not "already holds a run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" not in err and "nowhere" in err
+
+    # a folder with a finished stage is still protected
+    (out / "checkpoints" / "teacher").mkdir(parents=True)
+    (out / "checkpoints" / "teacher" / "final.safetensors").write_bytes(b"x")
+    with pytest.raises(DistillError, match="already holds a run"):
+        RunDir(out, "name: other\n")
+    # a folder with only the config, the log and TensorBoard files is reclaimed, emptied
+    (out / "checkpoints" / "teacher" / "final.safetensors").unlink()
+    (out / "metrics.jsonl").write_text('{"stage": "teacher", "step": 1}\n')
+    (out / "tensorboard" / "teacher").mkdir(parents=True)
+    (out / "tensorboard" / "teacher" / "events").write_text("x")
+    with RunDir(out, "name: other\n"):
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml"]
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"name": "other"}
+
+
+# --------------------------------------------------------------------------- bug 6: threads
+
+
+def test_trainer_threads_reach_the_teachers_own_training(tmp_path):
+    import torch
+
+    from distill.engine.trainer import use_callbacks
+    from distill.run.pipeline import run_recipe
+
+    seen = {}
+
+    class Threads:
+        def on_evaluate(self, trainer, metrics):
+            seen[trainer.stage] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    cfg = tiny_recipe(tmp_path, **{"trainer.threads": 1, "teacher.train.threads": "null", "baselines": "[]"})
+    assert cfg.teacher.train.threads is None
+    try:
+        with use_callbacks(Threads()):
+            run_recipe(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"teacher": 1, "student_kd": 1}
+
+
+# --------------------------------------------------------------------------- bugs 1 and 7: distill eval
+
+
+def _kd_row(summary):
+    return next(r for r in summary["rows"] if r["name"] == "student_kd")
+
+
+def test_eval_uses_the_recipes_evaluator(tmp_path, capsys):
+    """`distill eval` scored with plain accuracy whatever the recipe's evaluator (LM: no perplexity)."""
+    cfg = tiny_recipe(
+        tmp_path, **{"evaluator": "{name: perplexity, init_args: {shift: false}}", "baselines": "[]"}
+    )
+    recipe, out = _write(tmp_path, cfg), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    row = _kd_row(json.loads((out / "summary.json").read_text()))
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert "perplexity" in ev
+    for k in ("perplexity", "nll", "accuracy", "agreement"):
+        assert ev[k] == pytest.approx(row[k]), k
+
+
+def test_eval_scores_every_seed_of_a_multi_seed_run(tmp_path, capsys):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, baselines="[]")), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--seeds", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(isinstance(r["params"], int) for r in summary["rows"])  # was written as a float
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert [s["seed"] for s in ev["seeds"]] == [0, 1]
+    per_seed = [_kd_row(json.loads((out / f"seed{k}" / "summary.json").read_text())) for k in (0, 1)]
+    for s, row in zip(ev["seeds"], per_seed):
+        assert s["accuracy"] == pytest.approx(row["accuracy"])
+    assert ev["accuracy"] == pytest.approx(sum(r["accuracy"] for r in per_seed) / 2)
+    assert ev["params"] == per_seed[0]["params"]
+    # a folder without a finished student names what is missing
+    empty = tmp_path / "unfinished"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((out / "seed0" / "config.yaml").read_text())
+    assert main(["eval", str(empty)]) == 2
+    assert "has no finished student_kd" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bug 8: Debian extras
+
+
+def test_recipe_tests_skip_without_espeak_ng_naming_the_install(monkeypatch):
+    """On a fresh machine without espeak-ng the README's test command raised instead of skipping."""
+    import shutil
+
+    from test_config_cli import test_every_top_level_recipe_parses_and_builds
+
+    real = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if name == "espeak-ng" else real(name, *a, **k)
+    )
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(pytest.skip.Exception, match="apt-get install espeak-ng"):
+        test_every_top_level_recipe_parses_and_builds(root / "recipes" / "speech_digits.yaml")
+
+
+def test_fortunes_error_names_the_install(tmp_path):
+    from distill.data.text import fortunes
+    from helpers import skip_without_system_package
+
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y fortunes"):
+        skip_without_system_package(fortunes, tmp_path / "no-fortunes-here")
+
+
+# --------------------------------------------------------------------------- bug 4: mistakes before training
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("student.init_args.hiddn=[64]", "hiddn"),
+        ("evaluator={name: perplexty}", "perplexty"),
+        # builds, but the student's 5 classes meet the teacher's 10 only in the first batch
+        ("student.init_args.num_classes=5", "student_scratch (one-batch preflight, before any training)"),
+    ],
+)
+def test_student_objective_and_evaluator_mistakes_fail_before_the_teacher_trains(
+    tmp_path, capsys, override, message
+):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path)), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (out / "checkpoints" / "teacher").exists()  # the teacher never started
+
+
+def test_a_finished_teacher_is_reused_when_only_later_sections_change(tmp_path, capsys):
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, baselines="[]")), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    final = out / "checkpoints" / "teacher" / "final.safetensors"
+    before = final.read_bytes(), final.stat().st_mtime_ns
+
+    def teacher_lines():
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in lines if r["stage"] == "teacher"]
+
+    t_lines = teacher_lines()
+    capsys.readouterr()
+    # the fixed student and a new temperature: the teacher stage is kept, the student redone
+    fixes = ["student.init_args.hidden=[24]", "objective.terms.kd.init_args.temperature=2"]
+    assert main(["run", str(recipe), "--out", str(out), "--resume", *fixes]) == 0
+    assert "reusing the finished teacher stage" in capsys.readouterr().err
+    assert (final.read_bytes(), final.stat().st_mtime_ns) == before
+    assert teacher_lines() == t_lines
+    summary = json.loads((out / "summary.json").read_text())
+    student = yaml.safe_load((out / "config.yaml").read_text())["student"]
+    assert (
+        student["init_args"]["hidden"] == [24]
+        and summary["rows"][1]["params"] != summary["rows"][0]["params"]
+    )
+    kd_lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if '"student_kd"' in x]
+    assert len(kd_lines) == len(set(kd_lines))  # the old student's lines are gone, not mixed in
+    # a change to what the teacher learns from is still refused
+    assert (
+        main(
+            [
+                "run",
+                str(recipe),
+                "--out",
+                str(out),
+                "--resume",
+                *fixes,
+                "objective.terms.ce.init_args.label_smoothing=0.1",
+            ]
+        )
+        == 2
+    )
+    assert "config differs at objective.terms.ce" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bug 9: a useless teacher
+
+
+def test_a_teacher_at_chance_is_flagged_in_the_log_and_the_report(tmp_path, capsys):
+    over = {"teacher.train.epochs": 1, "teacher.train.optimizer.lr": 1e-7, "trainer.epochs": 1}
+    recipe, out = _write(tmp_path, tiny_recipe(tmp_path, **over)), tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    teacher = summary["rows"][0]
+    assert teacher["accuracy"] < 0.15  # 10 classes: chance is 0.1
+    assert any("at chance" in w for w in summary["warnings"])
+    assert "warning: the teacher's accuracy" in capsys.readouterr().err
+    assert "**Warning:** the teacher's accuracy" in (out / "report.md").read_text()
+
+
+def test_teacher_warnings_rules():
+    from distill.run.pipeline import teacher_warnings
+
+    def rows(t, s):
+        return [{"name": "teacher", "accuracy": t}, {"name": "student_scratch", "accuracy": s}]
+
+    assert teacher_warnings(rows(0.98, 0.95), 10) == []
+    assert "not clearly better" in teacher_warnings(rows(0.955, 0.95), 10)[0]
+    assert "at chance" in teacher_warnings(rows(0.11, 0.5), 10)[0]
+    lm = [
+        {"name": "teacher", "perplexity": 20.0, "accuracy": 0.2},
+        {"name": "student_scratch", "perplexity": 19.0},
+    ]
+    assert len(teacher_warnings(lm, 2000)) == 1 and "perplexity" in teacher_warnings(lm, 2000)[0]
+
+
+def test_reuse_keeps_only_the_named_stages_and_nested_seed_folders(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out, "a: 1\n"):
+        for stage in ("teacher", "student_kd"):
+            (out / "checkpoints" / stage).mkdir(parents=True)
+            (out / "checkpoints" / stage / "final.safetensors").write_bytes(b"x")
+        (out / "metrics.jsonl").write_text(
+            '{"stage": "teacher", "step": 1}\n{"stage": "student_kd", "step": 1}\n'
+        )
+        (out / "summary.json").write_text("{}")
+        (out / "seed1").mkdir()
+        (out / "seed1" / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(DistillError, match="config differs at a"):
+        RunDir(out, "a: 2\n", resume=True, reusable=lambda saved: [])
+    with RunDir(out, "a: 2\n", resume=True, reusable=lambda saved: ["teacher"] if saved == {"a": 1} else []):
+        pass
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["teacher"]
+    assert (out / "metrics.jsonl").read_text() == '{"stage": "teacher", "step": 1}\n'
+    assert not (out / "summary.json").exists() and (out / "seed1" / "config.yaml").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"a": 2}
