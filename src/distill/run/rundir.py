@@ -12,6 +12,7 @@ import yaml
 from distill.checkpoint import atomic_write_text
 from distill.engine import distributed as dist
 from distill.errors import DistillError
+from distill.run.config import import_header
 
 
 class RunDir:
@@ -59,7 +60,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
         self._remove_stale_temp_files()
-        atomic_write_text(saved, config_yaml)
+        atomic_write_text(saved, import_header() + config_yaml)  # eval finds the recipe's modules
 
     def _remove_stale_temp_files(self) -> None:
         """A process killed mid-write leaves its temp file (the real file is intact); holding the
