@@ -14,6 +14,10 @@ EXTRAS = [
     "torchmetrics",
     "tensorboard",
     "matplotlib",
+    "timm",
+    "datasets",
+    "pyarrow",
+    "pandas",
 ]
 
 
