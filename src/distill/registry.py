@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -85,13 +86,18 @@ _IMPORT_DIRS: list[str] = []
 
 def add_import_dir(folder: str | Path) -> None:
     """Makes the modules in `folder` importable by `class_path` (and by plain `import`): the folder
-    goes first on `sys.path`, as a script's own folder does, so a file beside the recipe wins."""
+    goes first on `sys.path`, as a script's own folder does, so a file beside the recipe wins. It is
+    added to `PYTHONPATH` too, for processes started from this one (simulation workers, spawned
+    data loader workers)."""
     p = str(Path(folder).resolve())
     if p not in _IMPORT_DIRS:
         _IMPORT_DIRS.append(p)
     if p not in sys.path:
         sys.path.insert(0, p)
         importlib.invalidate_caches()
+    env = os.environ.get("PYTHONPATH", "")
+    if p not in env.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([p, env]) if env else p
 
 
 def import_dirs() -> list[str]:
