@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from distill.errors import ConfigError
@@ -76,6 +79,32 @@ class Registry:
             raise ConfigError(f"{self.kind} '{class_path or name}': {e}") from e
 
 
+# Folders whose Python files `class_path` may name (the folder of every recipe loaded), so that
+# `class_path: mydata.wine` finds `mydata.py` beside the recipe without PYTHONPATH.
+_IMPORT_DIRS: list[str] = []
+
+
+def add_import_dir(folder: str | Path) -> None:
+    """Makes the modules in `folder` importable by `class_path` (and by plain `import`): the folder
+    goes first on `sys.path`, as a script's own folder does, so a file beside the recipe wins. It is
+    added to `PYTHONPATH` too, for processes started from this one (simulation workers, spawned
+    data loader workers)."""
+    p = str(Path(folder).resolve())
+    if p not in _IMPORT_DIRS:
+        _IMPORT_DIRS.append(p)
+    if p not in sys.path:
+        sys.path.insert(0, p)
+        importlib.invalidate_caches()
+    env = os.environ.get("PYTHONPATH", "")
+    if p not in env.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([p, env]) if env else p
+
+
+def import_dirs() -> list[str]:
+    """The folders added by `add_import_dir`, in order."""
+    return list(_IMPORT_DIRS)
+
+
 def import_path(path: str) -> Any:
     """Imports `package.module.Name` (or `package.module:Name`)."""
     mod_name, _, attr = path.replace(":", ".").rpartition(".")
@@ -83,6 +112,16 @@ def import_path(path: str) -> Any:
         raise ConfigError(f"class_path '{path}' is not of the form package.module.Name")
     try:
         module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise ConfigError(f"class_path '{path}': importing {mod_name} failed: {e}") from e
+        # The module itself (or its package) is missing: say where it was looked for.
+        where = ", ".join(_IMPORT_DIRS) or "no recipe folder"
+        raise ConfigError(
+            f"class_path '{path}': no module named '{e.name}' (looked beside the recipe in {where}, "
+            "then on sys.path); put "
+            f"{e.name.replace('.', '/')}.py next to the recipe or install it"
+        ) from e
     except ImportError as e:
         raise ConfigError(f"class_path '{path}': cannot import {mod_name} ({e})") from e
     if not hasattr(module, attr):

@@ -10,5 +10,9 @@ from distill.registry import DATASETS
 # Generated sets whose code needs optional extras (torchvision / librosa): imported on first use.
 DATASETS.add_lazy("shapes", "distill.data.shapes.shapes_data")
 DATASETS.add_lazy("speech_words", "distill.data.speech.speech_data")
+# Data a user has, with no code (docs/your_data.md): an image folder, a CSV/Parquet table, torchvision.
+DATASETS.add_lazy("image_folder", "distill.data.sources.image_folder")
+DATASETS.add_lazy("table", "distill.data.sources.table")
+DATASETS.add_lazy("torchvision", "distill.data.sources.torchvision_dataset")
 
 __all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

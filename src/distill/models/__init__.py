@@ -8,5 +8,8 @@ from distill.registry import MODELS
 MODELS.add_lazy("speech_cnn", "distill.models.speech.SpeechCNN")
 MODELS.add_lazy("ds_cnn", "distill.models.speech.DSCNN")
 MODELS.add_lazy("detector", "distill.models.detection.build_detector")  # torchvision, imported on use
+# Architectures by name from torchvision / timm (weights only from a local file): docs/your_data.md.
+MODELS.add_lazy("torchvision", "distill.models.zoo.torchvision_model")
+MODELS.add_lazy("timm", "distill.models.zoo.timm_model")
 
 __all__ = ["MLP", "SmallCNN"]

@@ -8,6 +8,7 @@ what is allowed, in one line.
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from distill.engine.config import OptimizerConfig, Strict, TrainerConfig
 from distill.errors import ConfigError
+from distill.registry import add_import_dir, import_dirs
 
 
 class Component(Strict):
@@ -134,16 +136,24 @@ class RecipeConfig(Strict):
 # --------------------------------------------------------------------------- loading and errors
 
 
+IMPORT_HEADER = "# class_path modules beside the recipe: "
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping with the safe loader (tags that would build objects are refused)."""
+    """Reads a YAML mapping with the safe loader (tags that would build objects are refused).
+
+    The file's folder becomes importable by `class_path` (`mydata.wine` with `mydata.py` beside the
+    recipe), and so do the folders a run folder's config.yaml names in its first line (written by
+    `RunDir`), so `distill eval RUN` finds the same files as the run did. Every command loads its
+    recipe here, so this is the one place that does it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        first = str(e).replace("\n", " ")
-        raise ConfigError(f"{path} is not valid YAML (tags that build objects are refused): {first}") from e
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(
             f"{path} must hold a mapping of keys (name:, data:, teacher:, ...), not a {type(data).__name__}"
@@ -153,6 +163,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"{path} is empty: a recipe names at least its teacher: and student: (copy recipes/digits.yaml "
             "to start, or run `distill demo` for the defaults)"
         )
+    add_import_dir(path.parent)
+    first = text.split("\n", 1)[0]
+    if first.startswith(IMPORT_HEADER):
+        for folder in first[len(IMPORT_HEADER) :].split(os.pathsep):
+            if folder.strip() and Path(folder.strip()).is_dir():
+                add_import_dir(folder.strip())
     return data
 
 
@@ -167,6 +183,30 @@ def require_sections(
             f"{source} does not say {' or '.join(f'{k}:' for k in missing)} (missing: {', '.join(missing)}); "
             "a recipe names its teacher: and student: (see recipes/digits.yaml)"
         )
+
+
+def import_header() -> str:
+    """The first line of a run folder's config.yaml: the folders whose Python files the recipe's
+    `class_path`s may name (only those holding a module), or "" when there are none."""
+    folders = [d for d in import_dirs() if any(Path(d).glob("*.py")) or any(Path(d).glob("*/__init__.py"))]
+    return f"{IMPORT_HEADER}{os.pathsep.join(folders)}\n" if folders else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's own words with the line and column (1-based) where it stopped, and where the
+    construct it was reading began."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).split("\n", 1)[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = f"{problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and cmark is not mark:
+        what += f" ({context} that began at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        what += f" ({context})"
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(problem):
+        what += "; tags that build Python objects are refused"
+    return f"{where}{what}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

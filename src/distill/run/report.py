@@ -22,6 +22,15 @@ _COLUMNS = [
     ("agreement", "agreement", "{:.4f}"),
 ]
 
+# The scores a table may hold, as the report's sentence names them.
+_SCORES = [
+    ("accuracy", "accuracy"),
+    ("perplexity", "perplexity"),
+    ("map", "mAP"),
+    ("cosine", "cosine similarity to the teacher's embeddings"),
+    ("agreement", "agreement (top-1 with the teacher)"),
+]
+
 
 def table(rows: list[dict[str, Any]], columns=None) -> str:
     """A markdown table of summary rows; `<metric>_std` is shown as ± beside its mean."""
@@ -70,37 +79,84 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _plot_curves(metrics: list[dict[str, Any]], path: Path) -> bool:
+def _series(runs: list[list[dict[str, Any]]], stage: str, split: str, x: str, y: str):
+    """One stage's curve over the runs (seeds): x values, the mean and the std (0 for one run)."""
+    import numpy as np
+
+    by_x: dict[float, list[float]] = {}
+    for metrics in runs:
+        for m in metrics:
+            if m.get("stage") == stage and m.get("split") == split and y in m and x in m:
+                by_x.setdefault(m[x], []).append(float(m[y]))
+    xs = sorted(by_x)
+    mean = np.array([np.mean(by_x[k]) for k in xs])
+    std = np.array([np.std(by_x[k]) for k in xs])
+    return np.array(xs, dtype=float), mean, std
+
+
+def _plot_curves(runs: list[list[dict[str, Any]]], path: Path) -> bool:
+    fig = curves_figure(runs)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return True
+
+
+def curves_figure(runs: list[list[dict[str, Any]]]):
+    """The learning-curves figure (None without curves) from one metrics list per seed. Each stage's training loss in its own panel (stages optimise different objectives: the
+    teacher its labels, the distilled student a weighted mix, so their losses share no scale), then
+    every stage's validation metric by epoch. With several seeds, each curve is the mean over seeds
+    and the band one standard deviation either side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    val = [m for m in metrics if m.get("split") == "val"]
-    train = [m for m in metrics if m.get("split") == "train" and "loss" in m]
+    flat = [m for metrics in runs for m in metrics]
+    val = [m for m in flat if m.get("split") == "val"]
+    train = [m for m in flat if m.get("split") == "train" and "loss" in m]
     if not val and not train:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for stage in dict.fromkeys(m["stage"] for m in train):
-        pts = [(m["step"], m["loss"]) for m in train if m["stage"] == stage]
-        axes[0].plot(*zip(*pts), label=stage)
-    axes[0].set(xlabel="optimizer step", ylabel="training loss", title="training loss")
-    axes[0].set_yscale("log")
+        return None
+    loss_stages = list(dict.fromkeys(m["stage"] for m in train))
     key = next((k for k in ("accuracy", "map", "perplexity", "cosine") if any(k in m for m in val)), None)
+    n = len(loss_stages) + (1 if key else 0)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), squeeze=False)
+    axes = list(axes[0])
+    band = len(runs) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    stages = list(dict.fromkeys(m["stage"] for m in flat if "stage" in m))
+    color = {s: colors[i % len(colors)] for i, s in enumerate(stages)}
+
+    def draw(ax, xs, mean, std, stage, marker=None):
+        ax.plot(xs, mean, color=color[stage], marker=marker, label=stage)
+        if band:
+            ax.fill_between(xs, mean - std, mean + std, color=color[stage], alpha=0.2, linewidth=0)
+
+    for ax, stage in zip(axes, loss_stages):
+        draw(ax, *_series(runs, stage, "train", "step", "loss"), stage)
+        ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{stage}: training loss")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if key:
+        ax = axes[-1]
         for stage in dict.fromkeys(m["stage"] for m in val):
-            pts = [(m["epoch"], m[key]) for m in val if m["stage"] == stage and key in m]
-            if pts:
-                axes[1].plot(*zip(*pts), marker=".", label=stage)
-        axes[1].set(xlabel="epoch", ylabel=f"validation {key}", title=f"validation {key}")
-    for ax in axes:
+            xs, mean, std = _series(runs, stage, "val", "epoch", key)
+            if len(xs):
+                draw(ax, xs, mean, std, stage, marker=".")
+        ax.set(xlabel="epoch", ylabel=f"validation {key}", title=f"validation {key}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    for ax in axes:
         ax.grid(alpha=0.3)
+    if band:
+        fig.suptitle(f"mean over {len(runs)} seeds, band: ± one standard deviation", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return True
+    return fig
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -132,6 +188,19 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _explain(rows: list[dict[str, Any]]) -> str:
+    """What the table's measured columns mean, naming only the columns the table has."""
+    has = {k for r in rows for k in r}
+    scores = [name for key, name in _SCORES if key in has]
+    parts = []
+    if scores:
+        joined = ", ".join(scores[:-1]) + (" and " if len(scores) > 1 else "") + scores[-1]
+        parts.append(f"{joined[0].upper()}{joined[1:]} on the test split.")
+    if has & {"latency_ms_b1", "latency_ms_b64"}:
+        parts.append("Latency is CPU forward time (median, fixed threads).")
+    return " ".join(parts)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Writes `report.md` (+ `learning_curves.png`, `tradeoff.png`) for a run folder."""
     run_dir = Path(run_dir)
@@ -143,9 +212,10 @@ def write_report(run_dir: str | Path) -> Path:
     except json.JSONDecodeError as e:
         raise DistillError(f"{summary_path} is not valid JSON ({e}); rerun the recipe with --resume") from e
     rows = summary.get("rows", [])
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    if not metrics and "seeds" in summary:  # a multi-seed run: plot the first seed's curves
-        metrics = read_metrics(run_dir / f"seed{summary['seeds'][0]}" / "metrics.jsonl")
+    runs = [read_metrics(run_dir / "metrics.jsonl")]
+    if not runs[0] and "seeds" in summary:  # a multi-seed run: every seed's curves
+        runs = [read_metrics(run_dir / f"seed{seed}" / "metrics.jsonl") for seed in summary["seeds"]]
+        runs = [r for r in runs if r]
     lines = [f"# {summary.get('recipe', 'run')}: {summary.get('command', 'run')}", ""]
     seeds = summary.get("seeds")
     lines.append(
@@ -156,14 +226,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"> **Warning:** {w}" for w in summary.get("warnings", [])] + [""] * bool(
         summary.get("warnings")
     )
-    lines += [
-        f"Wall time: {summary.get('wall_seconds', 0)} s. Accuracy and agreement (top-1 with the teacher) "
-        "on the test split; latency is CPU forward time (median, fixed threads).",
-        "",
-        table(rows),
-        "",
-    ]
-    if _plot_curves(metrics, run_dir / "learning_curves.png"):
+    lines += [f"Wall time: {summary.get('wall_seconds', 0)} s. {_explain(rows)}", "", table(rows), ""]
+    if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
         lines += ["![accuracy vs latency](tradeoff.png)", ""]

@@ -15,6 +15,7 @@ import yaml
 from distill.checkpoint import atomic_write_text
 from distill.engine import distributed as dist
 from distill.errors import DistillError
+from distill.run.config import import_header
 
 
 class RunDir:
@@ -84,7 +85,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
         self._remove_stale_temp_files()
-        atomic_write_text(saved, config_yaml)
+        atomic_write_text(saved, import_header() + config_yaml)  # eval finds the recipe's modules
 
     def _keep_only(self, stages: list[str]) -> None:
         """Empties the folder but for `stages`: their checkpoints, TensorBoard files and metrics lines.
