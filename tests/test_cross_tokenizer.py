@@ -207,6 +207,18 @@ def test_aligned_positions_see_the_same_prefix(toks):
     assert (fb >= 0).any()
 
 
+def test_with_bos_the_first_positions_align_and_the_first_token_is_trained(toks):
+    from distill.nlp.align import CrossTokenizerCollator
+    from distill.nlp.cross import CrossTokenizerTeacher
+
+    t_tok, s_tok = toks
+    data = CrossTokenizerCollator(s_tok, max_length=24, add_bos=True)(TEXTS[:2])
+    batch = Batch(inputs=data, targets=data["labels"])
+    assert (data["input_ids"][:, 0] == s_tok.eos_token_id).all()
+    xt = CrossTokenizerTeacher(_gpt2(t_tok, 1), t_tok, s_tok, max_length=24, add_bos=True)(batch)
+    assert xt.extras["xt"]["teacher"]["align"][:, 0].tolist() == [0, 0]
+
+
 def test_two_teachers_with_different_tokenizers_train_the_student(toks):
     from distill.nlp.cross import CrossTeachers, CrossTokenizerTeacher
     from distill.objective import Objective

@@ -41,21 +41,36 @@ def check_offsets(tokenizer, who: str = "tokenizer") -> None:
         )
 
 
+def bos_id(tokenizer) -> int:
+    """The token a sequence starts with when `add_bos`: the tokenizer's bos, else its eos (as GPT-2)."""
+    i = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if i is None:
+        raise DistillError(
+            f"the tokenizer {_name(tokenizer)!r} has neither a bos nor an eos token for add_bos"
+        )
+    return i
+
+
 def token_offsets(
-    tokenizer, texts: Sequence[str], max_length: int, add_eos: bool = True
+    tokenizer, texts: Sequence[str], max_length: int, add_eos: bool = True, add_bos: bool = False
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Token ids and (start, end) character spans per text, cut to `max_length` like `LMCollator`.
 
-    The appended end-of-sequence token gets the span (-1, -1): it covers no character.
+    The appended end-of-sequence token gets the span (-1, -1): it covers no character. With
+    `add_bos`, a first token with the empty span (0, 0) lets the model predict the text's first
+    token too; the two sides' first positions then align (both have seen nothing).
     """
     check_offsets(tokenizer)
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
+    bos = bos_id(tokenizer) if add_bos else None
     ids_out, offs_out = [], []
     for ids, offs in zip(enc["input_ids"], enc["offset_mapping"]):
         ids, offs = list(ids), [tuple(o) for o in offs]
         if add_eos and eos is not None:
             ids, offs = ids + [eos], offs + [(-1, -1)]
+        if bos is not None:
+            ids, offs = [bos] + ids, [(0, 0)] + offs
         ids_out.append(ids[:max_length])
         offs_out.append(offs[:max_length])
     return ids_out, offs_out
@@ -80,10 +95,12 @@ class CrossTokenizerCollator:
 
     The same batch as `LMCollator` (every token trained, `<eos>` appended, right-padded), plus
     `offset_mapping` (B, T, 2) long (-1 on padding and `<eos>`) and the raw texts, which a
-    cross-tokenizer teacher re-tokenizes with its own tokenizer.
+    cross-tokenizer teacher re-tokenizes with its own tokenizer. `add_bos` starts every text with
+    a bos token (the eos when there is none), so its first token is trained as well; give the
+    teacher the same setting.
     """
 
-    def __init__(self, tokenizer, max_length: int = 128, add_eos: bool = True):
+    def __init__(self, tokenizer, max_length: int = 128, add_eos: bool = True, add_bos: bool = False):
         check_offsets(tokenizer, "student")
         if tokenizer.pad_token_id is None:
             raise DistillError(
@@ -92,10 +109,11 @@ class CrossTokenizerCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.add_eos = add_eos
+        self.add_bos = add_bos
 
     def __call__(self, items: Sequence) -> dict:
         texts = _texts(items)
-        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos)
+        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos, self.add_bos)
         out = pad_batch(ids, ids, self.tokenizer.pad_token_id)
         om = torch.full((*out["input_ids"].shape, 2), -1, dtype=torch.long)
         for b, o in enumerate(offs):

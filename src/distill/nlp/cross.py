@@ -125,6 +125,8 @@ class CrossTokenizerTeacher:
         max_length: teacher tokens per text (longer texts are cut, like the student's).
         name: the key under `extras["xt"]` (the `teacher` argument of the terms).
         mode: the token map, "exact" or "prefix" (see `vocab_map`).
+        add_eos / add_bos: as the student's `CrossTokenizerCollator` (an eos after each text; a
+            bos before it, so the first positions of both sides align).
     """
 
     def __init__(
@@ -137,10 +139,12 @@ class CrossTokenizerTeacher:
         name: str = "teacher",
         mode: str = "exact",
         add_eos: bool = True,
+        add_bos: bool = False,
     ):
         self.models = _models(models)
         self.tokenizer = tokenizer
-        self.k, self.max_length, self.name, self.add_eos = k, max_length, name, add_eos
+        self.k, self.max_length, self.name = k, max_length, name
+        self.add_eos, self.add_bos = add_eos, add_bos
         self.map = vocab_map(tokenizer, student_tokenizer, mode)
 
     @property
@@ -154,7 +158,7 @@ class CrossTokenizerTeacher:
 
     def __call__(self, batch: Batch) -> Outputs:
         texts, s_off = _texts_and_offsets(batch)
-        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos)
+        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos, self.add_bos)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         probs, tids, tail = _run(self.models, ids, pad, self.k, self.device)
         entry = _xt_entry(probs, tids, tail, offs, [len(i) for i in ids], s_off, self.map)
@@ -171,6 +175,7 @@ def write_cross_store(
     batch_size: int = 32,
     dtype: str = "float16",
     add_eos: bool = True,
+    add_bos: bool = False,
     device: str | torch.device | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -196,7 +201,7 @@ def write_cross_store(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
-        ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos)
+        ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos, add_bos)
         probs, tids, tail = _run(ms, ids, pad, k, dev)
         for r, row in enumerate(ids):
             n = len(row)
@@ -218,6 +223,7 @@ def write_cross_store(
         "k": int(arrays["probs"].shape[1]),
         "max_length": max_length,
         "add_eos": add_eos,
+        "add_bos": add_bos,
         "dtype": dtype,
         "tokens": int(starts[-1]),
         "bytes": int(total),
