@@ -15,6 +15,8 @@ with one tokenizer, the same steps and texts, all through `distill.nlp.Distillat
 - `uld` / `uld_store`: the student distilled with `uld` (paper's index pairing), teacher online /
   from the store written once by `write_cross_store`.
 - `aligned` / `aligned_store`: the same with `aligned_kd` (character alignment + token map).
+- `aligned_prefix`: `aligned_kd` with the "prefix" token map (each teacher token to the first
+  student token of its spelling), online.
 - `two_teachers`: `aligned_kd` from the 8k teacher and from the 4k teacher, weight 0.5 each.
 
 Each distilled run uses divergence + `--ce-weight` x `lm_ce`. Every text starts with a bos token
@@ -46,6 +48,7 @@ LOSS_NAMES = {
     "uld_store": "uld",
     "aligned": "aligned_kd",
     "aligned_store": "aligned_kd",
+    "aligned_prefix": "aligned_kd, prefix map",
     "two_teachers": "aligned_kd x 2",
 }
 RUNS = (
@@ -56,6 +59,7 @@ RUNS = (
     "uld_store",
     "aligned",
     "aligned_store",
+    "aligned_prefix",
     "two_teachers",
 )
 
@@ -233,9 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     teacher = teachers["teacher"]
 
-    def online(name="teacher", tok=tok_t):
+    def online(name="teacher", tok=tok_t, mode="exact"):
         return CrossTokenizerTeacher(
-            teachers[name], tok, tok_s, k=args.k, max_length=args.teacher_max_length, name=name, add_bos=True
+            teachers[name],
+            tok,
+            tok_s,
+            k=args.k,
+            max_length=args.teacher_max_length,
+            name=name,
+            add_bos=True,
+            mode=mode,
         )
 
     store_path = out / "teacher_store"
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "uld_store": (tok_s, coll_s, ULD(), cached),
         "aligned": (tok_s, coll_s, AlignedKD(), online),
         "aligned_store": (tok_s, coll_s, AlignedKD(), cached),
+        "aligned_prefix": (tok_s, coll_s, AlignedKD(), lambda: online(mode="prefix")),
         "two_teachers": (
             tok_s,
             coll_s,
@@ -332,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     if "scratch" in by and "same_tok_fkl" in by:
         gap = by["scratch"]["bpc"] - by["same_tok_fkl"]["bpc"]
         for r in rows:
-            if r["name"] in ("uld", "uld_store", "aligned", "aligned_store", "two_teachers"):
+            if r["name"] in (
+                "uld",
+                "uld_store",
+                "aligned",
+                "aligned_store",
+                "aligned_prefix",
+                "two_teachers",
+            ):
                 r["gap_closed"] = round((by["scratch"]["bpc"] - r["bpc"]) / gap, 3) if gap else None
         gaps = {"scratch_minus_ceiling_bpc": round(gap, 4)}
     summary = {
