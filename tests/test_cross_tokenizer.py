@@ -128,6 +128,24 @@ def test_the_two_tokenizers_split_some_word_differently(toks):
     assert t != s and len(s) > len(t)
 
 
+def test_vocab_map_exact_and_prefix(toks):
+    from distill.nlp.align import vocab_map
+
+    t_tok, s_tok = toks
+    exact, prefix = vocab_map(t_tok, s_tok), vocab_map(t_tok, s_tok, mode="prefix")
+    s_vocab = s_tok.get_vocab()
+    for tid in range(len(t_tok)):
+        raw = t_tok.convert_ids_to_tokens(tid)
+        if raw in s_vocab:
+            assert exact[tid] == s_vocab[raw] == prefix[tid]
+    longer = [i for i in range(len(t_tok)) if t_tok.convert_ids_to_tokens(i) not in s_vocab]
+    assert longer  # the teacher's vocabulary is larger
+    for tid in longer:
+        assert exact[tid] == -1
+        text = t_tok.decode([tid])
+        assert prefix[tid] == s_tok(text, add_special_tokens=False)["input_ids"][0]
+
+
 def test_collator_keeps_texts_and_offsets_and_the_model_ignores_them(toks):
     from distill.nlp.adapters import hf_adapter
     from distill.nlp.align import CrossTokenizerCollator
