@@ -288,30 +288,36 @@ def main(argv: list[str] | None = None) -> int:
             lambda: CrossTeachers(online(), online("second_teacher", tok_2)),
         ),
     }
+    failed = []
     for name in [r for r in args.runs.split(",") if r]:
         tok, coll, term, make_teacher = specs[name]
-        student = gpt2(tok, args.student_width, args.student_layers, args.seed + 2)  # same init per tokenizer
-        secs = train_model(
-            student,
-            objective(term),
-            args.student_steps,
-            student_texts,
-            coll,
-            teacher=make_teacher() if make_teacher else None,
-            name=name,
-        )
-        rows.append(
-            {
-                "name": name,
-                "tokenizer": f"BPE {len(tok)}",
-                "loss": LOSS_NAMES[name],
-                "params": sum(p.numel() for p in student.parameters()),
-                "bpc": round(bits_per_char(student, tok, val, args.eval_length), 4),
-                "steps": args.student_steps,
-                "train_seconds": round(secs),
-                "s_per_step": round(secs / args.student_steps, 3),
-            }
-        )
+        try:
+            # the same initialisation for every run with one tokenizer
+            student = gpt2(tok, args.student_width, args.student_layers, args.seed + 2)
+            secs = train_model(
+                student,
+                objective(term),
+                args.student_steps,
+                student_texts,
+                coll,
+                teacher=make_teacher() if make_teacher else None,
+                name=name,
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "tokenizer": f"BPE {len(tok)}",
+                    "loss": LOSS_NAMES[name],
+                    "params": sum(p.numel() for p in student.parameters()),
+                    "bpc": round(bits_per_char(student, tok, val, args.eval_length), 4),
+                    "steps": args.student_steps,
+                    "train_seconds": round(secs),
+                    "s_per_step": round(secs / args.student_steps, 3),
+                }
+            )
+        except Exception as e:  # one broken row must not lose the others' numbers
+            failed.append(name)
+            rows.append({"name": name, "tokenizer": f"BPE {len(tok)}", "error": f"{type(e).__name__}: {e}"})
         print(json.dumps(rows[-1]), flush=True)
 
     # Per-step time, online teacher vs store, on the same batches (timed in turn, best of 3).
@@ -339,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         timing = {f"{k}_ms_per_step": round(v * 1000, 1) for k, v in best.items()}
         timing["store_speedup"] = round(best["online"] / best["store"], 2)
 
-    by = {r["name"]: r for r in rows}
+    by = {r["name"]: r for r in rows if "bpc" in r}
     gaps = {}
     if "scratch" in by and "same_tok_fkl" in by:
         gap = by["scratch"]["bpc"] - by["same_tok_fkl"]["bpc"]
-        for r in rows:
+        for r in by.values():
             if r["name"] in (
                 "uld",
                 "uld_store",
@@ -366,13 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n| model | tokenizer | loss | params | held-out bits/char | gap closed | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in by.values():
         print(
             f"| {r['name']} | {r['tokenizer']} | {r.get('loss', 'lm_ce')} | {r['params'] / 1e6:.2f}M | "
             f"{r['bpc']:.4f} | {r.get('gap_closed', '')} | {r['train_seconds']} |"
         )
     print(f"store: {store_info}\ntiming: {timing}\nwall: {summary['wall_seconds']} s")
-    return 0
+    if failed:
+        print(f"failed rows: {', '.join(failed)} (errors in summary.json)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
