@@ -315,3 +315,31 @@ def test_same_vocab_check_names_the_cross_tokenizer_term(toks):
 
     with pytest.raises(DistillError, match="use the aligned_kd term"):
         check_same_vocab(*toks)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_store_rows_match_online_rows(tmp_path, monkeypatch):
+    """The benchmark on a tiny budget: every row trains; from the store == online (same bits/char)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from distill.data.text import FORTUNES_DIR
+
+    if not Path(FORTUNES_DIR).is_dir():
+        pytest.skip("needs Debian's fortunes: apt-get install -y fortunes")
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_cross_tokenizer", root / "benchmarks" / "cross_tokenizer.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    small = "--teacher-steps 10 --student-steps 5 --val 20 --timing-steps 2 --teacher-vocab 600 --second-vocab 500"
+    small += f" --student-vocab 400 --eval-length 128 --out {tmp_path}"
+    assert mod.main(small.split()) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert set(mod.RUNS) <= set(rows)
+    assert all(math.isfinite(r["bpc"]) and r["bpc"] > 0 for r in rows.values())
+    assert rows["uld_store"]["bpc"] == pytest.approx(rows["uld"]["bpc"], abs=2e-3)
+    assert rows["aligned_store"]["bpc"] == pytest.approx(rows["aligned"]["bpc"], abs=2e-3)
