@@ -11,7 +11,7 @@ import yaml
 from distill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["minilm_embeddings", "lm_fortunes"]
+NAMES = ["minilm_embeddings", "lm_fortunes", "cross_tokenizer"]
 
 
 def _script(name, monkeypatch):

@@ -4,8 +4,9 @@ relations, sequences, detection). May import only the contracts (outputs, regist
 Importing this package registers every term in `distill.registry.LOSSES`.
 """
 
-from distill.losses import detection, embeddings, transformer  # noqa: F401  (register det terms, embed_*, hidden_*, attn_kl)
+from distill.losses import cross_tokenizer, detection, embeddings, transformer  # noqa: F401  (register uld, aligned_kd, det terms, embed_*, hidden_*, attn_kl)
 from distill.losses.base import LossTerm
+from distill.losses.cross_tokenizer import ULD, AlignedKD, mapped_kl, uld_loss
 from distill.losses.features import (
     PKT,
     AttentionTransfer,
@@ -61,12 +62,14 @@ __all__ = [
     "LSKD",
     "PKT",
     "RKD",
+    "AlignedKD",
     "AttentionTransfer",
     "CrossEntropy",
     "FitNets",
     "LogitMSE",
     "LossTerm",
     "SimilarityPreserving",
+    "ULD",
     "Weighted",
     "at_loss",
     "attention_map",
@@ -77,6 +80,7 @@ __all__ = [
     "hint_loss",
     "kd_loss",
     "logit_mse",
+    "mapped_kl",
     "lskd_loss",
     "nce_loss",
     "pkt_loss",
@@ -92,4 +96,5 @@ __all__ = [
     "token_divergence",
     "topk_forward_kl",
     "total_variation",
+    "uld_loss",
 ]

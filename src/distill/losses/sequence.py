@@ -242,7 +242,7 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
             raise DistillError(
                 f"teacher vocabulary has {teacher_logits.shape[-1]} entries but the student's has "
                 f"{student_logits.shape[-1]}: token-level KD needs one shared tokenizer "
-                "(check with distill.nlp.check_same_vocab)"
+                "(check with distill.nlp.check_same_vocab); for two tokenizers use the aligned_kd or uld term"
             )
         raise DistillError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "

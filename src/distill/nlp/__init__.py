@@ -31,6 +31,12 @@ _EXPORTS = {
     "OnPolicyBatches": "distill.nlp.generation",
     "sequence_kd_data": "distill.nlp.generation",
     "DistillationTrainer": "distill.nlp.hf_trainer",
+    "CrossTokenizerCollator": "distill.nlp.align",
+    "vocab_map": "distill.nlp.align",
+    "CrossTokenizerTeacher": "distill.nlp.cross",
+    "CachedCrossTokenizerTeacher": "distill.nlp.cross",
+    "CrossTeachers": "distill.nlp.cross",
+    "write_cross_store": "distill.nlp.cross",
 }
 
 __all__ = sorted(_EXPORTS)

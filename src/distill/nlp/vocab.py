@@ -1,10 +1,18 @@
-"""Token-level distillation compares distributions over token ids, so teacher and student must
-share one tokenizer; two vocabularies of the same size but different orders give silent garbage.
+"""Token-level distillation (fkl, jsd, ...) compares distributions over token ids, so teacher and
+student must share one tokenizer; two vocabularies of the same size but different orders give
+silent garbage. When they differ, the check says so and names the terms that handle it:
+`aligned_kd` (character-aligned positions, probabilities mapped onto the student's vocabulary)
+or `uld` (sorted probabilities), with a teacher from `distill.nlp.cross`.
 """
 
 from __future__ import annotations
 
 from distill.errors import DistillError
+
+CROSS_HINT = (
+    "use the aligned_kd term (or uld) with distill.nlp.CrossTokenizerTeacher and "
+    "CrossTokenizerCollator, which distil across tokenizers (docs/nlp.md)"
+)
 
 _SPECIAL = ("pad_token_id", "eos_token_id", "bos_token_id", "unk_token_id")
 
@@ -30,14 +38,14 @@ def check_same_vocab(teacher_tokenizer, student_tokenizer, check_special: bool =
             raise DistillError(
                 f"teacher and student tokenizers differ at token id {i}: teacher {t[i]!r}, student {s[i]!r} "
                 f"(vocabularies of {len(t)} and {len(s)}); token-level distillation needs the same "
-                "tokenizer - use the teacher's tokenizer for the student, or sequence-level KD on text"
+                f"tokenizer - {CROSS_HINT}, or use the teacher's tokenizer for the student"
             )
     if len(t) != len(s):
         longer, name = (t, "teacher") if len(t) > len(s) else (s, "student")
         i = min(len(t), len(s))
         raise DistillError(
             f"the {name} tokenizer has {len(longer) - i} extra tokens from id {i} ({longer[i]!r}, ...): "
-            f"vocabularies of {len(t)} and {len(s)} entries; resize or use one tokenizer"
+            f"vocabularies of {len(t)} and {len(s)} entries; if the extra ids are padding, resize; otherwise {CROSS_HINT}"
         )
     if check_special:
         for attr in _SPECIAL:

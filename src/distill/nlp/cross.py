@@ -1,0 +1,337 @@
+"""Teachers with another tokenizer: online, from a store written once, and several at once.
+
+Every teacher here returns `Outputs(logits=None, extras={"xt": {name: {...}}})`, what the `uld`
+and `aligned_kd` terms read (see `distill.losses.cross_tokenizer`): per teacher token the top-k
+probabilities in decreasing order, their ids and the tail mass, and the positions aligned with
+the student's tokens (from the batch's `text` and `offset_mapping`, as `CrossTokenizerCollator`
+makes them).
+
+- `CrossTokenizerTeacher(models, tokenizer, student_tokenizer)`: runs the teacher(s) on the
+  batch's texts under their own tokenizer. Several models sharing that tokenizer are one teacher
+  whose probabilities are the mean of theirs (a shared vocabulary).
+- `write_cross_store(path, models, tokenizer, texts, k)`: the same numbers for every text, once,
+  plus each token's character span and the teacher's token strings, so a student with any
+  tokenizer trains from it without the teacher or its tokenizer.
+- `CachedCrossTokenizerTeacher(path, student_tokenizer)`: serves a store; refuses one written by
+  other teacher weights, and texts it does not hold, with what to do.
+- `CrossTeachers(a, b, ...)`: several teachers at once (each under its own name; one loss term
+  per teacher, each with its own, schedulable, weight in the `Objective`).
+
+Store layout (a folder, written to `PATH.partial/` and renamed when complete)::
+
+    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token strings
+    probs.npy   (N, k) float16     top-k probabilities of every teacher token, largest first
+    ids.npy     (N, k) int32       their teacher token ids
+    tail.npy    (N,)   float32     the mass outside them
+    offsets.npy (N, 2) int32       the token's character span (-1, -1 for <eos>)
+    starts.npy  (n+1,) int64       text i owns rows starts[i]:starts[i+1]
+    keys.npy    (n, 20) uint8      sha1 of each text, for lookup
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.checkpoint import atomic_write, atomic_write_text
+from distill.errors import DistillError
+from distill.losses.cross_tokenizer import sparse_teacher
+from distill.nlp.align import batch_alignment, token_offsets, vocab_map, vocab_strings
+from distill.nlp.collate import pad_batch
+from distill.outputs import Batch, Outputs
+from distill.teachers.store import weights_hash
+
+_FIELDS = ("probs", "ids", "tail", "offsets", "starts", "keys")
+
+
+def _models(models) -> list[nn.Module]:
+    ms = list(models) if isinstance(models, list | tuple) else [models]
+    if not ms:
+        raise DistillError("a cross-tokenizer teacher needs at least one model")
+    for m in ms:
+        m.eval().requires_grad_(False)
+    return ms
+
+
+def _texts_and_offsets(batch: Batch) -> tuple[list[str], Tensor]:
+    src = batch.inputs if isinstance(batch.inputs, Mapping) else {}
+    if "text" not in src or "offset_mapping" not in src:
+        raise DistillError(
+            "a teacher with another tokenizer needs the batch's raw 'text' and the student's 'offset_mapping'; "
+            "collate with distill.nlp.align.CrossTokenizerCollator(student_tokenizer)"
+        )
+    return list(src["text"]), src["offset_mapping"]
+
+
+@torch.inference_mode()
+def _run(models: list[nn.Module], ids: list[list[int]], pad_id: int, k: int | None, device) -> tuple:
+    """Mean teacher probabilities (over models), as top-k (B, Tt, k) probs/ids and (B, Tt) tail."""
+    enc = pad_batch(ids, None, pad_id)
+    x, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    probs = None
+    for m in models:
+        p = torch.softmax(m(input_ids=x, attention_mask=att).logits.float(), dim=-1)
+        probs = p if probs is None else probs + p
+    probs = probs / len(models)
+    # sparse_teacher takes logits; log p is a valid logit vector for p.
+    return sparse_teacher(probs.clamp_min(1e-38).log(), k)
+
+
+def _save_npy(path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr)
+
+
+def text_key(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+def _fingerprint(models: list[nn.Module], strings: dict) -> dict:
+    tok = hashlib.sha256(json.dumps(strings["strings"]).encode()).hexdigest()[:16]
+    return {"teacher_weights": [weights_hash(m) for m in models], "tokenizer": tok}
+
+
+def _xt_entry(probs, ids, tail, t_offsets, t_lengths, s_offsets, vmap) -> dict[str, Tensor]:
+    align, fallback, valid = batch_alignment(s_offsets.cpu(), t_offsets, t_lengths)
+    dev = s_offsets.device
+    return {
+        "probs": probs.to(dev),
+        "ids": ids.to(dev),
+        "tail": tail.to(dev),
+        "valid": valid.to(dev),
+        "align": align.to(dev),
+        "fallback": fallback.to(dev),
+        "map": vmap.to(dev),
+    }
+
+
+class CrossTokenizerTeacher:
+    """A frozen teacher (or a mean of several sharing one tokenizer) run on the batch's texts.
+
+    Args:
+        models: a causal LM (Hugging Face style: `model(input_ids=, attention_mask=).logits`) or a
+            list of them sharing `tokenizer` (their probabilities are averaged).
+        tokenizer: the teacher's fast tokenizer.
+        student_tokenizer: the student's, for the token map.
+        k: probabilities kept per teacher token (None: all), as a store would keep them.
+        max_length: teacher tokens per text (longer texts are cut, like the student's).
+        name: the key under `extras["xt"]` (the `teacher` argument of the terms).
+        mode: the token map, "exact" or "prefix" (see `vocab_map`).
+        add_eos / add_bos: as the student's `CrossTokenizerCollator` (an eos after each text; a
+            bos before it, so the first positions of both sides align).
+    """
+
+    def __init__(
+        self,
+        models,
+        tokenizer,
+        student_tokenizer,
+        k: int | None = 64,
+        max_length: int = 128,
+        name: str = "teacher",
+        mode: str = "exact",
+        add_eos: bool = True,
+        add_bos: bool = False,
+    ):
+        self.models = _models(models)
+        self.tokenizer = tokenizer
+        self.k, self.max_length, self.name = k, max_length, name
+        self.add_eos, self.add_bos = add_eos, add_bos
+        self.map = vocab_map(tokenizer, student_tokenizer, mode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    def to(self, device) -> CrossTokenizerTeacher:
+        for m in self.models:
+            m.to(device)
+        return self
+
+    def __call__(self, batch: Batch) -> Outputs:
+        texts, s_off = _texts_and_offsets(batch)
+        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos, self.add_bos)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        probs, tids, tail = _run(self.models, ids, pad, self.k, self.device)
+        entry = _xt_entry(probs, tids, tail, offs, [len(i) for i in ids], s_off, self.map)
+        return Outputs(logits=None, extras={"xt": {self.name: entry}})
+
+
+def write_cross_store(
+    path: str | os.PathLike,
+    models,
+    tokenizer,
+    texts: Sequence[str],
+    k: int = 64,
+    max_length: int = 128,
+    batch_size: int = 32,
+    dtype: str = "float16",
+    add_eos: bool = True,
+    add_bos: bool = False,
+    device: str | torch.device | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Runs the teacher once over `texts` and writes what any student tokenizer trains from.
+
+    Returns the manifest (with `bytes_per_token`); prints the size per teacher token.
+    """
+    if dtype not in ("float16", "float32"):
+        raise DistillError(f"store dtype '{dtype}' is not one of float16, float32")
+    ms = _models(models)
+    if device is not None:
+        for m in ms:
+            m.to(device)
+    dev = next(ms[0].parameters()).device
+    strings = vocab_strings(tokenizer)
+    texts = list(dict.fromkeys(texts))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in ("probs", "ids", "tail", "offsets")}
+    starts = [0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos, add_bos)
+        probs, tids, tail = _run(ms, ids, pad, k, dev)
+        for r, row in enumerate(ids):
+            n = len(row)
+            parts["probs"].append(probs[r, :n].cpu().numpy().astype(dtype))
+            parts["ids"].append(tids[r, :n].to(torch.int32).cpu().numpy())
+            parts["tail"].append(tail[r, :n].cpu().numpy().astype(np.float32))
+            parts["offsets"].append(np.asarray(offs[r], dtype=np.int32).reshape(n, 2))
+            starts.append(starts[-1] + n)
+    arrays = {f: np.concatenate(v) for f, v in parts.items()}
+    arrays["starts"] = np.asarray(starts, dtype=np.int64)
+    arrays["keys"] = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=np.uint8).reshape(-1, 20)
+    for f, a in arrays.items():
+        atomic_write(tmp / f"{f}.npy", lambda p, a=a: _save_npy(p, a))
+    total = sum((tmp / f"{f}.npy").stat().st_size for f in _FIELDS)
+    manifest = {
+        "kind": "cross_tokenizer",
+        "version": 1,
+        "fingerprint": {**_fingerprint(ms, strings), "texts": len(texts)},
+        "k": int(arrays["probs"].shape[1]),
+        "max_length": max_length,
+        "add_eos": add_eos,
+        "add_bos": add_bos,
+        "dtype": dtype,
+        "tokens": int(starts[-1]),
+        "bytes": int(total),
+        "bytes_per_token": round(total / max(starts[-1], 1), 2),
+        "vocab": strings,
+    }
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    if verbose:
+        print(
+            f"cross-tokenizer store {path}: {len(texts)} texts, {starts[-1]} teacher tokens, k={manifest['k']}, "
+            f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB)",
+            flush=True,
+        )
+    return manifest
+
+
+class CachedCrossTokenizerTeacher:
+    """Serves a store written by `write_cross_store` as a `CrossTokenizerTeacher` would.
+
+    Args:
+        path: the store folder.
+        student_tokenizer: the student's fast tokenizer (the token map is built from the strings
+            the store keeps; the teacher's tokenizer is not needed).
+        teacher: optionally the teacher model(s) the run expects: a store written by other
+            weights is refused.
+        name, mode: as in `CrossTokenizerTeacher`.
+    """
+
+    def __init__(self, path, student_tokenizer, teacher=None, name: str = "teacher", mode: str = "exact"):
+        path = Path(path)
+        f = path / "manifest.json"
+        if not f.is_file():
+            hint = (
+                " (an interrupted write left .partial; write it again)"
+                if path.with_name(path.name + ".partial").exists()
+                else ""
+            )
+            raise DistillError(
+                f"{path} is not a cross-tokenizer teacher store (no manifest.json){hint}; write it with write_cross_store"
+            )
+        try:
+            self.manifest = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise DistillError(f"{f} is corrupt ({e}); delete {path} and write the store again") from None
+        if self.manifest.get("kind") != "cross_tokenizer":
+            raise DistillError(
+                f"{path} is a teacher store for one tokenizer, not a cross-tokenizer one; write it with write_cross_store"
+            )
+        if teacher is not None:
+            got = _fingerprint(_models(teacher), self.manifest["vocab"])["teacher_weights"]
+            had = self.manifest["fingerprint"]["teacher_weights"]
+            if got != had:
+                raise DistillError(
+                    f"teacher store {path} was written by other teacher weights (store {had}, this run {got}); "
+                    "write the store again for this teacher, or pass the teacher it was written with"
+                )
+        self.arrays = {f: np.load(path / f"{f}.npy", mmap_mode="r", allow_pickle=False) for f in _FIELDS}
+        keys = self.arrays["keys"]
+        self.index = {bytes(keys[i]): i for i in range(keys.shape[0])}
+        self.map = vocab_map(self.manifest["vocab"], student_tokenizer, mode)
+        self.name, self.path = name, path
+        self.bytes_per_token = self.manifest["bytes_per_token"]
+
+    def __call__(self, batch: Batch) -> Outputs:
+        texts, s_off = _texts_and_offsets(batch)
+        starts = self.arrays["starts"]
+        rows = []
+        for t in texts:
+            i = self.index.get(text_key(t))
+            if i is None:
+                raise DistillError(
+                    f"text not in teacher store {self.path}: {t[:50]!r}; the store was written for other texts - "
+                    "write it over this run's training texts"
+                )
+            rows.append((int(starts[i]), int(starts[i + 1])))
+        tt = max(b - a for a, b in rows)
+        k = self.manifest["k"]
+        probs = torch.zeros(len(rows), tt, k)
+        ids = torch.zeros(len(rows), tt, k, dtype=torch.long)
+        tail = torch.zeros(len(rows), tt)
+        offs = []
+        for r, (a, b) in enumerate(rows):
+            probs[r, : b - a] = torch.from_numpy(np.array(self.arrays["probs"][a:b], dtype=np.float32))
+            ids[r, : b - a] = torch.from_numpy(np.array(self.arrays["ids"][a:b], dtype=np.int64))
+            tail[r, : b - a] = torch.from_numpy(np.array(self.arrays["tail"][a:b], dtype=np.float32))
+            offs.append([tuple(o) for o in np.asarray(self.arrays["offsets"][a:b]).tolist()])
+        entry = _xt_entry(probs, ids, tail, offs, [b - a for a, b in rows], s_off, self.map)
+        return Outputs(logits=None, extras={"xt": {self.name: entry}})
+
+
+class CrossTeachers:
+    """Several teachers at once: each one's `extras["xt"]` under its own name, in one `Outputs`.
+
+    Give each teacher its own term (`aligned_kd` / `uld` with `teacher: <name>`); the `Objective`
+    weights them, and any weight may follow a schedule.
+    """
+
+    def __init__(self, *teachers):
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise DistillError(f"teachers need distinct names, got {names}; set name= on each")
+        self.teachers = teachers
+
+    def __call__(self, batch: Batch) -> Outputs:
+        xt = {}
+        for t in self.teachers:
+            xt.update(t(batch).extras["xt"])
+        return Outputs(logits=None, extras={"xt": xt})
