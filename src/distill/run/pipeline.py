@@ -23,11 +23,13 @@ from distill.errors import ConfigError
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
+from distill.outputs import as_batch
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TrainerConfig
 from distill.run.measure import count_params, latency_ms, size_mb
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
+from distill.run.verdict import verdict
 from distill.teachers import Teacher
 
 
@@ -149,6 +151,45 @@ def measure(
     return row
 
 
+def add_fit_measures(
+    rows: list[dict[str, Any]],
+    teacher: Teacher,
+    students: dict[str, nn.Module],
+    data: DataBundle,
+    cfg: RecipeConfig,
+    student_adapter: Any = None,
+) -> None:
+    """For classification: the teacher's mean top-1 probability on its training inputs
+    (`train_confidence`: near 1 means its soft labels there say little beyond the label) and each
+    student's top-1 agreement with the teacher on them (`train_agreement`: how well it can follow).
+    The verdict reads them to explain a run where distillation did not help."""
+    if "accuracy" not in rows[0] or data.train is None or cfg.evaluator is not None:
+        return
+    loader, _ = make_loader(data.train, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
+    named = [(row, students[row["name"]]) for row in rows[1:] if row["name"] in students]
+    adapter = student_adapter or auto_adapter
+    tops, agree = [], {row["name"]: [] for row, _ in named}
+    was = {id(m): m.training for _, m in named}
+    for _, m in named:
+        m.eval()
+    with torch.no_grad():
+        for raw in loader:  # one pass: teacher and students see the same (possibly augmented) inputs
+            batch = as_batch(raw)
+            z = teacher(batch.to(teacher.device)).logits
+            if not isinstance(z, torch.Tensor) or z.dim() != 2:
+                return
+            p = torch.softmax(z.float(), -1)
+            tops.append(p.max(-1).values.cpu())
+            for row, m in named:
+                s_z = adapter(m, batch.to(next(m.parameters()).device)).logits
+                agree[row["name"]].append((s_z.argmax(-1).cpu() == p.argmax(-1).cpu()).float())
+    for _, m in named:
+        m.train(was[id(m)])
+    rows[0]["train_confidence"] = float(torch.cat(tops).mean())
+    for row, _ in named:
+        row["train_agreement"] = float(torch.cat(agree[row["name"]]).mean())
+
+
 def run_recipe(
     cfg: RecipeConfig, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "run"
 ) -> dict[str, Any]:
@@ -184,6 +225,11 @@ def run_recipe(
 
         kd_teacher, kd_data = teacher, data
         if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+            if cfg.trainer.mix.name != "none":
+                raise ConfigError(
+                    "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
+                    "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
+                )
             from distill.teachers.store import CachedTeacher
 
             kd_teacher = CachedTeacher(
@@ -215,6 +261,7 @@ def run_recipe(
         rows = [teacher_row] + [
             measure(n, m, data, cfg, teacher, adapter=student_adapter) for n, m in students.items()
         ]
+        add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
             "command": command,
             "recipe": cfg.name,
@@ -241,13 +288,17 @@ def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
                 if k not in ("params", "size_mb"):
                     row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
-    return {
+    out = {
         "command": command,
         "recipe": summaries[0]["recipe"],
         "seeds": [s["seed"] for s in summaries],
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
         "rows": rows,
     }
+    found = verdict(summaries)  # paired gain of each distilled row over its scratch twin
+    if found is not None:
+        out["verdict"] = found
+    return out
 
 
 def run_seeds(

@@ -160,6 +160,10 @@ def write_report(run_dir: str | Path) -> Path:
         table(rows),
         "",
     ]
+    if summary.get("verdict"):
+        from distill.run.verdict import verdict_markdown
+
+        lines += verdict_markdown(summary["verdict"])
     if _plot_curves(metrics, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
