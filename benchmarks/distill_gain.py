@@ -1,0 +1,138 @@
+"""Does distillation beat the scratch twin? Paired seeds through the `distill run` pipeline.
+
+For each variant (a name and recipe overrides) and each seed, `run_recipe` trains the scratch twin
+and the distilled student from the same initial weights (the same mixing, epochs and data order),
+from a teacher trained once per seed by the base recipe; the verdict (`distill.run.verdict`) gives
+the paired gain per seed, its mean and 95% t-interval. Results are merged by variant into the JSON,
+so variants can be run one at a time:
+
+    python benchmarks/distill_gain.py recipes/digits.yaml --seeds 5 \\
+        --variant "mix_kd_t1=trainer.mix.name=mixup objective.terms={kd: {name: kd, init_args: {temperature: 1}}}"
+
+A variant is `name=override override ...`; overrides are `distill run`'s dotted keys (spaces
+inside `{...}` are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distill.run.config import apply_overrides, load_yaml, parse_recipe
+from distill.run.pipeline import run_recipe
+from distill.run.verdict import verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def split_overrides(text: str) -> list[str]:
+    """`a=1 b={x: 1, y: 2}` -> ["a=1", "b={x: 1, y: 2}"]: splits on spaces outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "{[" and 1 or 0
+        depth -= ch in "}]" and 1 or 0
+        if ch == " " and depth == 0:
+            if cur:
+                out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + ([cur] if cur else [])
+
+
+def run_variant(
+    recipe: Path, name: str, overrides: list[str], seeds: int, work: Path, base: list[str]
+) -> dict:
+    summaries = []
+    for seed in range(seeds):
+        data = apply_overrides(load_yaml(recipe), [*base, f"seed={seed}", "trainer.progress=off"])
+        teacher_dir = work / f"teacher_seed{seed}"
+        ckpt = teacher_dir / "checkpoints" / "teacher" / "final.safetensors"
+        if not ckpt.exists():  # the teacher of this seed, trained once by the base recipe
+            cfg = parse_recipe(apply_overrides(data, ["baselines=[]", "trainer.epochs=1"]))
+            run_recipe(cfg, teacher_dir, overwrite=True)
+        data = apply_overrides(data, [*overrides, f"teacher.checkpoint={ckpt}"])
+        cfg = parse_recipe(data, source=name)
+        out = work / name / f"seed{seed}"
+        t0 = time.perf_counter()
+        summary = run_recipe(cfg, out, overwrite=True)
+        rows = {r["name"]: r for r in summary["rows"]}
+        print(
+            f"{name} seed {seed}: "
+            + "  ".join(f"{n} {r.get('accuracy', float('nan')):.4f}" for n, r in rows.items())
+            + f"  ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
+        summaries.append(summary)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    v = verdict(summaries)
+    return {"overrides": overrides, "summaries": summaries, "verdict": v}
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| variant | teacher | scratch | distilled | paired gain (points) | 95% interval | seeds better |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, res in results.items():
+
+        def acc(row, res=res):
+            return [
+                100 * next(r for r in s["rows"] if r["name"] == row)["accuracy"] for s in res["summaries"]
+            ]
+
+        def ms(v):
+            return f"{statistics.fmean(v):.2f} ± {statistics.pstdev(v):.2f}"
+
+        v = res["verdict"]["rows"]["student_kd"]
+        lo, hi = v["ci95"]
+        ci = f"{100 * lo:+.2f} to {100 * hi:+.2f}" if lo is not None else "—"
+        lines.append(
+            f"| {name} | {ms(acc('teacher'))} | {ms(acc('student_scratch'))} | {ms(acc('student_kd'))} "
+            f"| {100 * v['mean']:+.2f} | {ci} | {v['seeds_better']}/{len(v['gains'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--variant", action="append", default=[], help="name=override override ...")
+    p.add_argument("--base", default="", help="overrides for every variant and the teachers")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("/tmp/distill_gain"))
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/gain_<recipe>.json")
+    p.add_argument("--table", action="store_true", help="print the saved table only")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.json or ROOT / "benchmarks" / "results" / f"gain_{args.recipe.stem}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if not args.table:
+        base = split_overrides(args.base)
+        work = args.work / re.sub(r"\W", "_", args.recipe.stem + "_" + args.base)
+        for spec in args.variant or ["recipe="]:
+            name, _, rest = spec.partition("=")
+            res = run_variant(args.recipe, name, split_overrides(rest), args.seeds, work, base)
+            res["base"] = base
+            res["command"] = (
+                f"python benchmarks/distill_gain.py {args.recipe} --seeds {args.seeds}"
+                + (f" --base '{args.base}'" if args.base else "")
+                + f" --variant '{spec}'"
+            )
+            saved[name] = res
+            print(res["verdict"]["line"], *res["verdict"]["reasons"], sep="\n  ", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved, indent=1))
+    print(table(saved))
+
+
+if __name__ == "__main__":
+    main()
