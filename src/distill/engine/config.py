@@ -67,6 +67,9 @@ class TrainerConfig(Strict):
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every N optimizer steps (0: epochs only)"
     )
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="also keep the weights after these epochs (epoch<N>.safetensors)"
+    )
     monitor: str = "accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     progress: Literal["auto", "on", "off"] = "auto"

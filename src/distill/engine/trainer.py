@@ -652,6 +652,8 @@ class Trainer:
             with bar:
                 while self.epoch < cfg.epochs and self.progress.step < self.total_steps:
                     self._train_epoch(bar)
+                    if self.epoch in cfg.keep_epochs and self.batch_in_epoch == 0:
+                        self.save_checkpoint(f"epoch{self.epoch}")  # a teacher to distil from later
                     if (
                         self.epoch % cfg.eval_every == 0
                         or self.epoch >= cfg.epochs

@@ -23,9 +23,9 @@ from distill.errors import ConfigError
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
-from distill.outputs import as_batch
+from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
-from distill.run.config import RecipeConfig, TrainerConfig
+from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.measure import count_params, latency_ms, size_mb
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
@@ -151,6 +151,95 @@ def measure(
     return row
 
 
+def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeConfig, out: Path):
+    """One teacher: loaded from its checkpoint, or trained (stage `stage`) and then its last, best
+    or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
+    `teacher.calibrate`. Returns (model, adapter, facts for its summary row)."""
+    seed_everything(cfg.seed)
+    model = build_model(tc.spec(), data)
+    adapter = build_adapter(tc.adapter)
+    info: dict[str, Any] = {}
+    if tc.checkpoint:
+        load_weights(model, tc.checkpoint)
+    elif tc.train is not None:
+        train_cfg = tc.train
+        if isinstance(tc.use, int):
+            if tc.use > train_cfg.epochs:
+                raise ConfigError(
+                    f"teacher.use: epoch {tc.use} is past the teacher's {train_cfg.epochs} training epochs"
+                )
+            train_cfg = train_cfg.model_copy(update={"keep_epochs": sorted({*train_cfg.keep_epochs, tc.use})})
+        train_stage(stage, model, scratch_objective(cfg), data, cfg, train_cfg, out, adapter=adapter)
+        if tc.use != "last":
+            name = "best" if tc.use == "best" else f"epoch{tc.use}"
+            path = out / "checkpoints" / stage / f"{name}.safetensors"
+            if not path.exists():
+                saved = sorted(p.stem for p in path.parent.glob("*.safetensors") if p.stem != "last")
+                raise ConfigError(
+                    f"teacher.use: {tc.use} was not saved in {path.parent} (saved: {', '.join(saved) or 'none'}); "
+                    "train the teacher again (a new run folder) or pick a saved one"
+                )
+            load_weights(model, path)
+            info["use"] = tc.use if isinstance(tc.use, int) else name
+    else:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    if tc.calibrate:
+        from distill.teachers.calibration import TemperatureScaled, collect_logits, fit_temperature
+
+        if data.val is None:
+            raise ConfigError(
+                "teacher.calibrate fits a temperature on the validation split, but the data has none"
+            )
+        loader, _ = make_loader(
+            data.val, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn
+        )
+        z, y = collect_logits(model, loader, adapter)
+        keep = y != -100
+        info["temperature"] = fit_temperature(z[keep], y[keep])
+        adapter = TemperatureScaled(adapter, info["temperature"])
+    return model, adapter, info
+
+
+class EnsembleModel(nn.Module):
+    """The ensemble as one module for measurement: its params, size and latency are all members';
+    its logits are the label-free combination (the `confidence` rule reads labels, so it is
+    measured as `mean_logits`, never with the test labels)."""
+
+    def __init__(self, ensemble):
+        super().__init__()
+        from distill.teachers.ensemble import Ensemble
+
+        rule = "mean_logits" if ensemble.rule in ("confidence", "learned") else ensemble.rule
+        self.members = nn.ModuleList(ensemble.models)
+        self.ensemble = Ensemble(ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space)
+
+    def forward(self, x):
+        return self.ensemble(Batch(inputs=x)).logits
+
+
+def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
+    """The teacher that teaches: one `Teacher`, or the `Ensemble` of `teachers:`. Returns it, a
+    model for students built from the teacher (the first member), and the summary rows' models
+    as (name, model, adapter, facts): `teacher` first (for an ensemble, the combination), then
+    `teacher0`, `teacher1`, ... for its members."""
+    dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if not cfg.teachers:
+        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out)
+        t = Teacher(model, adapter=adapter, dtype=dtype_of[cfg.teacher.dtype], compile=cfg.teacher.compile)
+        return t, model, [("teacher", model, adapter, info)]
+    from distill.teachers.ensemble import Ensemble
+
+    members, rows = [], []
+    for i, tc in enumerate(cfg.teachers):
+        model, adapter, info = load_teacher(tc, f"teacher{i}", data, cfg, out)
+        members.append(Teacher(model, adapter=adapter, dtype=dtype_of[tc.dtype], compile=tc.compile))
+        rows.append((f"teacher{i}", model, adapter, info))
+    e = cfg.ensemble
+    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space)
+    combined = EnsembleModel(ensemble)
+    return ensemble, members[0].model, [("teacher", combined, auto_adapter, {"rule": e.rule}), *rows]
+
+
 def add_fit_measures(
     rows: list[dict[str, Any]],
     teacher: Teacher,
@@ -199,32 +288,11 @@ def run_recipe(
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
-        seed_everything(cfg.seed)
-        teacher_model = build_model(cfg.teacher.spec(), data)
-        teacher_adapter, student_adapter = (
-            build_adapter(cfg.teacher.adapter),
-            build_adapter(cfg.student.adapter),
-        )
-        if cfg.teacher.checkpoint:
-            load_weights(teacher_model, cfg.teacher.checkpoint)
-        elif cfg.teacher.train is not None:
-            train_stage(
-                "teacher",
-                teacher_model,
-                scratch_objective(cfg),
-                data,
-                cfg,
-                cfg.teacher.train,
-                out,
-                adapter=teacher_adapter,
-            )
-        else:
-            raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
-        teacher = Teacher(teacher_model, adapter=teacher_adapter, dtype=dtype, compile=cfg.teacher.compile)
+        student_adapter = build_adapter(cfg.student.adapter)
+        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
 
         kd_teacher, kd_data = teacher, data
-        if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+        if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
             if cfg.trainer.mix.name != "none":
                 raise ConfigError(
                     "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
@@ -257,10 +325,10 @@ def run_recipe(
 
         if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
-        teacher_row = measure("teacher", teacher.model, data, cfg, None, adapter=teacher_adapter)
-        rows = [teacher_row] + [
-            measure(n, m, data, cfg, teacher, adapter=student_adapter) for n, m in students.items()
-        ]
+        # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
+        judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
+        rows = [{**measure(n, m, data, cfg, None, adapter=a), **info} for n, m, a, info in teacher_rows]
+        rows += [measure(n, m, data, cfg, judge, adapter=student_adapter) for n, m in students.items()]
         add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
             "command": command,
