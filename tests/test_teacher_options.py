@@ -1,4 +1,7 @@
-"""Recipe options for the teacher side: several teachers in YAML, which checkpoint teaches, calibration."""
+"""Recipe options for the teacher side: several teachers in YAML, which checkpoint teaches, calibration,
+transfer sets."""
+
+import json
 
 import pytest
 import yaml
@@ -68,3 +71,34 @@ def test_teacher_use_an_epoch_not_saved_is_one_line(tmp_path):
     (tmp_path / "old" / "checkpoints" / "teacher" / "epoch2.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"teacher.use: 2 was not saved in .* \(saved: best, final\)"):
         run_recipe(cfg, tmp_path / "old", resume=True)
+
+
+def test_transfer_set_teaches_through_the_teacher_terms_only(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path,
+        **{
+            "data.init_args": {"train_limit": 100},
+            "data.transfer": {"name": "digits"},
+            "trainer.epochs": 1,
+            "trainer.log_every": 1,
+        },
+    )
+    summary = run_recipe(cfg, tmp_path / "run")
+    assert [r["name"] for r in summary["rows"]][-1] == "student_kd"
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd_train = [r for r in lines if r["stage"] == "student_kd" and r["split"] == "train"]
+    assert all(r["ce"] == r["ce"] for r in kd_train)  # no NaN from batches without a label
+    scratch_train = [r for r in lines if r["stage"] == "student_scratch" and r["split"] == "train"]
+    # 100 labelled images: 2 batches; + 1,078 transfer images: 19 batches, for the distilled student only
+    assert len(scratch_train) == 2 and len(kd_train) == 19
+
+
+def test_transfer_set_of_another_shape_is_one_line(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path, **{"data.transfer": {"name": "cifar100_standin", "init_args": {"n_train": 8, "n_test": 4}}}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data.transfer: its inputs have shape \(3, 32, 32\) but the training data's have \(1, 8, 8\)",
+    ):
+        run_recipe(cfg, tmp_path / "run")

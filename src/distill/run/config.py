@@ -45,6 +45,11 @@ class DataConfig(Component):
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
+    transfer: Component | None = Field(
+        None,
+        description="a transfer set (any dataset, same builders): its training inputs, labels ignored, "
+        "are added to the distilled student's data and teach through the teacher terms only",
+    )
 
     @model_validator(mode="before")
     @classmethod

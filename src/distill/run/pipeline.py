@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
 
 from distill.adapters import auto_adapter
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
@@ -240,6 +241,56 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
     return ensemble, members[0].model, [("teacher", combined, auto_adapter, {"rule": e.rule}), *rows]
 
 
+class Unlabelled(Dataset):
+    """A dataset's inputs with the label replaced by `ignore` (what label terms skip): a transfer set."""
+
+    def __init__(self, dataset: Dataset, ignore: int = -100):
+        self.dataset, self.ignore = dataset, ignore
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        x = sample[0] if isinstance(sample, tuple | list) else sample
+        return x, torch.tensor(self.ignore)
+
+
+def _input_shape(bundle: DataBundle) -> tuple[int, ...] | None:
+    if bundle.input_shape is not None:
+        return tuple(bundle.input_shape)
+    x = example_input(bundle)
+    return tuple(x.shape[1:]) if x is not None else None
+
+
+def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> DataBundle:
+    """`data.transfer`: the distilled student trains on the labelled set plus the transfer set's
+    inputs, whose labels are replaced by the label terms' `ignore_index`, so only the teacher terms
+    learn from them (and, under `trainer.mix`, they mix in as zero labels)."""
+    spec = cfg.data.transfer
+    if spec is None:
+        return data
+    if cfg.teacher.cache and not cfg.teachers:
+        raise ConfigError(
+            "data.transfer with teacher.cache: the store covers the training set only; drop one"
+        )
+    transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
+    got, want = _input_shape(transfer), _input_shape(data)
+    if got is not None and want is not None and got != want:
+        raise ConfigError(
+            f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
+            "give a transfer set of the same input shape"
+        )
+    ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
+    if len(ignores) > 1:
+        raise ConfigError(
+            f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
+        )
+    ignore = ignores.pop() if ignores else -100
+    merged = ConcatDataset([data.train, Unlabelled(transfer.train, ignore)])
+    return dataclasses.replace(data, train=merged)
+
+
 def add_fit_measures(
     rows: list[dict[str, Any]],
     teacher: Teacher,
@@ -313,7 +364,9 @@ def run_recipe(
         stages = (
             [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
         )
-        stages.append(("student_kd", build_objective(cfg), kd_teacher, kd_data))
+        kd_objective = build_objective(cfg)
+        kd_data = add_transfer(cfg, kd_data, kd_objective)
+        stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
         for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
             student = build_model(cfg.student.spec(), data, teacher=teacher_model)
