@@ -16,8 +16,8 @@ inside `{...}` are kept).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import re
 import shutil
 import statistics
 import time
@@ -47,20 +47,41 @@ def split_overrides(text: str) -> list[str]:
     return out + ([cur] if cur else [])
 
 
+def pin_teacher(tc: dict, data: dict, seed: int, work: Path) -> dict:
+    """The teacher `tc` of this seed trained once (shared by every variant that trains the same teacher
+    on the same data) and pinned as `checkpoint`: the weights `use` names (last, best, epoch N)."""
+    if tc.get("checkpoint"):
+        return tc
+    trained = {k: v for k, v in tc.items() if k not in ("use", "calibrate")}
+    data_spec = {k: v for k, v in (data.get("data") or {}).items() if k != "transfer"}
+    key = hashlib.sha1(json.dumps([trained, data_spec], sort_keys=True).encode()).hexdigest()[:10]
+    folder = work / f"teacher_{key}_seed{seed}"
+    files = folder / "checkpoints" / "teacher"
+    if not (files / "final.safetensors").exists():
+        epochs = int((trained.get("train") or {}).get("epochs", 30))
+        train = {**(trained.get("train") or {}), "keep_epochs": list(range(1, epochs + 1)), "progress": "off"}
+        sub = {k: v for k, v in data.items() if k not in ("teacher", "teachers", "ensemble")}
+        sub.update(teacher={**trained, "train": train}, baselines=[], seed=seed)
+        sub["trainer"] = {**data.get("trainer", {}), "max_steps": 1, "mix": {"name": "none"}}
+        sub["data"] = {**data.get("data", {}), "transfer": None}
+        run_recipe(parse_recipe(sub, source="teacher"), folder, overwrite=True)
+    use = tc.get("use", "last")
+    name = "final" if use == "last" else "best" if use == "best" else f"epoch{use}"
+    return {**tc, "checkpoint": str(files / f"{name}.safetensors"), "use": "last"}
+
+
 def run_variant(
     recipe: Path, name: str, overrides: list[str], seeds: int, work: Path, base: list[str]
 ) -> dict:
     summaries = []
     for seed in range(seeds):
-        data = apply_overrides(load_yaml(recipe), [*base, f"seed={seed}", "trainer.progress=off"])
-        teacher_dir = work / f"teacher_seed{seed}"
-        ckpt = teacher_dir / "checkpoints" / "teacher" / "final.safetensors"
-        if not ckpt.exists():  # the teacher of this seed, trained once by the base recipe
-            cfg = parse_recipe(apply_overrides(data, ["baselines=[]", "trainer.epochs=1"]))
-            run_recipe(cfg, teacher_dir, overwrite=True)
-        data = apply_overrides(data, [*overrides, f"teacher.checkpoint={ckpt}"])
+        data = apply_overrides(load_yaml(recipe), [*base, *overrides, f"seed={seed}", "trainer.progress=off"])
+        if data.get("teachers"):
+            data["teachers"] = [pin_teacher(tc, data, seed, work) for tc in data["teachers"]]
+        elif "teacher" in data:
+            data["teacher"] = pin_teacher(data["teacher"], data, seed, work)
         cfg = parse_recipe(data, source=name)
-        out = work / name / f"seed{seed}"
+        out = work / recipe.stem / name / f"seed{seed}"
         t0 = time.perf_counter()
         summary = run_recipe(cfg, out, overwrite=True)
         rows = {r["name"]: r for r in summary["rows"]}
@@ -117,7 +138,7 @@ def main() -> None:
     saved = json.loads(path.read_text()) if path.exists() else {}
     if not args.table:
         base = split_overrides(args.base)
-        work = args.work / re.sub(r"\W", "_", args.recipe.stem + "_" + args.base)
+        work = args.work
         for spec in args.variant or ["recipe="]:
             name, _, rest = spec.partition("=")
             res = run_variant(args.recipe, name, split_overrides(rest), args.seeds, work, base)

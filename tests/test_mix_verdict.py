@@ -198,3 +198,18 @@ def test_verdict_helped_and_not_helped_with_reasons():
     md = "\n".join(verdict_markdown(bad))
     assert "## Verdict" in md and "| student_kd vs student_scratch |" in md
     json.dumps(verdict([_summary(0, 0.9, 0.91)]), allow_nan=False)  # one seed: no NaN in JSON
+
+
+def test_verdict_also_judges_against_the_unmixed_scratch_student():
+    def s(seed, twin, unmixed, kd):
+        out = _summary(seed, twin, kd)
+        out["rows"].insert(2, {"name": "student_scratch_unmixed", "accuracy": unmixed, "params": 10_000})
+        return out
+
+    v = verdict([s(k, 0.94, 0.964, 0.962 + 0.001 * k) for k in range(5)])
+    assert (
+        v["rows"]["student_kd"]["helped"] and not v["rows"]["student_kd vs student_scratch_unmixed"]["helped"]
+    )
+    assert not v["helped"] and "over student_scratch_unmixed" in v["line"]
+    assert v["reasons"][0].startswith("the distilled student beats its mixed scratch twin but not clearly")
+    assert "| student_kd vs student_scratch_unmixed |" in "\n".join(verdict_markdown(v))

@@ -153,8 +153,10 @@ class RecipeConfig(Strict):
     objective: ObjectiveConfig = Field(default_factory=_digits_objective)
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=30, threads=1))
     evaluator: Component | None = Field(None, description="default: classification accuracy")
-    baselines: list[Literal["scratch"]] = Field(
-        default_factory=lambda: ["scratch"], description="extra students trained for comparison"
+    baselines: list[Literal["scratch", "scratch_unmixed"]] = Field(
+        default_factory=lambda: ["scratch"],
+        description="extra students trained for comparison: scratch (labels only, the same trainer "
+        "settings, mixing included) and scratch_unmixed (labels only, without trainer.mix)",
     )
     report: ReportConfig = Field(default_factory=ReportConfig)
 

@@ -18,6 +18,7 @@ from distill.adapters import auto_adapter
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
+from distill.engine.config import MixConfig
 from distill.engine.evaluate import build_evaluator, evaluate
 from distill.engine.trainer import Trainer, make_loader, seed_everything
 from distill.errors import ConfigError
@@ -364,6 +365,10 @@ def run_recipe(
         stages = (
             [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
         )
+        if (
+            "scratch_unmixed" in cfg.baselines
+        ):  # the scratch twin without trainer.mix, as it would train alone
+            stages.append(("student_scratch_unmixed", scratch_objective(cfg), None, data))
         kd_objective = build_objective(cfg)
         kd_data = add_transfer(cfg, kd_data, kd_objective)
         stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
@@ -372,8 +377,11 @@ def run_recipe(
             student = build_model(cfg.student.spec(), data, teacher=teacher_model)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
+            trainer_cfg = cfg.trainer
+            if stage == "student_scratch_unmixed":
+                trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
             students[stage] = train_stage(
-                stage, student, objective, stage_data, cfg, cfg.trainer, out, t, student_adapter
+                stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter
             )
 
         if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary

@@ -62,52 +62,65 @@ def verdict(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     scale, unit = _scale(metric)
-    names = [
-        r["name"] for r in summaries[0]["rows"] if r["name"].startswith("student") and r["name"] != BASELINE
-    ]
+    names = [r["name"] for r in summaries[0]["rows"] if r["name"].startswith("student")]
+    baselines = [n for n in names if n.startswith(BASELINE)]  # the twin, and the unmixed scratch student
     rows: dict[str, Any] = {}
-    for name in names:
-        pairs = [(_row(s, name), _row(s, BASELINE)) for s in summaries]
-        if any(a is None or b is None or metric not in a or metric not in b for a, b in pairs):
-            continue
-        gains = [sign * (a[metric] - b[metric]) for a, b in pairs]
-        mean, lo, hi = paired_interval(gains)
-        lo, hi = (None, None) if math.isnan(lo) else (lo, hi)  # one seed: no interval (JSON has no NaN)
-        rows[name] = {
-            "baseline": BASELINE,
-            "metric": metric,
-            "gains": gains,
-            "mean": mean,
-            "ci95": [lo, hi],
-            "seeds_better": sum(g > 1e-12 for g in gains),
-            "helped": lo is not None and lo > 0,
-        }
-    if not rows:
+    for name in [n for n in names if n not in baselines]:
+        for base in baselines:
+            pairs = [(_row(s, name), _row(s, base)) for s in summaries]
+            if any(a is None or b is None or metric not in a or metric not in b for a, b in pairs):
+                continue
+            gains = [sign * (a[metric] - b[metric]) for a, b in pairs]
+            mean, lo, hi = paired_interval(gains)
+            lo, hi = (None, None) if math.isnan(lo) else (lo, hi)  # one seed: no interval (JSON has no NaN)
+            rows[name if base == BASELINE else f"{name} vs {base}"] = {
+                "row": name,
+                "baseline": base,
+                "metric": metric,
+                "gains": gains,
+                "mean": mean,
+                "ci95": [lo, hi],
+                "seeds_better": sum(g > 1e-12 for g in gains),
+                "helped": lo is not None and lo > 0,
+            }
+    twins = [k for k, r in rows.items() if r["baseline"] == BASELINE]
+    if not twins:
         return None
-    best = max(rows, key=lambda n: rows[n]["mean"])
+    best = max(twins, key=lambda n: rows[n]["mean"])
+    others = [r for r in rows.values() if r["row"] == best and r["baseline"] != BASELINE]
     r = rows[best]
-    n = len(r["gains"])
-    interval = (
-        f"95% interval {r['ci95'][0] * scale:+.2f} to {r['ci95'][1] * scale:+.2f}{unit}, {n} seeds"
-        if n > 1
-        else "one seed: run --seeds 5 for an interval"
-    )
-    gain = f"{best} {'gains' if r['mean'] >= 0 else 'loses'} {abs(r['mean']) * scale:.2f}{unit} of {metric}"
+
+    def said(r: dict[str, Any]) -> str:
+        n = len(r["gains"])
+        interval = (
+            f"95% interval {r['ci95'][0] * scale:+.2f} to {r['ci95'][1] * scale:+.2f}{unit}, {n} seeds"
+            if n > 1
+            else "one seed: run --seeds 5 for an interval"
+        )
+        verb = "gains" if r["mean"] >= 0 else "loses"
+        return f"{verb} {abs(r['mean']) * scale:.2f}{unit} of {metric}", interval
+
+    verb, interval = said(r)
+    line = f"{best} {verb} over its scratch twin ({interval})"
+    for o in others:  # the scratch student without mixing: what a user would train alone
+        verb2, interval2 = said(o)
+        line += f" and {verb2.split(' of ')[0]} over {o['baseline']} ({interval2})"
+    helped = r["helped"] and all(o["helped"] for o in others)
     reasons: list[str] = []
-    if r["helped"]:
-        line = f"distillation helped here: {gain} over its scratch twin ({interval})"
+    if helped:
+        line = f"distillation helped here: {line}"
     else:
-        word = "hurt" if r["ci95"][1] is not None and r["ci95"][1] < 0 else "did not clearly help"
+        hurt = r["ci95"][1] is not None and r["ci95"][1] < 0
+        line = f"distillation {'hurt' if hurt else 'did not clearly help'} here: {line}"
         reasons = reasons_for(summaries, best, metric)
-        line = f"distillation {word} here: {gain} over its scratch twin ({interval})"
-    return {
-        "metric": metric,
-        "best": best,
-        "helped": r["helped"],
-        "line": line,
-        "reasons": reasons,
-        "rows": rows,
-    }
+        if r["helped"] and others:
+            reasons.insert(
+                0,
+                "the distilled student beats its mixed scratch twin but not clearly the scratch student "
+                "trained without mixing: the mixing costs the label-only student more than it gives the "
+                "distilled one; try a longer schedule or another trainer.mix",
+            )
+    return {"metric": metric, "best": best, "helped": helped, "line": line, "reasons": reasons, "rows": rows}
 
 
 def _mean(summaries: list[dict[str, Any]], name: str, key: str) -> float | None:
@@ -165,11 +178,11 @@ def verdict_markdown(v: dict[str, Any]) -> list[str]:
         f"| row | paired gain per seed ({v['metric']}{unit}) | mean | 95% interval |",
         "|---|---|---:|---|",
     ]
-    for name, r in v["rows"].items():
+    for r in v["rows"].values():
         per = ", ".join(f"{g * scale:+.2f}" for g in r["gains"])
         lo, hi = r["ci95"]
         ci = f"{lo * scale:+.2f} to {hi * scale:+.2f}" if lo is not None else "—"
-        lines.append(f"| {name} vs {r['baseline']} | {per} | {r['mean'] * scale:+.2f} | {ci} |")
+        lines.append(f"| {r['row']} vs {r['baseline']} | {per} | {r['mean'] * scale:+.2f} | {ci} |")
     if v["reasons"]:
         lines += ["", "Measured reasons:", ""] + [f"- {x}" for x in v["reasons"]]
     return lines + [""]
