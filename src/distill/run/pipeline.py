@@ -396,6 +396,7 @@ def run_recipe(
             "recipe": cfg.name,
             "seed": cfg.seed,
             "wall_seconds": round(time.perf_counter() - t0, 1),
+            "mix": cfg.trainer.mix.name,
             "rows": rows,
         }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -143,11 +143,17 @@ def reasons_for(summaries: list[dict[str, Any]], student: str, metric: str) -> l
             )
     conf = _mean(summaries, "teacher", "train_confidence")
     if conf is not None and conf >= NEAR_ONE_HOT:
+        mix = summaries[0].get("mix", "none")
+        first = (
+            f"already mixing ({mix}): try a longer schedule (patient teaching), cutmix if mixup, "
+            if mix != "none"
+            else "try trainer.mix (mixup or cutmix seen by both models, with a KD-only objective, and "
+            "a longer schedule), "
+        )
         out.append(
             f"the teacher is near one-hot on its training data (mean top-1 probability {conf:.3f}): its "
-            "soft labels there add little to the label; try trainer.mix (mixup or cutmix seen by both "
-            "models, with a KD-only objective), a transfer set (data.transfer) or an earlier teacher "
-            "checkpoint (teacher.use: best or epoch N)"
+            f"soft labels there add little to the label; {first}a transfer set (data.transfer) or an "
+            "earlier teacher checkpoint (teacher.use: best or epoch N)"
         )
     follow = _mean(summaries, student, "train_agreement")
     if follow is not None and follow < FOLLOW_MIN:
