@@ -213,3 +213,21 @@ def test_verdict_also_judges_against_the_unmixed_scratch_student():
     assert not v["helped"] and "over student_scratch_unmixed" in v["line"]
     assert v["reasons"][0].startswith("the distilled student beats its mixed scratch twin but not clearly")
     assert "| student_kd vs student_scratch_unmixed |" in "\n".join(verdict_markdown(v))
+
+
+@pytest.mark.slow
+def test_run_seeds_writes_the_verdict_to_summary_and_report(tmp_path):
+    from distill.run.pipeline import run_seeds
+    from helpers import tiny_recipe
+
+    cfg = tiny_recipe(
+        tmp_path, **{"trainer.mix": {"name": "cutmix"}, "baselines": ["scratch", "scratch_unmixed"]}
+    )
+    summary = run_seeds(cfg, tmp_path / "run", seeds=2)
+    v = json.loads((tmp_path / "run" / "summary.json").read_text())["verdict"]
+    assert v == json.loads(json.dumps(summary["verdict"]))
+    assert set(v["rows"]) == {"student_kd", "student_kd vs student_scratch_unmixed"}
+    assert len(v["rows"]["student_kd"]["gains"]) == 2 and v["line"].startswith("distillation ")
+    seed0 = json.loads((tmp_path / "run" / "seed0" / "summary.json").read_text())
+    assert seed0["mix"] == "cutmix" and 0 < seed0["rows"][0]["train_confidence"] <= 1
+    assert "## Verdict" in (tmp_path / "run" / "report.md").read_text()
