@@ -98,26 +98,38 @@ def run_variant(
 
 
 def table(results: dict) -> str:
+    """Markdown: accuracy (mean ± std over seeds, in %) of each row, and the verdict's paired gains."""
     lines = [
-        "| variant | teacher | scratch | distilled | paired gain (points) | 95% interval | seeds better |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | teacher | scratch twin | distilled | paired gain vs twin (points) | 95% interval "
+        "| seeds better | scratch without mixing | gain vs it (95% interval) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, res in results.items():
 
         def acc(row, res=res):
-            return [
-                100 * next(r for r in s["rows"] if r["name"] == row)["accuracy"] for s in res["summaries"]
-            ]
+            vals = []
+            for s in res["summaries"]:
+                r = next((r for r in s["rows"] if r["name"] == row), None)
+                if r is None:
+                    return None
+                vals.append(100 * r["accuracy"])
+            return vals
 
         def ms(v):
-            return f"{statistics.fmean(v):.2f} ± {statistics.pstdev(v):.2f}"
+            return "—" if v is None else f"{statistics.fmean(v):.2f} ± {statistics.pstdev(v):.2f}"
 
-        v = res["verdict"]["rows"]["student_kd"]
-        lo, hi = v["ci95"]
-        ci = f"{100 * lo:+.2f} to {100 * hi:+.2f}" if lo is not None else "—"
+        def ci(r):
+            lo, hi = r["ci95"]
+            return f"{100 * lo:+.2f} to {100 * hi:+.2f}" if lo is not None else "—"
+
+        rows = res["verdict"]["rows"]
+        v = rows["student_kd"]
+        u = rows.get("student_kd vs student_scratch_unmixed")
+        unmixed = f"{100 * u['mean']:+.2f} ({ci(u)})" if u else "—"
         lines.append(
             f"| {name} | {ms(acc('teacher'))} | {ms(acc('student_scratch'))} | {ms(acc('student_kd'))} "
-            f"| {100 * v['mean']:+.2f} | {ci} | {v['seeds_better']}/{len(v['gains'])} |"
+            f"| {100 * v['mean']:+.2f} | {ci(v)} | {v['seeds_better']}/{len(v['gains'])} "
+            f"| {ms(acc('student_scratch_unmixed'))} | {unmixed} |"
         )
     return "\n".join(lines)
 

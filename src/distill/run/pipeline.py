@@ -162,6 +162,11 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
+        if tc.use != "last":
+            raise ConfigError(
+                f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
+                "checkpoint: is used as given (point checkpoint: at the file you want)"
+            )
         load_weights(model, tc.checkpoint)
     elif tc.train is not None:
         train_cfg = tc.train
