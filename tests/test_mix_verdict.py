@@ -231,3 +231,20 @@ def test_run_seeds_writes_the_verdict_to_summary_and_report(tmp_path):
     seed0 = json.loads((tmp_path / "run" / "seed0" / "summary.json").read_text())
     assert seed0["mix"] == "cutmix" and 0 < seed0["rows"][0]["train_confidence"] <= 1
     assert "## Verdict" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_patient_recipe_is_the_benchmarked_variant():
+    """docs/payoff.md's `cutmix_kd_t1_e90_u` row was measured as digits.yaml + these overrides."""
+    from pathlib import Path
+
+    from distill.run.config import apply_overrides, load_recipe, load_yaml, parse_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    over = [
+        "trainer.mix.name=cutmix",
+        "trainer.epochs=90",
+        "objective.terms={kd: {name: kd, init_args: {temperature: 1}}}",
+        "baselines=[scratch,scratch_unmixed]",
+    ]
+    variant = parse_recipe(apply_overrides(load_yaml(root / "digits.yaml"), over))
+    assert load_recipe(root / "digits_patient.yaml").model_copy(update={"name": "digits"}) == variant
