@@ -248,3 +248,15 @@ def test_patient_recipe_is_the_benchmarked_variant():
     ]
     variant = parse_recipe(apply_overrides(load_yaml(root / "digits.yaml"), over))
     assert load_recipe(root / "digits_patient.yaml").model_copy(update={"name": "digits"}) == variant
+
+
+def test_transfer_recipe_is_the_benchmarked_variant():
+    """docs/payoff.md's `labels200_transfer` row was measured as digits.yaml + these overrides."""
+    from pathlib import Path
+
+    from distill.run.config import apply_overrides, load_recipe, load_yaml, parse_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    over = ["data.init_args.train_limit=200", "data.transfer={name: digits}"]
+    variant = parse_recipe(apply_overrides(load_yaml(root / "digits.yaml"), over))
+    assert load_recipe(root / "digits_transfer.yaml").model_copy(update={"name": "digits"}) == variant
