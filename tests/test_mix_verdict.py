@@ -260,3 +260,14 @@ def test_transfer_recipe_is_the_benchmarked_variant():
     over = ["data.init_args.train_limit=200", "data.transfer={name: digits}"]
     variant = parse_recipe(apply_overrides(load_yaml(root / "digits.yaml"), over))
     assert load_recipe(root / "digits_transfer.yaml").model_copy(update={"name": "digits"}) == variant
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 40, 101), (6, 40, 101), (6, 64)])
+def test_cutmix_on_spectrograms_and_flat_features_keeps_lam_equal_to_the_kept_share(shape):
+    torch.manual_seed(0)
+    x = torch.rand(*shape)
+    out = Mixer("cutmix", 1.0, 1.0, num_classes=6, seed=1)(Batch(x, torch.arange(6)), 0, 0)
+    for i in range(6):
+        lam = float(out.soft_targets[i, i])  # own class weight = share of the sample kept (classes differ)
+        kept = float((out.inputs[i] == x[i]).float().mean())
+        assert kept == pytest.approx(lam, abs=1e-6) or lam == pytest.approx(1.0)
