@@ -28,7 +28,8 @@ def test_every_top_level_recipe_parses_and_builds(path):
         pytest.skip("recipe for another command (compress, tune, federated, ...) is tested with it")
     cfg = load_recipe(path)
     data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
-    build_model(cfg.teacher.spec(), data)
+    for teacher in cfg.teachers or [cfg.teacher]:
+        build_model(teacher.spec(), data)
     build_model(cfg.student.spec(), data)
     build_objective(cfg)
 

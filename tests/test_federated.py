@@ -226,3 +226,24 @@ def test_ray_backend_runs_the_same_apps(tmp_path):
     for row in summary["rows"]:
         assert row["rounds"] == 2 and row["failures"] == 0 and row["accuracy"] is not None
     assert len(list((tmp_path / "run" / "checkpoints" / "fedmd").glob("client*.safetensors"))) == 3
+
+
+def test_feddf_on_mixed_public_inputs(tmp_path, monkeypatch):
+    """server_distill.mix: the client ensemble runs live on each mixed public batch."""
+    from distill.federated import strategies
+    from distill.federated.simulation import run_federated
+
+    calls = []
+    real = strategies.distill_from_ensemble
+
+    def spy(model, public, members, task, cfg, seed):
+        calls.append((len(members), cfg.mix.name))
+        return real(model, public, members, task, cfg, seed)
+
+    monkeypatch.setattr(strategies, "distill_from_ensemble", spy)
+    recipe = tiny(strategies=["feddf"], server_distill={"epochs": 1, "mix": {"name": "mixup", "alpha": 0.4}})
+    summary = run_federated(recipe, tmp_path / "run")
+    assert calls == [(3, "mixup"), (3, "mixup")]  # one fusion per round, from every client model
+    assert 0.0 <= summary["rows"][0]["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="digest.mix: FedMD shares logits on the fixed public inputs"):
+        tiny(digest={"mix": {"name": "cutmix"}})

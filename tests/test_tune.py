@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -359,3 +360,21 @@ def test_trainer_on_evaluate_hook_and_ambient_callbacks():
     assert direct.epochs == [1, 2] and ambient.epochs == [1, 2] and trainer.epoch == 2
     make(callbacks=[other]).fit()  # outside the with block: only its own callback
     assert other.epochs == [1, 2, 3] and ambient.epochs == [1, 2]
+
+
+def test_teacher_checkpoint_choice_and_calibration_are_tunable(tmp_path):
+    search = {
+        "teacher.use": {"type": "categorical", "choices": ["best", 1]},
+        "teacher.calibrate": {"type": "categorical", "choices": [True]},
+    }
+    cfg = tune.parse_tune_recipe(_recipe(TRAINED_TEACHER, search=search))
+    out = tmp_path / "study"
+    s = tune.run_tune(cfg, out, trials=2, log=lambda *_: None)
+    assert all(r["state"] == "complete" for r in s["rows"])
+    used = set()
+    for r in s["rows"]:
+        saved = yaml.safe_load((out / "trials" / str(r["number"]) / "config.yaml").read_text())
+        used.add(Path(saved["teacher"]["checkpoint"]).name)
+        row = json.loads((out / "trials" / str(r["number"]) / "summary.json").read_text())["rows"][0]
+        assert row["temperature"] > 0  # calibrated before distilling
+    assert used <= {"best.safetensors", "epoch1.safetensors"} and used

@@ -28,6 +28,11 @@ class Batch:
             methods and the teacher cache need it; wrap a dataset in `IndexedDataset` to get it.
         raw: the batch exactly as the loader yielded it, for adapters that need more.
         weights: optional per-sample loss weights (B,), set by weighting rules, not by loaders.
+        soft_targets: (B, C) label distributions, set by the trainer when it mixes a batch
+            (`trainer.mix`); `targets` is then None. A row sums to the share of the sample that
+            carries a label: 1 for a mix of labelled samples, less when an unlabelled (transfer)
+            sample is mixed in, 0 for no label at all. Label terms that understand it (`ce`) weigh
+            each row by that mass; terms that need class indices refuse the mixed batch.
     """
 
     inputs: Any
@@ -35,6 +40,7 @@ class Batch:
     index: Tensor | None = None
     raw: Any = None
     weights: Tensor | None = None
+    soft_targets: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -56,6 +62,7 @@ class Batch:
             index=_to(self.index, device, non_blocking),
             raw=self.raw,
             weights=_to(self.weights, device, non_blocking),
+            soft_targets=_to(self.soft_targets, device, non_blocking),
         )
 
 

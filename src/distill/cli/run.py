@@ -73,6 +73,11 @@ def print_summary(summary: dict, out: Path) -> None:
     from distill.run.report import table
 
     print(table(summary["rows"]))
+    v = summary.get("verdict")
+    if v:
+        print(f"\n{v['line']}")
+        for reason in v["reasons"]:
+            print(f"  - {reason}")
     print(f"\nrun folder: {out}  (report.md, summary.json, checkpoints/)")
 
 

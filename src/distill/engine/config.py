@@ -35,12 +35,25 @@ class LRScheduleConfig(Strict):
     gamma: float = Field(0.1, gt=0)
 
 
+class MixConfig(Strict):
+    """Batch mixing before teacher and student see the batch (consistent teaching; see
+    `distill.engine.mix`). `alpha` shapes lam ~ Beta(alpha, alpha); `prob` is the share of batches
+    mixed. Images and spectrograms only: token inputs are refused."""
+
+    name: Literal["none", "mixup", "cutmix"] = "none"
+    alpha: float = Field(1.0, gt=0)
+    prob: float = Field(1.0, ge=0, le=1)
+
+
 class TrainerConfig(Strict):
     epochs: int = Field(30, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    mix: MixConfig = Field(
+        default_factory=MixConfig, description="mixup / cutmix seen by teacher and student alike"
+    )
     grad_accum: int = Field(1, gt=0)
     clip_grad_norm: float | None = Field(None, gt=0)
     device: str = "auto"
@@ -53,6 +66,9 @@ class TrainerConfig(Strict):
     log_every: int = Field(20, gt=0, description="log training metrics every N optimizer steps")
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every N optimizer steps (0: epochs only)"
+    )
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="also keep the weights after these epochs (epoch<N>.safetensors)"
     )
     monitor: str = "accuracy"
     monitor_mode: Literal["max", "min"] = "max"

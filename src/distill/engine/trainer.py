@@ -29,7 +29,8 @@ from distill.checkpoint import atomic_write_text, load_state, save_state, save_w
 from distill.engine import distributed as dist
 from distill.engine.config import TrainerConfig
 from distill.engine.evaluate import ClassificationEvaluator, Evaluator, evaluate
-from distill.errors import CheckpointError, DistillError, TrainingDiverged
+from distill.engine.mix import Mixer, check_mixable
+from distill.errors import CheckpointError, ConfigError, DistillError, TrainingDiverged
 from distill.objective import Objective
 from distill.outputs import Batch, Outputs, as_batch
 from distill.schedules import Progress
@@ -422,6 +423,7 @@ class Trainer:
         self.progress = Progress(step=0, total_steps=self.total_steps)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, stage)
         self._preflight()
+        self.mixer = self._build_mixer()
         self._compile_pending = cfg.compile and self._compile_student()
         # FSDP2 shards the parameters in place, so it must come before the optimizer is built.
         self.sharded = getattr(cfg, "parallel", "ddp") == "fsdp2" and dist.world_size() > 1
@@ -491,6 +493,34 @@ class Trainer:
         if self.device.type == "cuda" and self._num_classes is not None:
             for t in label_terms:
                 t.check_labels = False  # the trainer checks each batch's labels on the host
+
+    def _build_mixer(self) -> Mixer | None:
+        """The batch mixer of `trainer.mix`, checked on one mixed batch before training: inputs
+        that cannot be interpolated (tokens), or a term that cannot learn from mixed labels, stop
+        here with a one-line error."""
+        mix = self.cfg.mix
+        if mix.name == "none" or mix.prob == 0:
+            return None
+        if self._num_classes is None:
+            raise ConfigError(
+                f"trainer.mix: {mix.name} mixes class labels, but the student's outputs are not class "
+                "logits; set trainer.mix.name: none"
+            )
+        mixer = Mixer(mix.name, mix.alpha, 1.0, self._num_classes, self.seed, self._ce_ignore or (-100,))
+        batch = as_batch(next(iter(self.train_loader))).to(self.device)
+        check_mixable(batch.inputs, mix.name)
+        batch = mixer(batch, 0, 0)
+        try:
+            with torch.no_grad():
+                s_out = self.task.student_outputs(batch)
+                self.task.objective(s_out, self.task.teacher_outputs(batch), batch)
+        except DistillError as e:
+            raise ConfigError(
+                f"trainer.mix: a mixed batch carries mixed labels (soft_targets), and the objective "
+                f"refused it: {str(e).splitlines()[0]}; set trainer.mix.name: none"
+            ) from None
+        mixer.prob = mix.prob
+        return mixer
 
     def _compile_student(self) -> bool:
         """`torch.compile` on the student in place (state-dict keys unchanged). Compilation
@@ -673,6 +703,8 @@ class Trainer:
             with bar:
                 while self.epoch < cfg.epochs and self.progress.step < self.total_steps:
                     self._train_epoch(bar)
+                    if self.epoch in cfg.keep_epochs and self.batch_in_epoch == 0:
+                        self.save_checkpoint(f"epoch{self.epoch}")  # a teacher to distil from later
                     if (
                         self.epoch % cfg.eval_every == 0
                         or self.epoch >= cfg.epochs
@@ -715,6 +747,8 @@ class Trainer:
             if self._flags:
                 self._host_label_check(batch)
             batch = batch.to(self.device, non_blocking=True)
+            if self.mixer is not None:  # before both models: the teacher sees the mixed batch too
+                batch = self.mixer(batch, self.epoch, i)
             if cfg.channels_last and isinstance(batch.inputs, Tensor) and batch.inputs.dim() == 4:
                 batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
             try:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from distill.engine.config import MixConfig
 from distill.errors import ConfigError
 from distill.run.config import (
     DataConfig,
@@ -55,6 +56,11 @@ class DistillStepConfig(Strict):
     batch_size: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3))
+    mix: MixConfig = Field(
+        default_factory=MixConfig,
+        description="FedDF only: mix the public inputs (mixup / cutmix) before the client ensemble and "
+        "the fused model see them; the ensemble then runs live on each mixed batch",
+    )
 
 
 class FederatedRecipe(Strict):
@@ -89,6 +95,15 @@ class FederatedRecipe(Strict):
         description="inprocess: clients run one after another in this process (no Ray); "
         "ray: Flower's run_simulation",
     )
+
+    @model_validator(mode="after")
+    def _digest_unmixed(self):
+        if self.digest.mix.name != "none":
+            raise ValueError(
+                "digest.mix: FedMD shares logits on the fixed public inputs, so they cannot be mixed; "
+                "use server_distill.mix (FedDF)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique(self):

@@ -28,6 +28,7 @@ from distill.federated.task import (
     FederatedTask,
     accuracy,
     check_update,
+    distill_from_ensemble,
     distill_from_logits,
     load_numpy_state,
     numpy_state,
@@ -146,12 +147,13 @@ class FedDF(_Tracked):
         averaged, metrics = FedAvg.aggregate_train(self, server_round, kept)
         task = self.task
         public, test = task.split.public, task.split.test
-        logits, test_logits = [], []
+        logits, test_logits, members = [], [], []
         for msg in kept:  # the ensemble: every client model that sent a fitting update
             member = task.build_model("feddf")
             load_numpy_state(member, from_arrays(next(iter(msg.content.array_records.values()))))
             logits.append(predict_logits(member, public))
             test_logits.append(predict_logits(member, test))
+            members.append(member)
         teacher = torch.stack(logits).mean(0)  # (P, C): averaged logits, FedDF's ensemble
         ens_pred = torch.stack(test_logits).mean(0).argmax(-1)
         labels = torch.as_tensor([int(test[i][1]) for i in range(len(test))])
@@ -159,7 +161,11 @@ class FedDF(_Tracked):
         student = task.build_model("feddf")
         load_numpy_state(student, from_arrays(averaged))
         cfg = task.recipe.server_distill
-        distill_from_logits(student, public, teacher, task, cfg, seed=task.recipe.seed * 1000 + server_round)
+        seed = task.recipe.seed * 1000 + server_round
+        if cfg.mix.name != "none":  # mixed public inputs: the ensemble runs live on each mixed batch
+            distill_from_ensemble(student, public, members, task, cfg, seed=seed)
+        else:
+            distill_from_logits(student, public, teacher, task, cfg, seed=seed)
         if metrics is None:
             metrics = MetricRecord()
         metrics["ensemble_accuracy"] = self.ensemble_accuracy[server_round]

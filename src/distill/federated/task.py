@@ -169,6 +169,28 @@ def distill_from_logits(
     model.eval()
 
 
+def distill_from_ensemble(
+    model: nn.Module, public: Dataset, members: list[nn.Module], task: FederatedTask, cfg, seed: int
+):
+    """FedDF's fusion on mixed public inputs: the mean of the client models' logits, computed live on
+    each batch the loop mixed (`cfg.mix`), taught to `model` with Hinton KD at cfg.temperature."""
+    from distill.engine.trainer import Trainer
+    from distill.teachers.ensemble import Ensemble
+
+    trainer = Trainer(
+        model,
+        Objective({"kd": KD(temperature=cfg.temperature)}),
+        _Indexed(public),
+        teacher=Ensemble(members, rule="mean_logits"),
+        config=_trainer_config(cfg.epochs, cfg.optimizer, task.device).model_copy(update={"mix": cfg.mix}),
+        stage="distill",
+        batch_size=cfg.batch_size,
+        seed=seed,
+    )
+    trainer.fit()
+    model.eval()
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Dataset, batch_size: int = 256) -> Tensor:
     """Logits (N, C) on `data` in order (inputs only), in fp32 on the CPU."""

@@ -33,6 +33,7 @@ from distill.losses.logits import (
     logit_mse,
     lskd_loss,
     soft_cross_entropy,
+    soft_target_cross_entropy,
     standardize_logits,
     teacher_sample_weights,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "soft_target_cross_entropy",
     "sp_loss",
     "standardize_logits",
     "teacher_sample_weights",

@@ -92,13 +92,48 @@ def logit_mse(
     return reduce((s - t).pow(2).mean(-1), weights, reduction)
 
 
+def soft_target_cross_entropy(logits: Tensor, soft_targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against label distributions (mixup / cutmix labels): -Σ_c q_c log p_c per sample,
+    summed and divided by the total label mass Σ q.
+
+    A row of `soft_targets` may sum to less than 1: that is the labelled share of a sample mixed
+    with an unlabelled one, and a zero row (no label) adds nothing. With every row summing to 1 this
+    is the plain mean over samples. Label smoothing spreads ε of each row's mass uniformly.
+
+    Args:
+        logits: (B, C) or (B, T, C).
+        soft_targets: (B, C) or (B*T, C), rows non-negative.
+        label_smoothing: ε in [0, 1).
+
+    Returns:
+        A scalar (0 when no sample carries a label).
+    """
+    z = flatten_logits(logits).float()
+    q = soft_targets.reshape(-1, soft_targets.shape[-1]).float()
+    if q.shape != z.shape:
+        raise DistillError(
+            f"soft targets {tuple(q.shape)} do not match the logits {tuple(z.shape)}: one label "
+            "distribution per sample over the same classes"
+        )
+    mass = q.sum(-1)  # (N,)
+    if label_smoothing:
+        q = q * (1.0 - label_smoothing) + mass[:, None] * (label_smoothing / q.shape[-1])
+    per_sample = -(q * F.log_softmax(z, dim=-1)).sum(-1)
+    return per_sample.sum() / mass.sum().clamp_min(1e-12)
+
+
 @LOSSES.register("ce")
 class CrossEntropy(LossTerm):
     """Cross-entropy on the ground-truth labels, with optional label smoothing.
 
+    Reads class indices from `batch.targets`, skipping `ignore_index` (padding, or transfer-set
+    samples without a label); on a mixed batch (`trainer.mix`) it reads the label distributions in
+    `batch.soft_targets` instead (see `soft_target_cross_entropy`). A batch with no labelled sample
+    gives 0.
+
     Args:
         label_smoothing: in [0, 1).
-        ignore_index: target value to skip (padding in token-level tasks).
+        ignore_index: target value to skip (padding in token-level tasks, unlabelled samples).
     """
 
     needs_teacher = False
@@ -114,11 +149,13 @@ class CrossEntropy(LossTerm):
         self.check_labels = True
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
+        logits = flatten_logits(student.require_logits("student")).float()
+        if batch.soft_targets is not None:
+            return soft_target_cross_entropy(logits, batch.soft_targets, self.label_smoothing)
         if batch.targets is None:
             raise DistillError(
                 "the ce term needs labels but the batch has none; drop the ce term for unlabeled data"
             )
-        logits = flatten_logits(student.require_logits("student")).float()
         targets = batch.targets.reshape(-1).long()
         n = logits.shape[-1]
         bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= n)) if self.check_labels else None
@@ -127,9 +164,15 @@ class CrossEntropy(LossTerm):
             raise DistillError(
                 f"label {int(targets[i])} is out of range for {n} classes (at position {i} of the batch)"
             )
-        return F.cross_entropy(
-            logits, targets, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index
+        total = F.cross_entropy(
+            logits,
+            targets,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction="sum",
         )
+        # The mean over labelled samples, without a host sync; 0 (not NaN) when none is labelled.
+        return total / (targets != self.ignore_index).sum().clamp_min(1)
 
 
 @LOSSES.register("kd")

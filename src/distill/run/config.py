@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from distill.engine.config import OptimizerConfig, Strict, TrainerConfig
 from distill.errors import ConfigError
@@ -47,6 +47,11 @@ class DataConfig(Component):
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
+    transfer: Component | None = Field(
+        None,
+        description="a transfer set (any dataset, same builders): its training inputs, labels ignored, "
+        "are added to the distilled student's data and teach through the teacher terms only",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +80,28 @@ class TeacherConfig(ModelConfig):
         None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
     )
     cache_fill: Literal["tail", "min", "renorm"] = "tail"
+    use: Literal["last", "best"] | int = Field(
+        "last",
+        description="which weights of a trained teacher teach: last, best (validation) or an epoch number",
+    )
+    calibrate: bool = Field(
+        False, description="divide the teacher's logits by the temperature fitted on the validation split"
+    )
+
+    @field_validator("use")
+    @classmethod
+    def _epoch(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"an epoch number is at least 1 (got {v})")
+        return v
+
+
+class EnsembleConfig(Strict):
+    """How `teachers:` are combined per sample (see `distill.teachers.ensemble.member_weights`)."""
+
+    rule: Literal["mean_logits", "mean_probs", "confidence", "entropy"] = "mean_logits"
+    tau: float = Field(1.0, gt=0)
+    space: Literal["logits", "probs"] = "logits"
 
 
 class TermConfig(Component):
@@ -120,17 +147,34 @@ class RecipeConfig(Strict):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=_digits_teacher)
+    teachers: list[TeacherConfig] = Field(
+        default_factory=list, description="several teachers distilled as one ensemble (instead of teacher:)"
+    )
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     student: ModelConfig = Field(default_factory=_digits_student)
     objective: ObjectiveConfig = Field(default_factory=_digits_objective)
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(epochs=30, threads=1))
     evaluator: Component | None = Field(None, description="default: classification accuracy")
-    baselines: list[Literal["scratch"]] = Field(
-        default_factory=lambda: ["scratch"], description="extra students trained for comparison"
+    baselines: list[Literal["scratch", "scratch_unmixed"]] = Field(
+        default_factory=lambda: ["scratch"],
+        description="extra students trained for comparison: scratch (labels only, the same trainer "
+        "settings, mixing included) and scratch_unmixed (labels only, without trainer.mix)",
     )
     report: ReportConfig = Field(default_factory=ReportConfig)
 
+    @model_validator(mode="after")
+    def _one_teacher_section(self):
+        if self.teachers and "teacher" in self.model_fields_set:
+            raise ValueError("give teacher: (one) or teachers: (an ensemble), not both")
+        if len(self.teachers) == 1:
+            raise ValueError("teachers: lists at least two; for one teacher use teacher:")
+        if any(t.cache for t in self.teachers):
+            raise ValueError("teachers[].cache: a teacher store serves one teacher; use teacher: with it")
+        return self
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        exclude = {"teacher"} if self.teachers else None  # so the saved config reloads as is
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- loading and errors

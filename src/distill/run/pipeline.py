@@ -13,22 +13,26 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
 
 from distill.adapters import auto_adapter
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
+from distill.engine.config import MixConfig
 from distill.engine.evaluate import build_evaluator, evaluate
 from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
 from distill.models.build import build_model
 from distill.objective import Objective
+from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
-from distill.run.config import RecipeConfig, TrainerConfig
+from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.measure import count_params, latency_ms, size_mb
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
+from distill.run.verdict import verdict
 from distill.teachers import Teacher
 
 
@@ -154,6 +158,189 @@ def measure(
     return row
 
 
+def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeConfig, out: Path):
+    """One teacher: loaded from its checkpoint, or trained (stage `stage`) and then its last, best
+    or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
+    `teacher.calibrate`. Returns (model, adapter, facts for its summary row)."""
+    seed_everything(cfg.seed)
+    model = build_model(tc.spec(), data)
+    adapter = build_adapter(tc.adapter)
+    info: dict[str, Any] = {}
+    if tc.checkpoint:
+        if tc.use != "last":
+            raise ConfigError(
+                f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
+                "checkpoint: is used as given (point checkpoint: at the file you want)"
+            )
+        load_weights(model, tc.checkpoint)
+    elif tc.train is not None:
+        train_cfg = tc.train
+        if isinstance(tc.use, int):
+            if tc.use > train_cfg.epochs:
+                raise ConfigError(
+                    f"teacher.use: epoch {tc.use} is past the teacher's {train_cfg.epochs} training epochs"
+                )
+            train_cfg = train_cfg.model_copy(update={"keep_epochs": sorted({*train_cfg.keep_epochs, tc.use})})
+        train_stage(stage, model, scratch_objective(cfg), data, cfg, train_cfg, out, adapter=adapter)
+        if tc.use != "last":
+            name = "best" if tc.use == "best" else f"epoch{tc.use}"
+            path = out / "checkpoints" / stage / f"{name}.safetensors"
+            if not path.exists():
+                saved = sorted(p.stem for p in path.parent.glob("*.safetensors") if p.stem != "last")
+                raise ConfigError(
+                    f"teacher.use: {tc.use} was not saved in {path.parent} (saved: {', '.join(saved) or 'none'}); "
+                    "train the teacher again (a new run folder) or pick a saved one"
+                )
+            load_weights(model, path)
+            info["use"] = tc.use if isinstance(tc.use, int) else name
+    else:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    if tc.calibrate:
+        from distill.teachers.calibration import TemperatureScaled, collect_logits, fit_temperature
+
+        if data.val is None:
+            raise ConfigError(
+                "teacher.calibrate fits a temperature on the validation split, but the data has none"
+            )
+        loader, _ = make_loader(
+            data.val, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn
+        )
+        z, y = collect_logits(model, loader, adapter)
+        keep = y != -100
+        info["temperature"] = fit_temperature(z[keep], y[keep])
+        adapter = TemperatureScaled(adapter, info["temperature"])
+    return model, adapter, info
+
+
+class EnsembleModel(nn.Module):
+    """The ensemble as one module for measurement: its params, size and latency are all members';
+    its logits are the label-free combination (the `confidence` rule reads labels, so it is
+    measured as `mean_logits`, never with the test labels)."""
+
+    def __init__(self, ensemble):
+        super().__init__()
+        from distill.teachers.ensemble import Ensemble
+
+        rule = "mean_logits" if ensemble.rule in ("confidence", "learned") else ensemble.rule
+        self.members = nn.ModuleList(ensemble.models)
+        self.ensemble = Ensemble(ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space)
+
+    def forward(self, x):
+        return self.ensemble(Batch(inputs=x)).logits
+
+
+def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
+    """The teacher that teaches: one `Teacher`, or the `Ensemble` of `teachers:`. Returns it, a
+    model for students built from the teacher (the first member), and the summary rows' models
+    as (name, model, adapter, facts): `teacher` first (for an ensemble, the combination), then
+    `teacher0`, `teacher1`, ... for its members."""
+    dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if not cfg.teachers:
+        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out)
+        t = Teacher(model, adapter=adapter, dtype=dtype_of[cfg.teacher.dtype], compile=cfg.teacher.compile)
+        return t, model, [("teacher", model, adapter, info)]
+    from distill.teachers.ensemble import Ensemble
+
+    members, rows = [], []
+    for i, tc in enumerate(cfg.teachers):
+        model, adapter, info = load_teacher(tc, f"teacher{i}", data, cfg, out)
+        members.append(Teacher(model, adapter=adapter, dtype=dtype_of[tc.dtype], compile=tc.compile))
+        rows.append((f"teacher{i}", model, adapter, info))
+    e = cfg.ensemble
+    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space)
+    combined = EnsembleModel(ensemble)
+    return ensemble, members[0].model, [("teacher", combined, auto_adapter, {"rule": e.rule}), *rows]
+
+
+class Unlabelled(Dataset):
+    """A dataset's inputs with the label replaced by `ignore` (what label terms skip): a transfer set."""
+
+    def __init__(self, dataset: Dataset, ignore: int = -100):
+        self.dataset, self.ignore = dataset, ignore
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        x = sample[0] if isinstance(sample, tuple | list) else sample
+        return x, torch.tensor(self.ignore)
+
+
+def _input_shape(bundle: DataBundle) -> tuple[int, ...] | None:
+    if bundle.input_shape is not None:
+        return tuple(bundle.input_shape)
+    x = example_input(bundle)
+    return tuple(x.shape[1:]) if x is not None else None
+
+
+def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> DataBundle:
+    """`data.transfer`: the distilled student trains on the labelled set plus the transfer set's
+    inputs, whose labels are replaced by the label terms' `ignore_index`, so only the teacher terms
+    learn from them (and, under `trainer.mix`, they mix in as zero labels)."""
+    spec = cfg.data.transfer
+    if spec is None:
+        return data
+    if cfg.teacher.cache and not cfg.teachers:
+        raise ConfigError(
+            "data.transfer with teacher.cache: the store covers the training set only; drop one"
+        )
+    transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
+    got, want = _input_shape(transfer), _input_shape(data)
+    if got is not None and want is not None and got != want:
+        raise ConfigError(
+            f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
+            "give a transfer set of the same input shape"
+        )
+    ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
+    if len(ignores) > 1:
+        raise ConfigError(
+            f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
+        )
+    ignore = ignores.pop() if ignores else -100
+    merged = ConcatDataset([data.train, Unlabelled(transfer.train, ignore)])
+    return dataclasses.replace(data, train=merged)
+
+
+def add_fit_measures(
+    rows: list[dict[str, Any]],
+    teacher: Teacher,
+    students: dict[str, nn.Module],
+    data: DataBundle,
+    cfg: RecipeConfig,
+    student_adapter: Any = None,
+) -> None:
+    """For classification: the teacher's mean top-1 probability on its training inputs
+    (`train_confidence`: near 1 means its soft labels there say little beyond the label) and each
+    student's top-1 agreement with the teacher on them (`train_agreement`: how well it can follow).
+    The verdict reads them to explain a run where distillation did not help."""
+    if "accuracy" not in rows[0] or data.train is None or cfg.evaluator is not None:
+        return
+    loader, _ = make_loader(data.train, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
+    named = [(row, students[row["name"]]) for row in rows[1:] if row["name"] in students]
+    adapter = student_adapter or auto_adapter
+    tops, agree = [], {row["name"]: [] for row, _ in named}
+    was = {id(m): m.training for _, m in named}
+    for _, m in named:
+        m.eval()
+    with torch.no_grad():
+        for raw in loader:  # one pass: teacher and students see the same (possibly augmented) inputs
+            batch = as_batch(raw)
+            z = teacher(batch.to(teacher.device)).logits
+            if not isinstance(z, torch.Tensor) or z.dim() != 2:
+                return
+            p = torch.softmax(z.float(), -1)
+            tops.append(p.max(-1).values.cpu())
+            for row, m in named:
+                s_z = adapter(m, batch.to(next(m.parameters()).device)).logits
+                agree[row["name"]].append((s_z.argmax(-1).cpu() == p.argmax(-1).cpu()).float())
+    for _, m in named:
+        m.train(was[id(m)])
+    rows[0]["train_confidence"] = float(torch.cat(tops).mean())
+    for row, _ in named:
+        row["train_agreement"] = float(torch.cat(agree[row["name"]]).mean())
+
+
 def run_recipe(
     cfg: RecipeConfig, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "run"
 ) -> dict[str, Any]:
@@ -163,33 +350,18 @@ def run_recipe(
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
-        seed_everything(cfg.seed)
-        teacher_model = build_model(cfg.teacher.spec(), data)
-        teacher_adapter, student_adapter = (
-            build_adapter(cfg.teacher.adapter),
-            build_adapter(cfg.student.adapter),
-        )
-        preflight_recipe(cfg, data, teacher_model)  # every component and one batch, before any training
-        if cfg.teacher.checkpoint:
-            load_weights(teacher_model, cfg.teacher.checkpoint)
-        elif cfg.teacher.train is not None:
-            train_stage(
-                "teacher",
-                teacher_model,
-                scratch_objective(cfg),
-                data,
-                cfg,
-                cfg.teacher.train,
-                out,
-                adapter=teacher_adapter,
-            )
-        else:
-            raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
-        teacher = Teacher(teacher_model, adapter=teacher_adapter, dtype=dtype, compile=cfg.teacher.compile)
+        # every component and one batch, before any training (several teachers: checked with the first)
+        preflight_recipe(cfg.model_copy(update={"teacher": cfg.teachers[0]}) if cfg.teachers else cfg, data)
+        student_adapter = build_adapter(cfg.student.adapter)
+        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
 
         kd_teacher, kd_data = teacher, data
-        if cfg.teacher.cache:  # offline distillation: the teacher's outputs come from a store
+        if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
+            if cfg.trainer.mix.name != "none":
+                raise ConfigError(
+                    "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
+                    "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
+                )
             from distill.teachers.store import CachedTeacher
 
             kd_teacher = CachedTeacher(
@@ -205,27 +377,38 @@ def run_recipe(
         stages = (
             [("student_scratch", scratch_objective(cfg), None, data)] if "scratch" in cfg.baselines else []
         )
-        stages.append(("student_kd", build_objective(cfg), kd_teacher, kd_data))
+        if (
+            "scratch_unmixed" in cfg.baselines
+        ):  # the scratch twin without trainer.mix, as it would train alone
+            stages.append(("student_scratch_unmixed", scratch_objective(cfg), None, data))
+        kd_objective = build_objective(cfg)
+        kd_data = add_transfer(cfg, kd_data, kd_objective)
+        stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
         for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
             student = build_model(cfg.student.spec(), data, teacher=teacher_model)
             if cfg.student.checkpoint:
                 load_weights(student, cfg.student.checkpoint)
+            trainer_cfg = cfg.trainer
+            if stage == "student_scratch_unmixed":
+                trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
             students[stage] = train_stage(
-                stage, student, objective, stage_data, cfg, cfg.trainer, out, t, student_adapter
+                stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter
             )
 
         if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
-        teacher_row = measure("teacher", teacher.model, data, cfg, None, adapter=teacher_adapter)
-        rows = [teacher_row] + [
-            measure(n, m, data, cfg, teacher, adapter=student_adapter) for n, m in students.items()
-        ]
+        # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
+        judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
+        rows = [{**measure(n, m, data, cfg, None, adapter=a), **info} for n, m, a, info in teacher_rows]
+        rows += [measure(n, m, data, cfg, judge, adapter=student_adapter) for n, m in students.items()]
+        add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
             "command": command,
             "recipe": cfg.name,
             "seed": cfg.seed,
             "wall_seconds": round(time.perf_counter() - t0, 1),
+            "mix": cfg.trainer.mix.name,
             "rows": rows,
         }
         note_teacher_warnings(summary, data.num_classes)
@@ -289,13 +472,17 @@ def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
                 if k not in ("params", "size_mb"):
                     row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
-    return {
+    out = {
         "command": command,
         "recipe": summaries[0]["recipe"],
         "seeds": [s["seed"] for s in summaries],
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
         "rows": rows,
     }
+    found = verdict(summaries)  # paired gain of each distilled row over its scratch twin
+    if found is not None:
+        out["verdict"] = found
+    return out
 
 
 def run_seeds(

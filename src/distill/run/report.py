@@ -227,6 +227,10 @@ def write_report(run_dir: str | Path) -> Path:
         summary.get("warnings")
     )
     lines += [f"Wall time: {summary.get('wall_seconds', 0)} s. {_explain(rows)}", "", table(rows), ""]
+    if summary.get("verdict"):
+        from distill.run.verdict import verdict_markdown
+
+        lines += verdict_markdown(summary["verdict"])
     if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):

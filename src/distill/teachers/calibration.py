@@ -61,6 +61,23 @@ def fit_temperature(logits: Tensor, targets: Tensor) -> float:
     return float(grid[int(nll.argmin())])
 
 
+class TemperatureScaled:
+    """An adapter whose logits are the wrapped adapter's divided by `temperature`: a teacher
+    calibrated by temperature scaling (Guo et al. 2017; the temperature from `fit_temperature` on
+    held-out data). Its top-1 prediction is unchanged; its softened outputs are what it teaches."""
+
+    def __init__(self, adapter: Adapter, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.adapter, self.temperature = adapter, float(temperature)
+
+    def __call__(self, model: nn.Module, batch):
+        out = self.adapter(model, batch)
+        if out.logits is not None:
+            out.logits = out.logits / self.temperature
+        return out
+
+
 # --------------------------------------------------------------------------- recipe
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -71,7 +72,7 @@ class Teacher:
         self.model.eval()
         if self.dtype is not None:  # floating inputs follow the weights' dtype, also inside lists/dicts
             cast = map_tensors(batch.inputs, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
-            batch = Batch(cast, batch.targets, batch.index, batch.raw, batch.weights)
+            batch = dataclasses.replace(batch, inputs=cast)
         with torch.inference_mode():
             out = self._forward(self.model, batch)
             out.features.update(self.tap.collect())

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- the search space
 
+# Teacher keys a trial may vary: the teacher is trained once (every epoch kept) and shared.
+TEACHER_KEYS = ("teacher.use", "teacher.calibrate")
+
 _MISSING = object()
 # Free-form mappings: any key below them is accepted (a loss's or model's own keyword arguments).
 _FREE = ("init_args", "schedules")
@@ -73,9 +76,10 @@ def validate_search(cfg: TuneRecipe, source: str = "recipe") -> None:
     structural = _structural_keys(cfg)
     for key, p in cfg.search.items():
         name = f"{where}.{key}"
-        if key.split(".")[0] == "teacher":
+        if key.split(".")[0] == "teacher" and key not in TEACHER_KEYS:
             raise ConfigError(
-                f"{name}: the teacher is trained once and shared by all trials; tune student-side keys"
+                f"{name}: the teacher is trained once and shared by all trials; tune student-side keys "
+                f"or {' / '.join(TEACHER_KEYS)} (which of its checkpoints teaches, calibrated or not)"
             )
         if key in ("seed", "name"):
             raise ConfigError(f"{name}: '{key}' is not a hyperparameter; remove it from search")

@@ -58,6 +58,8 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
             return str(path.resolve()), json.loads(row_path.read_text())
         adapter = build_adapter(cfg.teacher.adapter)
         teacher_cfg = cfg.model_copy(update={"baselines": []})
+        # every epoch's weights are kept, so trials may tune teacher.use (last, best, epoch N)
+        epochs = list(range(1, cfg.teacher.train.epochs + 1))
         with RunDir(out / "teacher", teacher_cfg.to_yaml(), resume=True):
             train_stage(
                 "teacher",
@@ -65,7 +67,7 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
                 scratch_objective(cfg),
                 data,
                 cfg,
-                cfg.teacher.train,
+                cfg.teacher.train.model_copy(update={"keep_epochs": epochs}),
                 out / "teacher",
                 adapter=adapter,
             )
@@ -74,6 +76,20 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
         row = measure("teacher", model, data, cfg, None, adapter=adapter)
         atomic_write_text(row_path, json.dumps(row, indent=2))
         return str(path.resolve()), row
+
+
+def teacher_weights(out: Path, final: str, use: Any) -> str:
+    """The weights file of the study's teacher that `teacher.use` names (last, best or an epoch)."""
+    if use in (None, "last"):
+        return final
+    folder = out / "teacher" / "checkpoints" / "teacher"
+    path = folder / ("best.safetensors" if use == "best" else f"epoch{use}.safetensors")
+    if not path.exists():
+        raise ConfigError(
+            f"teacher.use: {use} was not saved for this study's teacher (in {folder}); "
+            "use last, best or an epoch up to teacher.train.epochs"
+        )
+    return str(path.resolve())
 
 
 # --------------------------------------------------------------------------- trials
@@ -135,8 +151,9 @@ def make_objective(cfg: TuneRecipe, out: Path, teacher_path: str):
 
     def objective(trial: optuna.Trial):
         data, values = suggest(trial, cfg)
-        data["teacher"]["checkpoint"] = teacher_path
+        data["teacher"]["checkpoint"] = teacher_weights(out, teacher_path, data["teacher"].get("use", "last"))
         data["teacher"]["train"] = None
+        data["teacher"]["use"] = "last"  # resolved to its file above
         data["baselines"] = list(cfg.tune.baselines)
         folder = trial.user_attrs.get("resume_of", trial.number)
         trial_cfg = parse_recipe(data, source=f"trial {trial.number} ({_short(values)})")
