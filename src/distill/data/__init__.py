@@ -10,5 +10,8 @@ from distill.registry import DATASETS
 # Generated sets whose code needs optional extras (torchvision / librosa): imported on first use.
 DATASETS.add_lazy("shapes", "distill.data.shapes.shapes_data")
 DATASETS.add_lazy("speech_words", "distill.data.speech.speech_data")
+# Tokenized text sets (they need a tokenizer: transformers, the [nlp] extra), imported on use.
+for _name in ("text_classification", "text", "chat", "prompt_response"):
+    DATASETS.add_lazy(_name, f"distill.nlp.text_data.{_name}")
 
 __all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

@@ -25,6 +25,7 @@ from distill.models.build import build_model
 from distill.objective import Objective
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TrainerConfig
+from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
@@ -146,6 +147,17 @@ def measure(
                 model_cpu, example, b, repeats=cfg.report.latency_repeats, threads=cfg.report.latency_threads
             )
             row[f"latency_ms_b{b}"] = lat["p50"]
+    elif data.collate_fn is not None:  # token batches (text): latency and tokens/s or sentences/s
+        row.update(
+            text_speed(
+                model,
+                data,
+                adapter,
+                cfg.report.latency_batch_sizes,
+                cfg.report.latency_repeats,
+                cfg.report.latency_threads,
+            )  # fmt: skip
+        )
     return row
 
 
@@ -155,6 +167,7 @@ def run_recipe(
     """Trains and measures everything the recipe asks for; writes the run folder; returns the summary."""
     out = Path(out)
     t0 = time.perf_counter()
+    cfg = resolve_recipe(cfg)  # defaults an hf teacher implies (tokenizer, task, evaluator)
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
@@ -177,7 +190,7 @@ def run_recipe(
                 out,
                 adapter=teacher_adapter,
             )
-        else:
+        elif not getattr(teacher_model, "distill_pretrained", False):  # (an hf folder loads its own weights)
             raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(teacher_model, adapter=teacher_adapter, dtype=dtype, compile=cfg.teacher.compile)
@@ -223,6 +236,8 @@ def run_recipe(
             "rows": rows,
         }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if "student_kd" in students:  # Hugging Face students also as a model folder
+            export_student_hf(out, students["student_kd"], data, summary, cfg)
         write_report(out)
         return summary
 
@@ -282,8 +297,10 @@ def evaluate_checkpoint(
     which: str = "student",
     split: str = "test",
 ) -> dict[str, Any]:
-    """Scores a checkpoint of the recipe's student (or teacher) on a split; with a run folder,
-    also its agreement with the run's teacher."""
+    """Scores a checkpoint of the recipe's student (or teacher) on a split with the recipe's
+    evaluator; with a run folder, also its agreement with the run's teacher. A checkpoint that is
+    a folder (a run's `student_hf/`) is loaded as a Hugging Face model of the recipe's task."""
+    cfg = resolve_recipe(cfg)
     if checkpoint is None:
         if run_dir is None:
             raise ConfigError("give --checkpoint, or a run folder whose checkpoints to score")
@@ -292,8 +309,13 @@ def evaluate_checkpoint(
     data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     model_cfg = cfg.student if which == "student" else cfg.teacher
     teacher_model = build_model(cfg.teacher.spec(), data) if which == "student" else None
-    model = build_model(model_cfg.spec(), data, teacher=teacher_model)
-    load_weights(model, checkpoint)
+    if Path(checkpoint).is_dir():
+        task = model_cfg.init_args.get("task") if model_cfg.name == "hf" else None
+        spec = {"name": "hf", "init_args": {"path": checkpoint, "task": task or "sequence_classification"}}
+        model = build_model(spec, data)
+    else:
+        model = build_model(model_cfg.spec(), data, teacher=teacher_model)
+        load_weights(model, checkpoint)
     teacher = None
     teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
     if cfg.teacher.checkpoint:
@@ -302,6 +324,8 @@ def evaluate_checkpoint(
         teacher = Teacher(
             load_weights(teacher_model, teacher_ckpt), adapter=build_adapter(cfg.teacher.adapter)
         )
+    elif which == "student" and getattr(teacher_model, "distill_pretrained", False):
+        teacher = Teacher(teacher_model, adapter=build_adapter(cfg.teacher.adapter))
     ds = getattr(data, split)
     if ds is None:
         raise ConfigError(f"the dataset has no {split} split")
@@ -309,6 +333,12 @@ def evaluate_checkpoint(
     return {
         "checkpoint": checkpoint,
         "split": split,
-        **evaluate(model, loader, teacher=teacher),
+        **evaluate(
+            model,
+            loader,
+            build_evaluator(_spec(cfg.evaluator)),
+            build_adapter(model_cfg.adapter),
+            teacher=teacher,
+        ),
         "params": count_params(model),
     }
