@@ -237,6 +237,8 @@ def hf(
         model.train()
     else:
         model = _from_config(task, dict(config or {}), teacher, tokenizer, labels, kwargs, seed)
+    if task == "sentence_embedding" and max_length:
+        model.max_seq_length = max_length
     if tokenizer is not None and task != "sentence_embedding":
         from distill.nlp.vocab import check_model_vocab
 

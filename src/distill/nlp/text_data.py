@@ -42,7 +42,8 @@ SIMPLE_CHAT_TEMPLATE = (
 
 
 class TokenDataset(Dataset):
-    """Items `{"input_ids": [...], "labels": int | [...], "index": i}` (labels optional)."""
+    """Items `{"input_ids": [...], "labels": int | [...]}` (labels optional). No sample index:
+    wrap in `distill.data.IndexedDataset` where one is needed (the teacher store does)."""
 
     def __init__(self, rows: list[dict[str, Any]]):
         self.rows = rows
@@ -51,7 +52,7 @@ class TokenDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.rows[i], "index": i}
+        return self.rows[i]
 
 
 class PadCollator:
@@ -81,7 +82,8 @@ class PadCollator:
                 out["labels"] = lab
             else:
                 out["labels"] = torch.as_tensor([it["labels"] for it in items], dtype=torch.long)
-        out["index"] = torch.as_tensor([it.get("index", -1) for it in items], dtype=torch.long)
+        if "index" in items[0]:
+            out["index"] = torch.as_tensor([it["index"] for it in items], dtype=torch.long)
         return out
 
 
@@ -350,8 +352,8 @@ def text(
         ]
         if pack:
             flat = [t for row in ids for t in row]
-            blocks = [flat[j : j + block_size] for j in range(0, len(flat), block_size)]
-            blocks = [b for b in blocks if len(b) > 1]
+            # whole blocks only: every item has the same length (the teacher store keeps (rows, T, k))
+            blocks = [flat[j : j + block_size] for j in range(0, len(flat) - block_size + 1, block_size)]
             return [{"input_ids": b, "labels": list(b)} if labels else {"input_ids": b} for b in blocks]
         out = []
         for row in ids:
@@ -425,7 +427,27 @@ def chat(
     """Conversations (`{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}` per
     line) for causal LMs; the loss sees assistant turns only. A tokenizer without a chat template
     gets `chat_template` (default: a plain `<|role|>` template, saved with the student)."""
-    rows_raw = _read_jsonl(Path(path))
+    return chat_conversations(
+        _read_jsonl(Path(path)), str(path), tokenizer, max_length, chat_template,
+        val_fraction, test_fraction, max_train, max_val, max_test, seed,
+    )  # fmt: skip
+
+
+def chat_conversations(
+    rows_raw,
+    source,
+    tokenizer,
+    max_length,
+    chat_template,
+    val_fraction,
+    test_fraction,
+    max_train,
+    max_val,
+    max_test,
+    seed,
+) -> DataBundle:
+    """`chat` on `(line number, row)` pairs already read."""
+    path = source
     convs = []
     for n, r in rows_raw:
         msgs = r.get("messages") if isinstance(r, dict) else None
@@ -451,6 +473,31 @@ def chat(
         rows[i] = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
     _report_truncated(f"chat {path}", truncated, sum(map(len, parts)), max_length)
     return _bundle(rows, parts, tok, meta={"source": str(path), "truncated": truncated})
+
+
+def fortune_chat(
+    tokenizer: Any = None,
+    directory: str = "/usr/share/games/fortunes",
+    max_length: int = 128,
+    chat_template: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> DataBundle:
+    """`chat` data built offline from Debian's fortunes (apt-get install -y fortunes): the
+    Q/A riddles and the definitions ("Term:" then its meaning) as user/assistant exchanges
+    (`distill.data.text.fortune_dialogues`)."""
+    from distill.data.text import fortune_dialogues
+
+    convs = fortune_dialogues(directory)
+    rows = [(i + 1, {"messages": m}) for i, m in enumerate(convs)]
+    return chat_conversations(
+        rows, f"fortune_chat {directory}", tokenizer, max_length, chat_template,
+        val_fraction, test_fraction, max_train, max_val, max_test, seed,
+    )  # fmt: skip
 
 
 def prompt_response(
