@@ -103,8 +103,9 @@ def test_fortune_chat_showcase(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template  # the template the data was rendered with travels with the student
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is a bug?"}], add_generation_prompt=True
+        [{"role": "user", "content": "What is a bug?"}], add_generation_prompt=True, tokenize=False
     )
+    assert prompt.endswith("<|assistant|>\n")
     AutoModelForCausalLM.from_pretrained(folder).generate(
         __import__("torch").tensor([tok(prompt)["input_ids"]]), max_new_tokens=3, do_sample=False
     )
@@ -151,3 +152,28 @@ def test_lm_fortunes_offline_teacher_showcase(tmp_path, capsys):
         [*common, f"teacher.cache={store}", f"teacher.checkpoint={ckpt}", "baselines=[]"],
     )
     assert cached["student_kd"]["perplexity"] > 1
+
+
+@pytest.mark.slow
+def test_detect_shapes_runs_through_distill_run(tmp_path):
+    """The detection benchmark is a plain recipe now: teacher, scratch and distilled students."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("pycocotools")
+    rows = _run(
+        "detect_shapes.yaml",
+        tmp_path / "run",
+        [
+            f"data.init_args.root={tmp_path / 'shapes'}",
+            "data.init_args.train_images=8",
+            "data.init_args.val_images=4",
+            "data.init_args.test_images=4",
+            "data.init_args.image_size=32",
+            "teacher.init_args.image_size=32",
+            "student.init_args.image_size=32",
+            "teacher.train.epochs=1",
+            "teacher.train.progress=off",
+            "trainer.epochs=1",
+        ],
+    )
+    assert set(rows) == {"teacher", "student_scratch", "student_kd"}
+    assert all("map" in r and "latency_ms_b1" in r for r in rows.values())
