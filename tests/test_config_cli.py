@@ -33,8 +33,8 @@ def test_every_top_level_recipe_parses_and_builds(path):
     try:
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args)
         teacher = build_model(cfg.teacher.spec(), data)
-    except DistillError as e:  # recipes on Debian / pip data that is not installed here
-        if "apt-get install" in str(e) or "pip install" in str(e):
+    except DistillError as e:  # recipes on Debian / pip data not installed here, or on another run's output
+        if "apt-get install" in str(e) or "pip install" in str(e) or "folder runs/" in str(e):
             pytest.skip(str(e))
         raise
     build_model(cfg.student.spec(), data, teacher=teacher)

@@ -106,6 +106,23 @@ def test_fortune_chat_showcase(tmp_path):
         [{"role": "user", "content": "What is a bug?"}], add_generation_prompt=True, tokenize=False
     )
     assert prompt.endswith("<|assistant|>\n")
+    # sequence-level KD from the teacher this run wrote (teacher_hf/)
+    teacher = tmp_path / "run" / "teacher_hf"
+    assert AutoTokenizer.from_pretrained(teacher).chat_template == tok.chat_template
+    seq = _run(
+        "fortune_chat_seqkd.yaml",
+        tmp_path / "seqkd",
+        [
+            f"data.init_args.teacher={teacher}",
+            f"teacher.init_args.path={teacher}",
+            "data.init_args.max_new_tokens=8",
+            "data.init_args.dataset.init_args.max_train=64",
+            "data.init_args.dataset.init_args.max_val=16",
+            "data.init_args.dataset.init_args.max_test=16",
+            "trainer.max_steps=3",
+        ],
+    )
+    assert seq["student_kd"]["perplexity"] > 1 and "agreement" in seq["student_kd"]
     AutoModelForCausalLM.from_pretrained(folder).generate(
         __import__("torch").tensor([tok(prompt)["input_ids"]]), max_new_tokens=3, do_sample=False
     )

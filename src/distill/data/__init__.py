@@ -11,7 +11,7 @@ from distill.registry import DATASETS
 DATASETS.add_lazy("shapes", "distill.data.shapes.shapes_data")
 DATASETS.add_lazy("speech_words", "distill.data.speech.speech_data")
 # Tokenized text sets (they need a tokenizer: transformers, the [nlp] extra), imported on use.
-for _name in ("text_classification", "text", "chat", "prompt_response", "fortune_chat"):
+for _name in ("text_classification", "text", "chat", "prompt_response", "fortune_chat", "sequence_kd"):
     DATASETS.add_lazy(_name, f"distill.nlp.text_data.{_name}")
 
 __all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

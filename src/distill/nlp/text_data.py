@@ -533,3 +533,58 @@ def prompt_response(
         rows[i] = {"input_ids": (p + r)[:max_length], "labels": ([-100] * len(p) + r)[:max_length]}
     _report_truncated(f"prompt_response {path}", truncated, sum(map(len, parts)), max_length)
     return _bundle(rows, parts, tok, meta={"source": str(path), "truncated": truncated})
+
+
+def sequence_kd(
+    dataset: dict[str, Any],
+    teacher: str,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> DataBundle:
+    """Sequence-level KD data (Kim & Rush 2016): the training prompts of another text dataset,
+    answered by a causal-LM teacher (a model folder, e.g. a run's `teacher_hf/`), made once when
+    the data is built. Labels cover the generated tokens only; validation and test keep the
+    dataset's own references, so held-out scores stay comparable with the other students.
+
+    Args:
+        dataset: the inner dataset (`{name, init_args}`; chat, prompt_response or fortune_chat),
+            whose labelled tokens mark where each prompt ends.
+        teacher: the generating model; its tokenizer must be the dataset's.
+        max_new_tokens / do_sample: generation settings (greedy by default).
+    """
+    from distill.data.bundle import build_data
+    from distill.nlp.generation import generate_batch
+    from distill.nlp.hf_models import hf
+
+    spec = dict(dataset)
+    args = dict(spec.get("init_args") or {})
+    args.setdefault("tokenizer", teacher)
+    inner = build_data(spec.get("name"), spec.get("class_path"), args, seed=seed)
+    model = hf(path=teacher, task="causal_lm", tokenizer=inner.tokenizer)
+    tok = inner.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = []
+    for row in inner.train.rows:
+        first = next((i for i, lab in enumerate(row["labels"]) if lab != -100), None)
+        if first is None or first == 0:
+            raise DistillError(
+                "sequence_kd: every training item needs a prompt (unlabelled tokens) before its response"
+            )
+        prompts.append(row["input_ids"][:first])
+    rows = []
+    torch.manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        batch = PadCollator(pad)([{"input_ids": p} for p in chunk])
+        out = generate_batch(
+            model, batch, pad, tok.eos_token_id, max_new_tokens=max_new_tokens, do_sample=do_sample
+        )
+        for ids, labels, m in zip(out["input_ids"], out["labels"], out["attention_mask"], strict=True):
+            n = int(m.sum())
+            rows.append({"input_ids": ids[:n].tolist(), "labels": labels[:n].tolist()})
+    meta = {**inner.meta, "sequence_kd_teacher": str(teacher), "generated": len(rows)}
+    import dataclasses
+
+    return dataclasses.replace(inner, train=TokenDataset(rows), meta=meta)

@@ -111,11 +111,11 @@ def text_speed(
     return row
 
 
-def model_card(summary: dict[str, Any], cfg, library: str) -> str:
+def model_card(summary: dict[str, Any], cfg, library: str, row: str = "student_kd") -> str:
     from distill.run.report import table
 
     rows = summary.get("rows", [])
-    kd = next((r for r in rows if r.get("name") == "student_kd"), {})
+    kd = next((r for r in rows if r.get("name") == row), {})
     front = {
         "library_name": library,
         "tags": ["distill", "knowledge-distillation"],
@@ -123,7 +123,7 @@ def model_card(summary: dict[str, Any], cfg, library: str) -> str:
     }
     lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in front.items() if v] + ["---", ""]
     lines += [
-        f"# {cfg.name}: distilled student",
+        f"# {cfg.name}: {'distilled student' if row == 'student_kd' else row}",
         "",
         f"Distilled with `distill run` (recipe `{cfg.name}`, seed {cfg.seed}) from the teacher "
         f"`{cfg.teacher.init_args.get('path', 'trained in the run')}`; objective terms: "
@@ -153,15 +153,16 @@ def model_card(summary: dict[str, Any], cfg, library: str) -> str:
 
 
 def export_student_hf(
-    out: Path, model: nn.Module, data: DataBundle, summary: dict[str, Any], cfg
+    out: Path, model: nn.Module, data: DataBundle, summary: dict[str, Any], cfg, name: str = "student_hf"
 ) -> Path | None:
-    """Writes `out/student_hf/`: the student as `save_pretrained` (or SentenceTransformer.save)
-    writes it, the tokenizer, and a model card with the run's summary. Written beside and renamed
-    into place, so the folder is whole or absent."""
+    """Writes `out/student_hf/` (or `name`): the model as `save_pretrained` (or
+    SentenceTransformer.save) writes it, the tokenizer, and a model card with the run's summary.
+    Written beside and renamed into place, so the folder is whole or absent. A teacher trained in
+    the run is written the same way as `teacher_hf/` (what `sequence_kd` data generates with)."""
     if not is_hf(model):
         return None
-    final = Path(out) / "student_hf"
-    tmp = final.with_name(".student_hf.tmp")
+    final = Path(out) / name
+    tmp = final.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     m = copy.deepcopy(model).to("cpu")
     if getattr(model, "distill_task", None) == "sentence_embedding":
@@ -172,7 +173,8 @@ def export_student_hf(
         if data.tokenizer is not None:
             data.tokenizer.save_pretrained(str(tmp))
         library = "transformers"
-    atomic_write_text(tmp / "README.md", model_card(summary, cfg, library))
+    row = "teacher" if "teacher" in name else "student_kd"
+    atomic_write_text(tmp / "README.md", model_card(summary, cfg, library, row))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

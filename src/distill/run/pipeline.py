@@ -238,6 +238,8 @@ def run_recipe(
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if "student_kd" in students:  # Hugging Face students also as a model folder
             export_student_hf(out, students["student_kd"], data, summary, cfg)
+        if cfg.teacher.train is not None and not cfg.teacher.checkpoint:  # a teacher trained here, too
+            export_student_hf(out, teacher_model, data, summary, cfg, name="teacher_hf")
         write_report(out)
         return summary
 
