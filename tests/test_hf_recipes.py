@@ -330,6 +330,7 @@ def test_classification_run_writes_a_loadable_student_folder_and_eval_scores_it(
     summary = run_recipe(cfg, out)
     rows = {r["name"]: r for r in summary["rows"]}
     assert {"accuracy", "macro_f1", "sentences_per_s_b1", "sentences_per_s_b4"} <= set(rows["student_kd"])
+    assert summary["texts_truncated"] == 0
     folder = out / "student_hf"
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -156,7 +156,7 @@ def measure(
                 cfg.report.latency_batch_sizes,
                 cfg.report.latency_repeats,
                 cfg.report.latency_threads,
-            )  # fmt: skip
+            )
         )
     return row
 
@@ -235,6 +235,8 @@ def run_recipe(
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "rows": rows,
         }
+        if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
+            summary["texts_truncated"] = data.meta["truncated"]
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if "student_kd" in students:  # Hugging Face students also as a model folder
             export_student_hf(out, students["student_kd"], data, summary, cfg)
