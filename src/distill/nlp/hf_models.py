@@ -294,8 +294,11 @@ def _from_config(task, overrides, teacher, tokenizer, labels, kwargs, seed):
     if tokenizer is not None and "vocab_size" not in overrides:
         cfg.vocab_size = len(tokenizer)
         for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            if getattr(tokenizer, attr, None) is not None:
-                setattr(cfg, attr, getattr(tokenizer, attr))
+            value = getattr(tokenizer, attr, None)
+            if value is None and attr == "bos_token_id":
+                value = tokenizer.eos_token_id  # GPT-2 style: one token begins and ends texts
+            if value is not None:
+                setattr(cfg, attr, value)
     for k, v in labels.items():
         setattr(cfg, k, v)
     if task == "sentence_embedding":

@@ -573,14 +573,21 @@ def sequence_kd(
                 "sequence_kd: every training item needs a prompt (unlabelled tokens) before its response"
             )
         prompts.append(row["input_ids"][:first])
+    cfg = model.config
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     rows = []
     torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         batch = PadCollator(pad)([{"input_ids": p} for p in chunk])
-        out = generate_batch(
-            model, batch, pad, tok.eos_token_id, max_new_tokens=max_new_tokens, do_sample=do_sample
-        )
+        new = max_new_tokens
+        if positions:  # the model cannot see past its last position: prompt + answer must fit
+            new = min(new, positions - max(map(len, chunk)))
+        if new < 1:
+            raise DistillError(
+                f"sequence_kd: a prompt fills the teacher's {positions} positions; lower max_length"
+            )
+        out = generate_batch(model, batch, pad, tok.eos_token_id, max_new_tokens=new, do_sample=do_sample)
         for ids, labels, m in zip(out["input_ids"], out["labels"], out["attention_mask"], strict=True):
             n = int(m.sum())
             rows.append({"input_ids": ids[:n].tolist(), "labels": labels[:n].tolist()})
