@@ -26,11 +26,18 @@ def test_every_top_level_recipe_parses_and_builds(path):
     raw = load_yaml(path)
     if set(raw) - set(RecipeConfig.model_fields):
         pytest.skip("recipe for another command (compress, tune, federated, ...) is tested with it")
-    cfg = load_recipe(path)
-    data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
-    for teacher in cfg.teachers or [cfg.teacher]:
-        build_model(teacher.spec(), data)
-    build_model(cfg.student.spec(), data)
+    from distill.errors import DistillError
+    from distill.run.hf import resolve_recipe
+
+    cfg = resolve_recipe(load_recipe(path))  # what an hf teacher implies (tokenizer, task)
+    try:
+        data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
+        teachers = [build_model(t.spec(), data) for t in cfg.teachers or [cfg.teacher]]
+    except DistillError as e:  # recipes on pip data not installed here, or on another run's output
+        if "pip install" in str(e) or "folder runs/" in str(e):
+            pytest.skip(str(e))
+        raise
+    build_model(cfg.student.spec(), data, teacher=teachers[0])
     build_objective(cfg)
 
 

@@ -60,8 +60,22 @@ def read_outputs(out: Any) -> Outputs:
     )
 
 
+def own_adapter(model: nn.Module) -> Adapter | None:
+    """The adapter a model carries as its `distill_adapter` attribute (set by builders that know
+    how their model is called, such as the `hf` builder), looking through DDP / compile wrappers."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        own = getattr(m, "distill_adapter", None) if m is not None else None
+        if own is not None:
+            return own
+    return None
+
+
 def auto_adapter(model: nn.Module, batch: Batch) -> Outputs:
-    """The default adapter: `model(inputs)` or `model(**inputs)`, output read by `read_outputs`."""
+    """The default adapter: the model's own (`distill_adapter`) when it has one, else
+    `model(inputs)` or `model(**inputs)`, output read by `read_outputs`."""
+    own = own_adapter(model)
+    if own is not None:
+        return own(model, batch)
     return read_outputs(call_model(model, batch.inputs))
 
 

@@ -208,6 +208,10 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "chec
     """Loads weights strictly; on any mismatch names the differing keys and shapes."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
+    tied = _tied_to_present(own, missing, state)
+    if tied:  # a tied weight (lm_head.weight = the embedding) is saved once: fill it from its twin
+        state = {**state, **{k: state[src] for k, src in tied.items()}}
+        missing = [k for k in missing if k not in tied]
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -227,6 +231,23 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "chec
             "is it a checkpoint of another architecture?"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _tied_to_present(
+    own: Mapping[str, Tensor], missing: list[str], state: Mapping[str, Tensor]
+) -> dict[str, str]:
+    """Missing keys whose tensor shares storage with a key that is present (tied weights)."""
+    by_ptr: dict[tuple[int, tuple[int, ...]], str] = {}
+    for k, v in own.items():
+        if k in state and v.numel():
+            by_ptr.setdefault((v.data_ptr(), tuple(v.shape)), k)
+    out = {}
+    for k in missing:
+        v = own[k]
+        src = by_ptr.get((v.data_ptr(), tuple(v.shape))) if v.numel() else None
+        if src is not None:
+            out[k] = src
+    return out
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:

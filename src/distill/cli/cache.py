@@ -63,6 +63,16 @@ def _topk(value: str) -> int | str | None:
     return k
 
 
+def _tokens_per_sample(dataset) -> int | None:
+    """Tokens in one sample of token data (packed blocks have one length), else None."""
+    try:
+        item = dataset[0]
+    except Exception:  # noqa: BLE001 - any dataset that cannot say: not token data
+        return None
+    ids = item.get("input_ids") if isinstance(item, dict) else None
+    return len(ids) if ids is not None and hasattr(ids, "__len__") else None
+
+
 def main(args) -> int:
     import torch
 
@@ -72,11 +82,13 @@ def main(args) -> int:
     from distill.engine.trainer import resolve_device, seed_everything
     from distill.models.build import build_model
     from distill.run.config import apply_overrides, load_yaml, parse_recipe
+    from distill.run.hf import resolve_recipe
     from distill.teachers import Teacher
     from distill.teachers.store import write_store
 
     try:
         cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)
+        cfg = resolve_recipe(cfg)  # what an hf teacher implies (the data's tokenizer, ...)
         checkpoint = args.teacher_checkpoint or cfg.teacher.checkpoint
         if not checkpoint:
             raise DistillError(
@@ -92,7 +104,7 @@ def main(args) -> int:
         teacher = Teacher(model, dtype=dtype, compile=cfg.teacher.compile)
         train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train
         out = Path(args.out) if args.out else Path("caches") / f"{cfg.name}-teacher"
-        write_store(
+        info = write_store(
             teacher,
             train,
             out,
@@ -108,6 +120,9 @@ def main(args) -> int:
             collate_fn=data.collate_fn,
             overwrite=args.overwrite,
         )
+        tokens = _tokens_per_sample(train)
+        if tokens and info is not None:  # language models: the store's cost per token
+            print(f"{info.bytes_per_sample / tokens:.1f} bytes per token ({tokens} tokens per sample)")
         print(f"train from it with: teacher.cache={out}")
         return 0
     except DistillError as e:

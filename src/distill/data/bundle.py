@@ -24,7 +24,9 @@ class DataBundle:
         train / val / test: map-style datasets (val and test may be None).
         num_classes: for classification; passed to models as `num_classes` when they take it.
         input_shape: one sample's input shape, e.g. (1, 8, 8).
-        collate_fn: for batches that torch's default collate cannot build (detection).
+        collate_fn: for batches that torch's default collate cannot build (detection, text).
+        tokenizer: for text data, the tokenizer that made the token ids (models built for this
+            data receive it, and Hugging Face students are saved with it).
         meta: anything else worth recording (sizes, source).
     """
 
@@ -34,6 +36,7 @@ class DataBundle:
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
     collate_fn: Callable | None = None
+    tokenizer: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> DataBundle:

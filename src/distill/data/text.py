@@ -171,6 +171,45 @@ def fortunes(
     return out
 
 
+def fortune_dialogues(directory: str | os.PathLike = FORTUNES_DIR, max_chars: int = 300) -> list[list[dict]]:
+    """Question/answer exchanges from the fortunes package, as chat messages.
+
+    `riddles` passages with `Q:` and `A:` lines become "Q" (user) -> "A" (assistant); `definitions`
+    passages that start with "Term:" become "What is Term?" (user) -> the definition (assistant).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DistillError(
+            f"{directory} does not exist: install Debian's fortunes package (apt-get install -y fortunes)"
+        )
+    out = []
+    for name in ("riddles", "definitions"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        for passage in _split_plain(path.read_text(encoding="utf-8", errors="replace")):
+            q = a = None
+            lines = [ln.strip() for ln in passage.strip().splitlines() if ln.strip()]
+            qs = [ln[2:].strip() for ln in lines if ln.startswith("Q:")]
+            ans = [ln[2:].strip() for ln in lines if ln.startswith("A:")]
+            if qs and ans:
+                q, a = qs[0], ans[0]
+            elif name == "definitions" and lines and lines[0].endswith(":") and len(lines) > 1:
+                term = lines[0][:-1].strip()
+                q = f"What is {term}?"
+                a = " ".join(ln for ln in lines[1:] if not ln.startswith("--"))
+            if q and a and len(q) + len(a) <= max_chars:
+                out.append(
+                    [
+                        {"role": "user", "content": " ".join(q.split())},
+                        {"role": "assistant", "content": " ".join(a.split())},
+                    ]
+                )
+    if not out:
+        raise DistillError(f"no question/answer passages in {directory}/riddles or definitions")
+    return out
+
+
 def split_texts(
     texts: Sequence[str], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[str], list[str]]:

@@ -26,7 +26,8 @@ class Evaluator(Protocol):
 
 @EVALUATORS.register("classification")
 class ClassificationEvaluator:
-    """Top-1 accuracy, mean negative log-likelihood, and top-1 agreement with the teacher.
+    """Top-1 accuracy, mean negative log-likelihood, macro-F1 (for (B, C) logits: the unweighted
+    mean over classes present in targets or predictions), and top-1 agreement with the teacher.
 
     Works for (B, C) logits; (B, T, V) logits are scored per token, skipping targets of -100.
     """
@@ -37,6 +38,7 @@ class ClassificationEvaluator:
     def reset(self) -> None:
         self.correct = self.total = self.agree = self.n_teacher = 0
         self.nll = 0.0
+        self.confusion: torch.Tensor | None = None  # (C, C) target x prediction, (B, C) logits only
 
     def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         logits = student.require_logits("student").float()
@@ -48,6 +50,12 @@ class ClassificationEvaluator:
             self.correct += int((pred[keep] == y[keep]).sum())
             self.total += int(keep.sum())
             self.nll += float(F.cross_entropy(logits[keep], y[keep], reduction="sum"))
+            if student.logits.dim() == 2:
+                c = logits.shape[-1]
+                if self.confusion is None:
+                    self.confusion = torch.zeros(c, c, dtype=torch.long)
+                flat = (y[keep] * c + pred[keep]).cpu()
+                self.confusion += torch.bincount(flat, minlength=c * c).reshape(c, c)
         if teacher is not None and teacher.logits is not None:
             t_pred = teacher.logits.reshape(-1, teacher.logits.shape[-1]).argmax(-1)
             self.agree += int((pred == t_pred).sum())
@@ -58,9 +66,21 @@ class ClassificationEvaluator:
         if self.total:
             out["accuracy"] = self.correct / self.total
             out["nll"] = self.nll / self.total
+        if self.confusion is not None:
+            out["macro_f1"] = macro_f1(self.confusion)
         if self.n_teacher:
             out["agreement"] = self.agree / self.n_teacher
         return out
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Macro-F1 from a (C, C) confusion matrix (rows: targets, columns: predictions), over the
+    classes that occur as a target or a prediction."""
+    tp = confusion.diag().double()
+    support, predicted = confusion.sum(1).double(), confusion.sum(0).double()
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp_min(1)
+    return float(f1[present].mean()) if bool(present.any()) else 0.0
 
 
 @EVALUATORS.register("perplexity")
@@ -112,15 +132,21 @@ class PerplexityEvaluator:
 @EVALUATORS.register("embedding")
 class EmbeddingEvaluator:
     """Mean cosine similarity between student and teacher sentence embeddings
-    (`extras["embeddings"]`, or the logits when a model returns its embedding as its output)."""
+    (`extras["embeddings"]`, or the logits when a model returns its embedding as its output), and
+    nearest-neighbour retrieval agreement: each text queries the other texts of the split by
+    cosine; `retrieval_top1` is how often the student's nearest neighbour is the teacher's,
+    `retrieval_top10` the mean overlap of the two top-10 sets (up to `max_retrieval` texts)."""
 
-    def __init__(self, key: str = "embeddings"):
+    def __init__(self, key: str = "embeddings", max_retrieval: int = 2000):
         self.key = key
+        self.max_retrieval = max_retrieval
         self.reset()
 
     def reset(self) -> None:
         self.cos = 0.0
         self.n = 0
+        self.s_emb: list[torch.Tensor] = []
+        self.t_emb: list[torch.Tensor] = []
 
     def _emb(self, out: Outputs):
         e = out.extras.get(self.key)
@@ -131,10 +157,27 @@ class EmbeddingEvaluator:
             return
         s, t = self._emb(student).float(), self._emb(teacher).float()
         self.cos += float(F.cosine_similarity(s, t, dim=-1).sum())
+        if self.n < self.max_retrieval:
+            self.s_emb.append(F.normalize(s, dim=-1).cpu())
+            self.t_emb.append(F.normalize(t, dim=-1).cpu())
         self.n += s.shape[0]
 
     def compute(self) -> dict[str, float]:
-        return {"cosine": self.cos / self.n} if self.n else {}
+        if not self.n:
+            return {}
+        out = {"cosine": self.cos / self.n}
+        if self.s_emb:
+            s = torch.cat(self.s_emb)[: self.max_retrieval]
+            t = torch.cat(self.t_emb)[: self.max_retrieval]
+            if len(s) > 1:
+                k = min(10, len(s) - 1)
+                eye = torch.eye(len(s), dtype=torch.bool)
+                s_nn = (s @ s.T).masked_fill(eye, -2.0).topk(k, dim=-1).indices  # (N, k)
+                t_nn = (t @ t.T).masked_fill(eye, -2.0).topk(k, dim=-1).indices
+                out["retrieval_top1"] = float((s_nn[:, 0] == t_nn[:, 0]).float().mean())
+                overlap = (s_nn.unsqueeze(-1) == t_nn.unsqueeze(-2)).any(-1).float().sum(-1) / k
+                out[f"retrieval_top{k}"] = float(overlap.mean())
+        return out
 
 
 def build_evaluator(spec: dict | None):

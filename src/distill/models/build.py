@@ -17,7 +17,8 @@ def build_model(
     spec: dict[str, Any], data: DataBundle | None = None, teacher: nn.Module | None = None
 ) -> nn.Module:
     """`spec` is `{name | class_path, init_args}`. When the builder takes `num_classes`,
-    `in_features` or `in_channels` and the recipe does not set them, they come from the data; a
+    `in_features`, `in_channels`, `tokenizer` or `label_names` and the recipe does not set them,
+    they come from the data; a
     builder taking `teacher` (a student made from the teacher's layers) gets the teacher model."""
     target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
     args = dict(spec.get("init_args") or {})
@@ -29,6 +30,10 @@ def build_model(
         fill = {}
         if data.num_classes is not None:
             fill["num_classes"] = data.num_classes
+        if data.tokenizer is not None:
+            fill["tokenizer"] = data.tokenizer
+        if data.meta.get("label_names"):
+            fill["label_names"] = list(data.meta["label_names"])
         if data.input_shape:
             fill["in_features"] = math.prod(data.input_shape)
             fill["in_channels"] = data.input_shape[0]

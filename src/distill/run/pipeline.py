@@ -29,6 +29,7 @@ from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
+from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
@@ -155,6 +156,17 @@ def measure(
                 model_cpu, example, b, repeats=cfg.report.latency_repeats, threads=cfg.report.latency_threads
             )
             row[f"latency_ms_b{b}"] = lat["p50"]
+    elif data.collate_fn is not None:  # token batches (text): latency and tokens/s or sentences/s
+        row.update(
+            text_speed(
+                model,
+                data,
+                adapter,
+                cfg.report.latency_batch_sizes,
+                cfg.report.latency_repeats,
+                cfg.report.latency_threads,
+            )
+        )
     return row
 
 
@@ -193,7 +205,7 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
                 )
             load_weights(model, path)
             info["use"] = tc.use if isinstance(tc.use, int) else name
-    else:
+    elif not getattr(model, "distill_pretrained", False):  # (an hf folder loads its own weights)
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
     if tc.calibrate:
         from distill.teachers.calibration import TemperatureScaled, collect_logits, fit_temperature
@@ -347,11 +359,11 @@ def run_recipe(
     """Trains and measures everything the recipe asks for; writes the run folder; returns the summary."""
     out = Path(out)
     t0 = time.perf_counter()
+    cfg = resolve_recipe(cfg)  # defaults an hf teacher implies (tokenizer, task, evaluator)
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
-        # every component and one batch, before any training (several teachers: checked with the first)
-        preflight_recipe(cfg.model_copy(update={"teacher": cfg.teachers[0]}) if cfg.teachers else cfg, data)
+        preflight_recipe(cfg, data)  # every component and one batch, before any training
         student_adapter = build_adapter(cfg.student.adapter)
         teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
 
@@ -412,7 +424,13 @@ def run_recipe(
             "rows": rows,
         }
         note_teacher_warnings(summary, data.num_classes)
+        if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
+            summary["texts_truncated"] = data.meta["truncated"]
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if "student_kd" in students:  # Hugging Face students also as a model folder
+            export_student_hf(out, students["student_kd"], data, summary, cfg)
+        if cfg.teacher.train is not None and not cfg.teacher.checkpoint:  # a teacher trained here, too
+            export_student_hf(out, teacher_model, data, summary, cfg, name="teacher_hf")
         write_report(out)
         return summary
 
@@ -520,8 +538,10 @@ def evaluate_checkpoint(
     which: str = "student",
     split: str = "test",
 ) -> dict[str, Any]:
-    """Scores a checkpoint of the recipe's student (or teacher) on a split; with a run folder,
-    also its agreement with the run's teacher."""
+    """Scores a checkpoint of the recipe's student (or teacher) on a split with the recipe's
+    evaluator; with a run folder, also its agreement with the run's teacher. A checkpoint that is
+    a folder (a run's `student_hf/`) is loaded as a Hugging Face model of the recipe's task."""
+    cfg = resolve_recipe(cfg)
     if checkpoint is None:
         if run_dir is None:
             raise ConfigError("give --checkpoint, or a run folder whose checkpoints to score")
@@ -535,8 +555,13 @@ def evaluate_checkpoint(
     data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     model_cfg = cfg.student if which == "student" else cfg.teacher
     teacher_model = build_model(cfg.teacher.spec(), data) if which == "student" else None
-    model = build_model(model_cfg.spec(), data, teacher=teacher_model)
-    load_weights(model, checkpoint)
+    if Path(checkpoint).is_dir():
+        task = model_cfg.init_args.get("task") if model_cfg.name == "hf" else None
+        spec = {"name": "hf", "init_args": {"path": checkpoint, "task": task or "sequence_classification"}}
+        model = build_model(spec, data)
+    else:
+        model = build_model(model_cfg.spec(), data, teacher=teacher_model)
+        load_weights(model, checkpoint)
     adapter = build_adapter(model_cfg.adapter)
     teacher = None
     teacher_ckpt = run_dir / "checkpoints" / "teacher" / "final.safetensors" if run_dir else None
@@ -546,6 +571,8 @@ def evaluate_checkpoint(
         teacher = Teacher(
             load_weights(teacher_model, teacher_ckpt), adapter=build_adapter(cfg.teacher.adapter)
         )
+    elif which == "student" and getattr(teacher_model, "distill_pretrained", False):
+        teacher = Teacher(teacher_model, adapter=build_adapter(cfg.teacher.adapter))
     ds = getattr(data, split)
     if ds is None:
         raise ConfigError(f"the dataset has no {split} split")
@@ -581,8 +608,9 @@ def preflight_recipe(
         run_stage,
     )
 
-    if not cfg.teacher.checkpoint and cfg.teacher.train is None:
-        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    cfg = resolve_recipe(cfg)  # what an hf teacher implies (tokenizer, task, evaluator)
+    if cfg.teachers:  # several teachers: each is built like the first, which is checked here
+        cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     if data is None:
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     device = resolve_device(cfg.trainer.device)
@@ -599,15 +627,20 @@ def preflight_recipe(
             load_weights(teacher_model, cfg.teacher.checkpoint)
     elif not cfg.teacher.checkpoint:
         teacher_model = copy.deepcopy(teacher_model)
+    pretrained = getattr(teacher_model, "distill_pretrained", False)  # an hf folder with its own weights
+    if not cfg.teacher.checkpoint and cfg.teacher.train is None and not pretrained:
+        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
     teacher_model.to(device)
     report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
     report["teacher"]["source"] = (
         f"checkpoint {cfg.teacher.checkpoint}"
         if cfg.teacher.checkpoint
         else f"trained first ({cfg.teacher.train.epochs} epochs)"
+        if cfg.teacher.train is not None
+        else "its own pretrained weights"
     )
     stages: dict[str, Any] = {}
-    if not cfg.teacher.checkpoint:
+    if not cfg.teacher.checkpoint and cfg.teacher.train is not None:
         stages["teacher"] = run_stage(
             "teacher",
             teacher_model,
