@@ -46,7 +46,8 @@ def test_check_every_recipe(path, capsys, tmp_path, monkeypatch):
     out = _check(path, capsys)
     if "benchmark:" not in path.read_text():
         assert "ok: every component built" in out and "preflight" in out and "parameters" in out
-    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    # nothing trained, nothing written (a recipe's own data builder may generate its data under data/)
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "data"]
 
 
 @pytest.mark.slow
