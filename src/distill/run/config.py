@@ -217,14 +217,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def require_sections(
-    data: dict[str, Any], source: str, sections: tuple[str, ...] = ("teacher", "student")
+    data: dict[str, Any], source: str, sections: tuple[str, ...] = ("teacher|teachers", "student")
 ) -> None:
     """A recipe file must name the models it distils: a near-empty one (only `name:`, say) would
-    otherwise run the demo's digits defaults without a word."""
-    missing = [k for k in sections if k not in data]
+    otherwise run the demo's digits defaults without a word. `a|b` accepts either key."""
+    missing = [k.split("|") for k in sections if not any(a in data for a in k.split("|"))]
     if missing:
+        said = " or ".join(
+            f"{a[0]}:" + (f" (or {', '.join(x + ':' for x in a[1:])})" if a[1:] else "") for a in missing
+        )
         raise ConfigError(
-            f"{source} does not say {' or '.join(f'{k}:' for k in missing)} (missing: {', '.join(missing)}); "
+            f"{source} does not say {said} (missing: {', '.join(a[0] for a in missing)}); "
             "a recipe names its teacher: and student: (see recipes/digits.yaml)"
         )
 
