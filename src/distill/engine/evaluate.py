@@ -39,6 +39,7 @@ class ClassificationEvaluator:
         self.correct = self.total = self.agree = self.n_teacher = 0
         self.nll = 0.0
         self.confusion: torch.Tensor | None = None  # (C, C) target x prediction, (B, C) logits only
+        self.mixed_heads = False  # batches of heads with other class counts (multi-task): no one macro-F1
 
     def update(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         logits = student.require_logits("student").float()
@@ -54,8 +55,10 @@ class ClassificationEvaluator:
                 c = logits.shape[-1]
                 if self.confusion is None:
                     self.confusion = torch.zeros(c, c, dtype=torch.long)
-                flat = (y[keep] * c + pred[keep]).cpu()
-                self.confusion += torch.bincount(flat, minlength=c * c).reshape(c, c)
+                self.mixed_heads |= self.confusion.shape[0] != c
+                if not self.mixed_heads:
+                    flat = (y[keep] * c + pred[keep]).cpu()
+                    self.confusion += torch.bincount(flat, minlength=c * c).reshape(c, c)
         if teacher is not None and teacher.logits is not None:
             t_pred = teacher.logits.reshape(-1, teacher.logits.shape[-1]).argmax(-1)
             self.agree += int((pred == t_pred).sum())
@@ -66,7 +69,7 @@ class ClassificationEvaluator:
         if self.total:
             out["accuracy"] = self.correct / self.total
             out["nll"] = self.nll / self.total
-        if self.confusion is not None:
+        if self.confusion is not None and not self.mixed_heads:
             out["macro_f1"] = macro_f1(self.confusion)
         if self.n_teacher:
             out["agreement"] = self.agree / self.n_teacher
