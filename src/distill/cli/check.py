@@ -174,6 +174,14 @@ def _check_tune(data: dict[str, Any], path: str) -> list[str]:
     return lines + _report_lines(preflight_recipe(cfg))
 
 
+def _objective_and_stage_lines(cfg, kd, stages: dict[str, Any]) -> list[str]:
+    """The distillation objective's terms and each stage's preflight, as printed lines."""
+    from distill.run.preflight import describe_objective
+
+    weights = {n: t.weight for n, t in cfg.objective.terms.items()}
+    return _objective_lines(describe_objective(kd, weights)) + _stage_lines(stages)
+
+
 def _setup(cfg) -> tuple[Any, Any, Any]:
     """(data, first batch on the device, device) of a recipe."""
     from distill.data.bundle import build_data
@@ -205,7 +213,7 @@ def _check_compress(data: dict[str, Any], path: str) -> list[str]:
 
     from distill.compress.config import parse_compress_recipe
     from distill.run.pipeline import build_adapter, build_objective, scratch_objective
-    from distill.run.preflight import describe_data, describe_model, describe_objective, run_stage
+    from distill.run.preflight import describe_data, describe_model, run_stage
     from distill.teachers import Teacher
 
     cfg = parse_compress_recipe(data, source=path)
@@ -238,15 +246,14 @@ def _check_compress(data: dict[str, Any], path: str) -> list[str]:
         f"compress: prune {'ratio ' + str(cc.prune.ratio) if cc.prune.enabled else 'off'}, "
         f"quantize {'on' if cc.quantize.enabled else 'off'}",
     ]
-    weights = {n: t.weight for n, t in cfg.objective.terms.items()}
-    return lines + _objective_lines(describe_objective(kd, weights)) + _stage_lines(stages)
+    return lines + _objective_and_stage_lines(cfg, kd, stages)
 
 
 def _check_chain(data: dict[str, Any], path: str) -> list[str]:
     from distill.chain import ChainRecipe, chain_stages
     from distill.run.config import format_validation_error
     from distill.run.pipeline import build_adapter, build_objective, scratch_objective
-    from distill.run.preflight import describe_data, describe_model, describe_objective, run_stage
+    from distill.run.preflight import describe_data, describe_model, run_stage
     from distill.teachers import Teacher
 
     cfg = _validate(ChainRecipe, data, path, format_validation_error)
@@ -276,8 +283,7 @@ def _check_chain(data: dict[str, Any], path: str) -> list[str]:
             finally:
                 teacher.tap.remove()
         prev = (model, adapter)
-    weights = {n: t.weight for n, t in cfg.objective.terms.items()}
-    return lines + _objective_lines(describe_objective(kd, weights)) + _stage_lines(stages)
+    return lines + _objective_and_stage_lines(cfg, kd, stages)
 
 
 def _check_teachers(data: dict[str, Any], path: str) -> list[str]:
