@@ -16,6 +16,17 @@ from distill.errors import DistillError
 # imports (torch, its workflow, optional extras) happen inside `main`, so `distill --help` stays fast.
 COMMANDS = ["run", "check", "eval", "report", "cache", "teachers", "chain", "compress", "tune", "federated"]
 
+
+def add_folder_options(
+    p, default_out: str, resume_help: str = "continue an interrupted run in --out"
+) -> None:
+    """`--out`, and `--resume` / `--overwrite` (one or the other) for a command that writes a run folder."""
+    p.add_argument("--out", default=None, help=f"run folder (default {default_out})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+
+
 EPILOG = """examples:
   distill demo                                  teacher -> student on bundled digits, with a report
   distill demo --seeds 3                        the same, mean and spread over 3 seeds

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.cli import add_folder_options
 from distill.errors import DistillError
 
 
@@ -28,12 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. compress.prune.ratio=0.3"
     )
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds and report mean ± std")
-    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--resume", action="store_true", help="continue (or redo changed later stages of) a run in --out"
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    add_folder_options(p, "runs/<recipe name>", "continue (or redo changed later stages of) a run in --out")
     return p
 
 

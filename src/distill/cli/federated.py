@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from distill.cli import add_folder_options
 from distill.errors import DistillError
 
 DESCRIPTION = (
@@ -30,14 +31,11 @@ def add_parser(subparsers) -> None:
         help="dotted overrides, e.g. rounds=5 partition.alpha=0.1",
     )
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds and report mean ± std")
-    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="rerun into a folder holding the same recipe (strategies restart from round 0)",
+    add_folder_options(
+        p,
+        "runs/<recipe name>",
+        "rerun into a folder holding the same recipe (strategies restart from round 0)",
     )
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 

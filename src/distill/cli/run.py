@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distill.cli import add_folder_options
 from distill.errors import DistillError
 
 
@@ -22,10 +23,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
         metavar="N",
         help="run N seeds (seed, seed+1, ...) and report mean ± std (default 1)",
     )
-    p.add_argument("--out", default=None, help=f"run folder (default {default_out})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    add_folder_options(p, default_out)
 
 
 def add_parser(sub) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.cli import add_folder_options
 from distill.errors import DistillError
 
 DESCRIPTION = (
@@ -24,10 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="a recipe YAML with a candidates: list of teacher specs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe keys")
-    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>-teachers)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    add_folder_options(p, "runs/<recipe name>-teachers")
     return p
 
 
