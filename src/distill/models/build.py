@@ -19,7 +19,8 @@ def build_model(
     """`spec` is `{name | class_path, init_args}`. When the builder takes `num_classes`,
     `in_features`, `in_channels`, `tokenizer` or `label_names` and the recipe does not set them,
     they come from the data; a
-    builder taking `teacher` (a student made from the teacher's layers) gets the teacher model."""
+    builder taking `teacher` (a student made from the teacher's layers) gets the teacher model,
+    and one taking `calibration` the training split's first examples (`TrainingExamples`)."""
     target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
     args = dict(spec.get("init_args") or {})
     try:
@@ -37,6 +38,8 @@ def build_model(
         if data.input_shape:
             fill["in_features"] = math.prod(data.input_shape)
             fill["in_channels"] = data.input_shape[0]
+        if data.train is not None:
+            fill["calibration"] = TrainingExamples(data.train, data.collate_fn)
         for k, v in fill.items():
             if k in params and k not in args:
                 args[k] = v
@@ -52,3 +55,23 @@ def build_model(
             f"{type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+class TrainingExamples:
+    """The first examples of a training split, in order, for a builder that measures its teacher
+    on real data (a student cut by importance). Nothing is read until `batches` is called, and
+    every stage and seed of a run gets the same examples."""
+
+    def __init__(self, dataset, collate_fn=None):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+
+    def batches(self, batch_size: int, n: int) -> list:
+        """The first `n` batches of `batch_size` examples (fewer when the split is smaller)."""
+        from torch.utils.data import DataLoader, Subset
+
+        k = min(len(self.dataset), batch_size * n)
+        loader = DataLoader(
+            Subset(self.dataset, range(k)), batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn
+        )
+        return list(loader)
