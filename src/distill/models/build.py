@@ -58,20 +58,23 @@ def build_model(
 
 
 class TrainingExamples:
-    """The first examples of a training split, in order, for a builder that measures its teacher
-    on real data (a student cut by importance). Nothing is read until `batches` is called, and
-    every stage and seed of a run gets the same examples."""
+    """Examples of a training split for a builder that measures its teacher on real data (a
+    student cut by importance): evenly spaced over the split (a file sorted by topic still gives
+    every topic), in a fixed order, so every stage and seed of a run gets the same ones. Nothing
+    is read until `batches` is called."""
 
     def __init__(self, dataset, collate_fn=None):
         self.dataset = dataset
         self.collate_fn = collate_fn
 
     def batches(self, batch_size: int, n: int) -> list:
-        """The first `n` batches of `batch_size` examples (fewer when the split is smaller)."""
+        """`n` batches of `batch_size` examples (fewer when the split is smaller)."""
         from torch.utils.data import DataLoader, Subset
 
-        k = min(len(self.dataset), batch_size * n)
+        total = len(self.dataset)
+        k = min(total, batch_size * n)
+        picks = sorted({i * total // k for i in range(k)})  # k distinct, evenly spaced indices
         loader = DataLoader(
-            Subset(self.dataset, range(k)), batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn
+            Subset(self.dataset, picks), batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn
         )
         return list(loader)
