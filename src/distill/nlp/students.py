@@ -725,13 +725,12 @@ def make_student(
         if src not in t_state:
             continue  # e.g. buffers the student builds itself
         tv = t_state[src]
-        if tv.shape == value.shape and not (m and int(m.group(1)) in index and key[m.end() :] in roles):
+        rows = index.get(int(m.group(1))) if m else None  # this block's kept heads / channels
+        role = roles.get(key[m.end() :]) if rows is not None else None
+        if tv.shape == value.shape and role is None:
             new_state[key] = tv.detach().clone()
         elif (width or narrow_init == "slice") and tv.dim() == value.dim():
-            rows = index.get(int(m.group(1))) if m else None
-            new_state[key] = (
-                _cut(tv, value.shape, roles.get(key[m.end() :]) if m else None, rows).detach().clone()
-            )
+            new_state[key] = _cut(tv, value.shape, role, rows).detach().clone()
             if new_state[key].shape != value.shape:
                 raise DistillError(
                     f"{key}: cut the teacher's {tuple(tv.shape)} to {tuple(new_state[key].shape)}, "
