@@ -17,9 +17,9 @@ from distill.nlp.students import block_importance, make_student, width_importanc
 VOCAB = 64
 
 
-def tiny_llama(layers=6, heads=4, kv=2, seed=0):
+def tiny_llama(layers=6, heads=4, kv=2, seed=0, vocab=VOCAB, **extra):
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -27,6 +27,7 @@ def tiny_llama(layers=6, heads=4, kv=2, seed=0):
         intermediate_size=48,
         max_position_embeddings=64,
         tie_word_embeddings=False,
+        **extra,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -352,19 +353,9 @@ def test_recipe_reports_the_cut_in_summary_and_report(tmp_path):
     lines = [" ".join(words[int(i)] for i in torch.randint(0, 10, (8,), generator=g)) for _ in range(40)]
     (tmp_path / "lm.txt").write_text("\n".join(lines) + "\n")
     tok = train_tokenizer(lines, vocab_size=40, kind="word")
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+    teacher = tiny_llama(
+        layers=4, vocab=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
     )
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(cfg)
     silence_block(teacher, 2)
     teacher.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")

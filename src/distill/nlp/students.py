@@ -218,6 +218,24 @@ def _calibration_list(calibration: Iterable | None, what: str) -> list:
     return batches
 
 
+def _run_hooked(model: nn.Module, batches: list, handles: list, mask_now: list) -> float:
+    """Runs `model` on every batch with the measuring hooks `handles` (removed afterwards), each
+    batch's real-token mask in `mask_now[0]`; returns the number of real tokens seen."""
+    tokens = 0.0
+    try:
+        for raw in batches:
+            kwargs, mask, _ = _model_inputs(raw, _device(model))
+            mask_now[:] = [mask.float()]
+            _call(model, kwargs)
+            tokens += float(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise DistillError("the calibration batches have no real tokens (attention_mask is all 0)")
+    return tokens
+
+
 def _block_influence(
     model: nn.Module, blocks: nn.ModuleList, batches: list, device: torch.device
 ) -> list[float]:
@@ -250,18 +268,7 @@ def _block_influence(
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post(i)))
-    tokens = 0.0
-    try:
-        for raw in batches:
-            kwargs, mask, _ = _model_inputs(raw, device)
-            mask_now[:] = [mask.float()]
-            _call(model, kwargs)
-            tokens += float(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    if tokens == 0:
-        raise DistillError("the calibration batches have no real tokens (attention_mask is all 0)")
+    tokens = _run_hooked(model, batches, handles, mask_now)
     return [t / tokens for t in total]
 
 
@@ -478,19 +485,10 @@ def width_importance(model: nn.Module, batches: Iterable) -> dict[str, list[list
         handles.append(down.register_forward_pre_hook(down_hook(i, down)))
     was = model.training
     model.eval()
-    tokens = 0.0
     try:
-        for raw in batches:
-            kwargs, mask, _ = _model_inputs(raw, _device(model))
-            mask_now[:] = [mask.float()]
-            _call(model, kwargs)
-            tokens += float(mask.sum())
+        tokens = _run_hooked(model, batches, handles, mask_now)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
-    if tokens == 0:
-        raise DistillError("the calibration batches have no real tokens (attention_mask is all 0)")
     return {"heads": [(h / tokens).tolist() for h in heads], "mlp": [(m / tokens).tolist() for m in mlp]}
 
 
