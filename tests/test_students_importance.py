@@ -343,7 +343,7 @@ def test_narrow_phi3_slices_qkv_and_gate_up_part_by_part():
 # ------------------------------------------------------------------------------ in a recipe
 
 
-def test_recipe_reports_the_cut_in_summary_and_report(tmp_path):
+def test_recipe_reports_the_cut_in_summary_report_and_check(tmp_path, capsys):
     from distill.data.text import train_tokenizer
     from distill.run.config import parse_recipe
     from distill.run.pipeline import run_recipe
@@ -386,6 +386,11 @@ def test_recipe_reports_the_cut_in_summary_and_report(tmp_path):
     assert "Kept 3 of 4 teacher blocks by measured importance (bi" in report and "| 2 | " in report
     saved = json.loads((tmp_path / "run" / "student_hf" / "config.json").read_text())
     assert saved["distill_layers"] == [0, 1, 3] and saved["num_key_value_heads"] == 1
+    from distill.cli import main
+
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    assert main(["check", str(tmp_path / "recipe.yaml")]) == 0
+    assert "teacher blocks [0, 1, 3] of 4 by importance (bi)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ the real teacher
