@@ -197,6 +197,12 @@ def test_hf_builder_cuts_by_importance_on_the_data_it_is_given():
     spaced = TrainingExamples(list(range(10))).batches(2, 2)  # spread over the split, in order
     assert [b.tolist() for b in spaced] == [[0, 2], [5, 7]]
     assert [b.tolist() for b in TrainingExamples(list(range(3))).batches(2, 4)] == [[0, 1], [2]]
+
+    class Stream(torch.utils.data.IterableDataset):  # no len: its first examples
+        def __iter__(self):
+            return iter(range(9))
+
+    assert [b.tolist() for b in TrainingExamples(Stream()).batches(2, 2)] == [[0, 1], [2, 3]]
     assert student.distill_task == "causal_lm" and student.training
     spec["init_args"]["calibration_batches"] = 0
     with pytest.raises(ConfigError, match="calibration_batches"):

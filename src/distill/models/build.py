@@ -71,7 +71,13 @@ class TrainingExamples:
         """`n` batches of `batch_size` examples (fewer when the split is smaller)."""
         from torch.utils.data import DataLoader, Subset
 
-        total = len(self.dataset)
+        try:
+            total = len(self.dataset)
+        except TypeError:  # a stream: its first examples
+            import itertools
+
+            rows = list(itertools.islice(iter(self.dataset), batch_size * n))
+            return list(DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn))
         k = min(total, batch_size * n)
         picks = sorted({i * total // k for i in range(k)})  # k distinct, evenly spaced indices
         loader = DataLoader(
