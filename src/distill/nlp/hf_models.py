@@ -171,8 +171,8 @@ def hf(
       - `layers` / `every` / `num_layers` (optionally a narrower `hidden_size`, or fewer heads,
         key/value groups and MLP channels): a student cut from the teacher (DistilBERT-style;
         `distill.nlp.make_student`); `select: importance` keeps the blocks, heads and channels
-        that matter most on the first `calibration_batches` batches (of `calibration_batch_size`
-        examples) of the recipe's training data, scored by `importance` (bi or loss);
+        that matter most on `calibration_batches` batches (of `calibration_batch_size` examples,
+        evenly spaced over the recipe's training split), scored by `importance` (bi or loss);
       - `config`: a fresh model; `config` holds overrides of the teacher's config, or a whole
         config when it names `model_type` (e.g. `{model_type: gpt2, n_layer: 2, n_embd: 96}`).
 
@@ -186,8 +186,8 @@ def hf(
         max_length: for sentence_embedding models, the longest input in tokens.
         num_classes / label_names / tokenizer: filled from the recipe's data when not given.
         teacher: filled by the pipeline for students (the built teacher).
-        calibration: filled by the pipeline (the training data's first examples, in order); when
-            calling `hf` directly, any iterable of token-id batches.
+        calibration: filled by the pipeline (the training split's examples); when calling `hf`
+            directly, any iterable of token-id batches.
     """
     cut = any(x is not None for x in (layers, every, num_layers))
     modes = sum([path is not None, cut, config is not None and not cut])
