@@ -174,6 +174,25 @@ def test_importance_cut_on_gpt2_and_phi3_and_bad_input():
         make_student(model, num_layers=7, select="importance", calibration=data)
 
 
+def test_scores_are_measured_once_per_teacher_weights_and_batches(monkeypatch):
+    from distill.nlp import students
+
+    calls = []
+    real = students.block_importance
+    monkeypatch.setattr(students, "block_importance", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(students, "_IMPORTANCE_MEMO", {})
+    teacher, data = tiny_llama(seed=3), batches(seed=3)
+    first = make_student(teacher, num_layers=3, select="importance", calibration=data, importance="loss")
+    twin = tiny_llama(seed=3)  # another object with the same weights, as a run builds its teacher twice
+    again = make_student(twin, num_layers=3, select="importance", calibration=data, importance="loss")
+    assert len(calls) == 1 and again.config.distill_cut == first.config.distill_cut
+    make_student(teacher, num_layers=3, select="importance", calibration=batches(seed=4), importance="loss")
+    assert len(calls) == 2  # other batches
+    silence_block(teacher, first.config.distill_layers[0])
+    changed = make_student(teacher, num_layers=3, select="importance", calibration=data, importance="loss")
+    assert len(calls) == 3 and changed.config.distill_cut["scores"] != first.config.distill_cut["scores"]
+
+
 def test_hf_builder_cuts_by_importance_on_the_data_it_is_given():
     from distill.data.bundle import DataBundle
     from distill.models.build import build_model

@@ -744,25 +744,31 @@ def make_student(
     return student.eval()
 
 
+_IMPORTANCE_MEMO: dict[tuple, list[float]] = {}
+
+
 def _cached_importance(teacher: nn.Module, batches: list, method: str) -> list[float]:
-    """`block_importance`, remembered on the teacher for the same batches and weights: a recipe
-    builds its student once per stage, and the "loss" scores take one forward per block."""
+    """`block_importance`, remembered for the same method, batches and teacher weights: a run
+    builds its student for the checks and once per stage (each time from a teacher with the same
+    weights), and the "loss" scores take one forward per block and batch."""
     import hashlib
 
-    h = hashlib.sha1(method.encode())
+    h = hashlib.sha1(f"{method} {type(teacher).__name__}".encode())
     for raw in batches:
         kwargs, mask, labels = _model_inputs(raw, torch.device("cpu"))
         for t in (kwargs["input_ids"], mask, labels):
             if isinstance(t, torch.Tensor):
                 h.update(str(tuple(t.shape)).encode())
                 h.update(t.detach().cpu().contiguous().view(-1).numpy().tobytes())
-    with torch.no_grad():
-        weights = tuple(round(float(p.detach().double().sum()), 6) for p in teacher.parameters())
-    key = (h.hexdigest(), hash(weights))
-    memo = teacher.__dict__.setdefault("_distill_importance", {})
-    if key not in memo:
-        memo[key] = block_importance(teacher, batches, method)
-    return list(memo[key])
+    with torch.no_grad():  # each tensor's name, shape and exact sum: cheap, and any trained step changes it
+        for name, p in teacher.named_parameters():
+            h.update(f"{name} {tuple(p.shape)} {float(p.detach().double().sum())!r}".encode())
+    key = h.hexdigest()
+    if key not in _IMPORTANCE_MEMO:
+        if len(_IMPORTANCE_MEMO) >= 8:
+            _IMPORTANCE_MEMO.pop(next(iter(_IMPORTANCE_MEMO)))
+        _IMPORTANCE_MEMO[key] = block_importance(teacher, batches, method)
+    return list(_IMPORTANCE_MEMO[key])
 
 
 def cut_summary(model: nn.Module) -> dict[str, Any] | None:
