@@ -169,7 +169,8 @@ def render_answer(tokenizer, prompt: Any, answer: str, end: bool = True) -> list
     return ids
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
+    """The model's context length in tokens (None when its config does not say)."""
     cfg = getattr(model, "config", None)
     for attr in ("n_positions", "max_position_embeddings"):
         n = getattr(cfg, attr, None)
@@ -178,7 +179,8 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else the end-of-turn or eos token (padding is masked)."""
     for i in (tokenizer.pad_token_id, end_of_turn_id(tokenizer), tokenizer.eos_token_id):
         if i is not None:
             return int(i)
@@ -187,6 +189,72 @@ def _pad_id(tokenizer) -> int:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@dataclass
+class HeldOut:
+    """One held-out exchange from a tokenized dataset row: the prompt's token ids (through the
+    generation prompt), the reference answer's ids (through the end-of-turn token when it has one)
+    and its text."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    reference: str
+
+
+def _generation_header(tokenizer) -> list[int]:
+    """The tokens the chat template adds for `add_generation_prompt` (`<|im_start|>assistant\\n`)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "x"}]
+    with_header, without = _template(tokenizer, probe, True), _template(tokenizer, probe, False)
+    if not with_header.startswith(without):
+        return []
+    return _ids(tokenizer, with_header[len(without) :])
+
+
+def heldout_from_rows(tokenizer, rows: Sequence[Mapping[str, Any]]) -> list[HeldOut]:
+    """Held-out exchanges from tokenized chat rows (`{input_ids, labels}`, labels -100 outside
+    assistant turns: what distill's chat, prompt_response and fortune_chat data hold).
+
+    The prompt is everything before the first labelled token; the reference is that first run of
+    labelled tokens, cut after the end-of-turn token. When the run starts with the template's
+    generation prompt (`render_chat` labels the whole assistant turn, its role header included),
+    the header moves to the prompt, so the model is scored and generates exactly as in `render_answer`."""
+    eot = end_of_turn_id(tokenizer)
+    header = _generation_header(tokenizer)
+    out = []
+    for row in rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        first = next((i for i, lab in enumerate(labels) if lab != -100), None)
+        if first is None or first == 0:
+            raise DistillError(
+                "the chat evaluator needs conversations: rows with a prompt before a labelled answer "
+                "(chat, prompt_response or fortune_chat data), not plain text"
+            )
+        end = first
+        while end < len(labels) and labels[end] != -100:
+            end += 1
+        prompt, answer = ids[:first], ids[first:end]
+        if header and answer[: len(header)] == header:
+            prompt, answer = prompt + header, answer[len(header) :]
+        if eot is not None and eot in answer:
+            answer = answer[: answer.index(eot) + 1]
+        text = answer[:-1] if answer and answer[-1] == eot else answer
+        out.append(HeldOut(prompt, answer, tokenizer.decode(text, skip_special_tokens=True).strip()))
+    return out
+
+
+def prompt_text(tokenizer, prompt_ids: Sequence[int]) -> str:
+    """The last user turn of a rendered one-turn prompt, for showing it (the whole decoded text,
+    special tokens dropped, when the prompt is not one user turn in the template's form)."""
+    text = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+    if getattr(tokenizer, "chat_template", None):
+        mark = "\x00"
+        before, _, after = _template(tokenizer, [{"role": "user", "content": mark}], True).partition(mark)
+        if text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after):
+            return text[len(before) : len(text) - len(after)].strip()
+    return tokenizer.decode(list(prompt_ids), skip_special_tokens=True).strip()
 
 
 # --------------------------------------------------------------------------- generation
@@ -207,8 +275,8 @@ def greedy_answers(
     a row at the end-of-turn token. The answers of a prompt that fills the model's context
     fail in one line."""
     rows = [render_prompt(tokenizer, p) for p in prompts]
-    eot, pad = end_of_turn_id(tokenizer), _pad_id(tokenizer)
-    positions = _max_positions(model)
+    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
+    positions = max_positions(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[Answer | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
@@ -259,8 +327,8 @@ def generation_speed(
     if not prompts:
         return {}
     rows = [render_prompt(tokenizer, p) for p in prompts]
-    pad = _pad_id(tokenizer)
-    positions = _max_positions(model)
+    pad = pad_id(tokenizer)
+    positions = max_positions(model)
     was_training, old_threads = model.training, torch.get_num_threads()
     model.eval()
     if threads:
@@ -305,7 +373,7 @@ def answer_nlls(
     number of tokens), in nats. Batches are right-padded; only answer tokens are scored."""
     if len(prompt_ids) != len(answer_ids):
         raise DistillError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answers")
-    positions = _max_positions(model)
+    positions = max_positions(model)
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
@@ -329,7 +397,8 @@ def answer_nlls(
     return out
 
 
-def _pooled(nlls: list[tuple[float, int]]) -> float:
+def mean_nll(nlls: Sequence[tuple[float, int]]) -> float:
+    """The mean NLL per token of `answer_nlls`' results, tokens pooled over answers."""
     tokens = sum(n for _, n in nlls)
     return sum(s for s, _ in nlls) / tokens if tokens else float("nan")
 
@@ -349,7 +418,7 @@ def answer_ppl(
     `prompts`, over the answer tokens of all of them pooled."""
     ps = [render_prompt(tokenizer, p) for p in prompts]
     ans = [_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
-    return math.exp(_pooled(answer_nlls(model, ps, ans, batch_size)))
+    return math.exp(mean_nll(answer_nlls(model, ps, ans, batch_size)))
 
 
 def teacher_nll(
@@ -378,7 +447,7 @@ def teacher_nll(
         tok = tokenizer
         ans = [_answer_ids(tok, p, a) for p, a in zip(prompts, answers)]
     ps = [render_prompt(tok, p) for p in prompts]
-    return _pooled(answer_nlls(teacher, ps, ans, batch_size))
+    return mean_nll(answer_nlls(teacher, ps, ans, batch_size))
 
 
 # --------------------------------------------------------------------------- text measures
