@@ -169,3 +169,15 @@ def test_distill_chat_on_a_run_without_a_student_fails_in_one_line(chat_run, tmp
         assert main(["chat", str(folder), "--prompt", "hi"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("distill chat: error: ") and says in err and err.count("\n") == 1
+
+
+def test_distill_eval_adds_the_chat_measures(chat_run, capsys):
+    from distill.cli import main
+
+    root, summary = chat_run
+    assert main(["eval", str(root / "run")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    kd = next(r for r in summary["rows"] if r["name"] == "student_kd")
+    assert set(scored) >= MEASURES and "examples" not in scored
+    assert scored["answer_ppl"] == pytest.approx(kd["answer_ppl"], rel=1e-4)
+    assert scored["rouge_l"] == pytest.approx(kd["rouge_l"])
