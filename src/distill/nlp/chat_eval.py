@@ -345,6 +345,8 @@ def generation_speed(
 
             def run(k: int, ids=ids, kwargs=kwargs) -> None:
                 model.generate(input_ids=ids, max_new_tokens=k, min_new_tokens=k, **kwargs)
+                if ids.is_cuda:
+                    torch.cuda.synchronize(ids.device)
 
             run(2)  # warm-up
             times = []
