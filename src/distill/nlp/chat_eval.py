@@ -37,6 +37,11 @@ The measures (each also a function of its own):
 
 The end-of-turn token is the chat template's own marker when it uses a known one (`<|im_end|>`,
 `<|eot_id|>`, `<end_of_turn>`, `<|end|>`), else the tokenizer's eos token.
+
+For paired statistics over prompts: `answer_nlls` (per answer: NLL sum and token count),
+`rouge_l_f` (per pair), `repeats_itself` (per answer), `Answer.ended`. For tokenized chat data
+(`{input_ids, labels}` rows): `heldout_from_rows`. In recipes: `evaluator: {name: chat}`
+(`distill.run.chat`).
 """
 
 from __future__ import annotations
