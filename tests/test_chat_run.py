@@ -181,3 +181,25 @@ def test_distill_eval_adds_the_chat_measures(chat_run, capsys):
     assert set(scored) >= MEASURES and "examples" not in scored
     assert scored["answer_ppl"] == pytest.approx(kd["answer_ppl"], rel=1e-4)
     assert scored["rouge_l"] == pytest.approx(kd["rouge_l"])
+
+
+def test_answers_side_by_side_leave_the_rows_and_keep_the_report_table_whole():
+    from distill.run.chat import answers_markdown, side_by_side
+
+    rows = [
+        {
+            "name": "teacher",
+            "answer_ppl": 2.0,
+            "examples": [{"prompt": "p", "reference": "r", "answer": "a|b\nc"}],
+        },
+        {
+            "name": "student_kd",
+            "answer_ppl": 9.0,
+            "examples": [{"prompt": "p", "reference": "r", "answer": ""}],
+        },
+    ]
+    answers = side_by_side(rows)
+    assert answers == [{"prompt": "p", "reference": "r", "teacher": "a|b\nc", "student_kd": ""}]
+    assert all("examples" not in r for r in rows)
+    md = answers_markdown(answers)
+    assert "| teacher | a\\|b<br>c |" in md and "| student_kd | *(empty)* |" in md
