@@ -243,13 +243,13 @@ def write_report(run_dir: str | Path) -> Path:
         from distill.run.verdict import verdict_markdown
 
         lines += verdict_markdown(summary["verdict"])
+    if summary.get("answers"):
+        from distill.run.chat import answers_markdown
+
+        lines += answers_markdown(summary["answers"])
     if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
         lines += ["![accuracy vs latency](tradeoff.png)", ""]
-    if summary.get("answers"):  # the chat evaluator's answers, last: they are long
-        from distill.run.chat import answers_markdown
-
-        lines += answers_markdown(summary["answers"])
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     return run_dir / "report.md"
