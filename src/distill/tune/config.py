@@ -10,26 +10,9 @@ from pydantic import Field, ValidationError
 
 from distill.errors import ConfigError
 from distill.run.config import RecipeConfig, Strict, apply_overrides, format_validation_error, load_yaml
-from distill.tune.space import validate_search
+from distill.tune.space import SearchParam, validate_search
 
 # --------------------------------------------------------------------------- configuration
-
-
-class SearchParam(Strict):
-    """How one recipe key is sampled.
-
-    `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
-    `categorical`: one of `choices`; choices may be lists or mappings (e.g. a whole
-    `objective.terms` block), shown in tables by `labels` when given.
-    """
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-    labels: list[str] | None = None
 
 
 class TuneObjective(Strict):

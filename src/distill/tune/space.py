@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
 from distill.errors import ConfigError
-from distill.run.config import RecipeConfig, format_validation_error
+from distill.run.config import RecipeConfig, Strict, format_validation_error
 
-if TYPE_CHECKING:
-    from distill.tune.config import SearchParam, TuneRecipe
+
+class SearchParam(Strict):
+    """How one recipe key is sampled.
+
+    `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
+    `categorical`: one of `choices`; choices may be lists or mappings (e.g. a whole
+    `objective.terms` block), shown in tables by `labels` when given.
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    labels: list[str] | None = None
+
+
+class SearchSpace(Protocol):
+    """What this module reads of a tune recipe (`distill.tune.config.TuneRecipe` is one): the space
+    and the recipe it varies. A protocol, so that config imports space and never the reverse."""
+
+    search: dict[str, SearchParam]
+
+    def base_data(self) -> dict[str, Any]: ...
+
 
 # --------------------------------------------------------------------------- the search space
 
@@ -56,7 +80,7 @@ def _key_exists(base: dict[str, Any], key: str) -> bool:
     return any(p in _FREE and _get(base, parts[: i + 1]) is not _MISSING for i, p in enumerate(parts[:-1]))
 
 
-def _structural_keys(cfg: TuneRecipe) -> set[str]:
+def _structural_keys(cfg: SearchSpace) -> set[str]:
     """Keys that a categorical choice of a mapping (e.g. `objective.terms`) may create."""
     keys: set[str] = set()
     for key, p in cfg.search.items():
@@ -66,7 +90,7 @@ def _structural_keys(cfg: TuneRecipe) -> set[str]:
     return keys
 
 
-def validate_search(cfg: TuneRecipe, source: str = "recipe") -> None:
+def validate_search(cfg: SearchSpace, source: str = "recipe") -> None:
     """Checks the search space before any trial: every key exists in the recipe, every range is
     non-empty, and the recipe still validates at each end of each range and with each choice."""
     where = f"{source}: search"
@@ -141,7 +165,7 @@ def _primitive(p: SearchParam) -> bool:
     return all(c is None or isinstance(c, bool | int | float | str) for c in p.choices or [])
 
 
-def suggest(trial: Any, cfg: TuneRecipe) -> tuple[dict[str, Any], dict[str, Any]]:
+def suggest(trial: Any, cfg: SearchSpace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Samples the space for `trial` (define-by-run): returns the trial's recipe data and the
     sampled values by key. Keys whose parent a structural choice removed are not sampled."""
     data = cfg.base_data()
