@@ -91,7 +91,9 @@ def as_batch(raw: Any) -> Batch:
 
     Accepted: a `Batch`; `(inputs, targets)`; `(inputs, targets, index)`; a bare tensor
     (unlabeled); or a mapping. In a mapping the index is read from `index`/`idx`, the targets
-    from `targets`/`labels`/`label`/`y`, and the inputs from `inputs`/`input`/`x`/`image`; when
+    from `targets`/`labels`/`label`/`y`, label distributions from `soft_targets` (a dataset that
+    mixes its own samples, `distill.engine.mix.MixedViews`), and the inputs from
+    `inputs`/`input`/`x`/`image`; when
     none of the input keys is present, every remaining key is an input (the Hugging Face form,
     `{"input_ids", "attention_mask", "labels"}`).
     """
@@ -103,10 +105,11 @@ def as_batch(raw: Any) -> Batch:
         rest = dict(raw)
         index = _pop_first(rest, _INDEX_KEYS)
         targets = _pop_first(rest, _TARGET_KEYS)
+        soft = rest.pop("soft_targets", None)
         inputs = _pop_first(rest, _INPUT_KEYS)
         if inputs is None:
             inputs = rest
-        return Batch(inputs=inputs, targets=targets, index=index, raw=raw)
+        return Batch(inputs=inputs, targets=targets, index=index, raw=raw, soft_targets=soft)
     if isinstance(raw, list | tuple):
         if len(raw) == 2:
             return Batch(inputs=raw[0], targets=raw[1], raw=raw)

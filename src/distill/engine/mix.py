@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from distill.errors import ConfigError, DistillError
 from distill.outputs import Batch
@@ -146,3 +148,108 @@ def _cutmix(x: Tensor, perm: Tensor, lam: float, rng: np.random.Generator) -> tu
         out[..., a0:a1] = x[perm][..., a0:a1]
         area = (a1 - a0) / d
     return out, 1.0 - area
+
+
+class MixedViews(Dataset):
+    """`views` fixed mixed versions of every sample, for a teacher served from a store.
+
+    A store of the teacher's outputs at the unmixed inputs cannot give its view of a mixed input,
+    and batch mixing (`Mixer`) pairs whatever samples share a batch, so no mixed input repeats. Here
+    mixing is per sample and seeded: view `v` of sample `i` (store row `r = v * n + i`) pastes (cutmix)
+    or blends (mixup) sample `perm_v[i]` into sample `i` with `lam` drawn from `(seed, r)`, every
+    input read as the seeded augmented view `r` of `AugmentedCopies`. So the teacher's output on each
+    of the `views * n` mixed inputs can be stored once, and epoch `e` trains on view `e mod views`:
+    offline function matching (Beyer et al. 2022, the "fixed teacher" with precomputed views).
+
+    Items are dicts: `inputs`, `soft_targets` (C,) (`lam * onehot(y_i) + (1 - lam) * onehot(y_j)`, zero
+    rows for unlabelled samples, as `Mixer` makes them) and `index`, the store row. `rows()` is the
+    `views * n` rows in order, without an index: what `write_store` runs the teacher over.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        views: int,
+        name: str,
+        alpha: float,
+        prob: float,
+        num_classes: int,
+        seed: int = 0,
+        ignore: Sequence[int] = (-100,),
+    ):
+        from distill.teachers.store import AugmentedCopies
+
+        if name not in ("mixup", "cutmix"):
+            raise ConfigError(f"trainer.mix.name: '{name}' is not one of mixup, cutmix")
+        if views < 1:
+            raise ConfigError(f"the number of mixed views must be at least 1, got {views}")
+        self.dataset, self.copies = dataset, AugmentedCopies(dataset, views, seed)
+        self.n, self.views = len(dataset), views
+        self.name, self.alpha, self.prob = name, float(alpha), float(prob)
+        self.num_classes, self.seed, self.ignore = num_classes, seed, tuple(ignore)
+        self.epoch = 0
+        self._perms: dict[int, np.ndarray] = {}
+        # what the store's fingerprint shows as the input transform (see `transform_repr`)
+        self.transform = (
+            f"{name}(alpha={self.alpha:g}, prob={self.prob:g}) x {views} fixed views, seed {seed}"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """The Trainer calls this before each epoch: epoch `e` reads view `e mod views`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = (self.epoch % self.views) * self.n + i
+        return {**self.row(r), "index": r}
+
+    def _partner(self, view: int, i: int) -> int:
+        if view not in self._perms:
+            self._perms[view] = np.random.default_rng([self.seed, view, 0x76696577]).permutation(self.n)
+        return int(self._perms[view][i])
+
+    def row(self, r: int) -> dict[str, Any]:
+        """Mixed input `r` (view `r // n` of sample `r % n`), the same tensor on every read."""
+        view, i = divmod(r, self.n)
+        x, y = _pair(self.copies.read(r))
+        rng = np.random.default_rng([self.seed, r, 0x6D6978])
+        labels = soft_labels(torch.as_tensor([y]), 1, self.num_classes, self.ignore)[0]
+        if rng.random() >= self.prob:
+            return {"inputs": x, "soft_targets": labels}
+        check_mixable(x.unsqueeze(0), self.name)
+        x2, y2 = _pair(self.copies.read(view * self.n + self._partner(view, i)))
+        lam = float(rng.beta(self.alpha, self.alpha))
+        if self.name == "mixup":
+            mixed = x * lam + x2 * (1.0 - lam)
+        else:
+            both, lam = _cutmix(torch.stack([x, x2]), torch.tensor([1, 0]), lam, rng)
+            mixed = both[0]
+        other = soft_labels(torch.as_tensor([y2]), 1, self.num_classes, self.ignore)[0]
+        return {"inputs": mixed, "soft_targets": labels * lam + other * (1.0 - lam)}
+
+    def rows(self) -> Dataset:
+        return _Rows(self)
+
+
+class _Rows(Dataset):
+    """Every mixed view of `MixedViews`, `views * n` items in store order."""
+
+    def __init__(self, views: MixedViews):
+        self.dataset = views  # (its transform names the mixing, for the store's fingerprint)
+
+    def __len__(self) -> int:
+        return self.dataset.views * self.dataset.n
+
+    def __getitem__(self, r: int) -> dict[str, Any]:
+        return self.dataset.row(r)
+
+
+def _pair(item: Any) -> tuple[Tensor, Any]:
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return item[0], int(item[1])
+    raise ConfigError(
+        f"mixed views of a teacher store need (input, label) samples, got {type(item).__name__}; "
+        "set trainer.mix.name: none"
+    )

@@ -21,6 +21,7 @@ from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
 from distill.engine.config import MixConfig
 from distill.engine.evaluate import build_evaluator, evaluate
+from distill.engine.mix import MixedViews
 from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
@@ -293,10 +294,6 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
     spec = cfg.data.transfer
     if spec is None:
         return data
-    if cfg.teacher.cache and not cfg.teachers:
-        raise ConfigError(
-            "data.transfer with teacher.cache: the store covers the training set only; drop one"
-        )
     transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
     got, want = _input_shape(transfer), _input_shape(data)
     if got is not None and want is not None and got != want:
@@ -304,14 +301,89 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
             f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
             "give a transfer set of the same input shape"
         )
+    merged = ConcatDataset([data.train, Unlabelled(transfer.train, label_ignore(objective, "data.transfer"))])
+    return dataclasses.replace(data, train=merged)
+
+
+def label_ignore(objective: Objective, key: str) -> int:
+    """The label value the objective's label terms skip (`ignore_index`, -100 without one)."""
     ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
     if len(ignores) > 1:
-        raise ConfigError(
-            f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
-        )
-    ignore = ignores.pop() if ignores else -100
-    merged = ConcatDataset([data.train, Unlabelled(transfer.train, ignore)])
-    return dataclasses.replace(data, train=merged)
+        raise ConfigError(f"{key}: the label terms skip different values ({sorted(ignores)}); use one")
+    return ignores.pop() if ignores else -100
+
+
+MIX_STORE = (
+    "a store of the teacher's outputs at unmixed inputs cannot give its view of a mixed input; write "
+    "K fixed mixed views of each input with `distill cache-teacher RECIPE --mix-views K` (epoch e "
+    "trains on view e mod K), or set trainer.mix.name: none"
+)
+
+
+def store_rows(
+    cfg: RecipeConfig, data: DataBundle, objective: Objective, views: int | None
+) -> tuple[Dataset, MixedViews | None]:
+    """What a teacher store of this recipe holds one row of teacher outputs for, and, under
+    `trainer.mix`, the dataset the distilled student then trains on.
+
+    `data` is the distilled student's data (`add_transfer`: the labelled set and any transfer set,
+    so the store covers both). Without mixing the rows are its samples. With mixing they are
+    `views` fixed mixed views of each sample (`MixedViews`): outputs at the unmixed inputs cannot
+    give the teacher's view of a mixed one, so mixing with a plain store is refused (`MIX_STORE`).
+    """
+    from distill.data.indexed import IndexedDataset
+
+    train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train
+    mix = cfg.trainer.mix
+    if mix.name == "none" or mix.prob == 0:
+        if views:
+            raise ConfigError(
+                "--mix-views: the recipe does not mix (trainer.mix.name: none); drop --mix-views"
+            )
+        return train, None
+    if not views:
+        raise ConfigError(f"trainer.mix with teacher.cache: {MIX_STORE}")
+    if data.num_classes is None:
+        raise ConfigError("trainer.mix mixes class labels, but the data names no number of classes")
+    mixed = MixedViews(
+        train,
+        views,
+        mix.name,
+        mix.alpha,
+        mix.prob,
+        data.num_classes,
+        seed=cfg.seed,
+        ignore=(label_ignore(objective, "trainer.mix"),),
+    )
+    return mixed.rows(), mixed
+
+
+def serve_store(
+    cfg: RecipeConfig, data: DataBundle, objective: Objective, teacher: Any, teacher_model: nn.Module
+) -> tuple[Any, DataBundle, TrainerConfig]:
+    """`teacher.cache`: the teacher served from its store for the distilled stage. Returns the
+    `CachedTeacher` (the live teacher is its fallback for validation), the stage's data (sample
+    indices, or the store's mixed views) and its trainer settings (no batch mixing over views that
+    are mixed already)."""
+    from distill.teachers.store import CachedTeacher
+
+    views = None
+    if cfg.trainer.mix.name != "none" and cfg.trainer.mix.prob > 0:
+        rows, n = CachedTeacher(cfg.teacher.cache).rows, len(data.train)
+        if rows == n:
+            raise ConfigError(f"trainer.mix with teacher.cache {cfg.teacher.cache}: {MIX_STORE}")
+        views = max(rows // n, 1)  # a store for other data fails the fingerprint check below
+    rows_set, mixed = store_rows(cfg, data, objective, views)
+    cached = CachedTeacher(
+        cfg.teacher.cache,
+        dataset=rows_set,
+        teacher=teacher_model,
+        fallback=teacher,
+        fill=cfg.teacher.cache_fill,
+    )
+    train = mixed if mixed is not None else cached.training_dataset(rows_set)
+    trainer_cfg = cfg.trainer.model_copy(update={"mix": MixConfig()}) if mixed is not None else cfg.trainer
+    return cached, dataclasses.replace(data, train=train), trainer_cfg
 
 
 def add_fit_measures(
@@ -367,23 +439,11 @@ def run_recipe(
         student_adapter = build_adapter(cfg.student.adapter)
         teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
 
-        kd_teacher, kd_data = teacher, data
+        kd_objective = build_objective(cfg)
+        kd_data = add_transfer(cfg, data, kd_objective)
+        kd_teacher, kd_trainer = teacher, cfg.trainer
         if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
-            if cfg.trainer.mix.name != "none":
-                raise ConfigError(
-                    "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
-                    "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
-                )
-            from distill.teachers.store import CachedTeacher
-
-            kd_teacher = CachedTeacher(
-                cfg.teacher.cache,
-                dataset=data.train,
-                teacher=teacher_model,
-                fallback=teacher,
-                fill=cfg.teacher.cache_fill,
-            )
-            kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
+            kd_teacher, kd_data, kd_trainer = serve_store(cfg, kd_data, kd_objective, teacher, teacher_model)
 
         students: dict[str, nn.Module] = {}
         stages = (
@@ -393,8 +453,6 @@ def run_recipe(
             "scratch_unmixed" in cfg.baselines
         ):  # the scratch twin without trainer.mix, as it would train alone
             stages.append(("student_scratch_unmixed", scratch_objective(cfg), None, data))
-        kd_objective = build_objective(cfg)
-        kd_data = add_transfer(cfg, kd_data, kd_objective)
         stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
         for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
@@ -404,6 +462,8 @@ def run_recipe(
             trainer_cfg = cfg.trainer
             if stage == "student_scratch_unmixed":
                 trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
+            elif stage == "student_kd":
+                trainer_cfg = kd_trainer
             students[stage] = train_stage(
                 stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter
             )
