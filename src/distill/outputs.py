@@ -55,6 +55,23 @@ class Batch:
             return len(x)
         raise DistillError(f"cannot tell the batch size of inputs of type {type(x).__name__}")
 
+    def host(self, name: str) -> Tensor | None:
+        """The host (CPU) copy of the tensor field `name` (`index`, `targets`) without a device
+        sync: the field itself when on the CPU, else the data loader's copy in `raw` when it has
+        the same shape; None when there is none (then reading the values means a sync)."""
+        t = getattr(self, name)
+        if not isinstance(t, Tensor):
+            return None
+        if t.device.type == "cpu":
+            return t
+        if self.raw is None:
+            return None
+        try:
+            h = getattr(as_batch(self.raw), name)
+        except DistillError:
+            return None
+        return h if isinstance(h, Tensor) and h.device.type == "cpu" and h.shape == t.shape else None
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             inputs=_to(self.inputs, device, non_blocking),
