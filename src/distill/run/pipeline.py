@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from distill.adapters import auto_adapter
+from distill.adapters import auto_adapter, teaching_adapter
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
@@ -250,14 +250,21 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
     dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if not cfg.teachers:
         model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out)
-        t = Teacher(model, adapter=adapter, dtype=dtype_of[cfg.teacher.dtype], compile=cfg.teacher.compile)
+        t = Teacher(
+            model,
+            adapter=teaching_adapter(adapter),
+            dtype=dtype_of[cfg.teacher.dtype],
+            compile=cfg.teacher.compile,
+        )
         return t, model, [("teacher", model, adapter, info)]
     from distill.teachers.ensemble import Ensemble
 
     members, rows = [], []
     for i, tc in enumerate(cfg.teachers):
         model, adapter, info = load_teacher(tc, f"teacher{i}", data, cfg, out)
-        members.append(Teacher(model, adapter=adapter, dtype=dtype_of[tc.dtype], compile=tc.compile))
+        members.append(
+            Teacher(model, adapter=teaching_adapter(adapter), dtype=dtype_of[tc.dtype], compile=tc.compile)
+        )
         rows.append((f"teacher{i}", model, adapter, info))
     e = cfg.ensemble
     ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space)
