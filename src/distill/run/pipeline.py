@@ -25,7 +25,7 @@ from distill.engine.mix import MixedViews
 from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
-from distill.models.build import build_model
+from distill.models.build import build_model, takes_teacher
 from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
@@ -171,12 +171,61 @@ def measure(
     return row
 
 
-def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeConfig, out: Path):
+@dataclasses.dataclass
+class Built:
+    """The components `preflight_recipe` built and checked, handed to the run so that each is built
+    once per run (a 26 s GGUF teacher is loaded once, and held once at the peak). Each is in the
+    state the run would have built it in: the teacher with its checkpoint loaded (to be trained,
+    at its seeded initial weights), the student at its seeded initial weights (only when the
+    teacher's weights are final, as a student may be built from them), the distillation objective
+    before its first batch. Buffers the one-batch check moved (BatchNorm statistics, CRD's memory)
+    are put back. `take` hands each over once."""
+
+    teacher_model: nn.Module | None = None
+    student: nn.Module | None = None
+    kd_objective: Objective | None = None
+
+    def take(self, name: str) -> Any:
+        value = getattr(self, name)
+        setattr(self, name, None)
+        return value
+
+
+def _snapshot(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], bool]:
+    """What a one-batch check may change in a model: its buffers (BatchNorm statistics move even
+    without gradients), its `requires_grad` flags (a `Teacher` freezes its model) and its mode.
+    Parameters do not change (no optimizer step), so they are not copied."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    return buffers, {n: p.requires_grad for n, p in module.named_parameters()}, module.training
+
+
+@torch.no_grad()
+def _restore(module: nn.Module, snapshot: tuple[dict[str, torch.Tensor], dict[str, bool], bool]) -> None:
+    buffers, grad, training = snapshot
+    for n, b in module.named_buffers():
+        if n in buffers and buffers[n].shape == b.shape:
+            b.copy_(buffers[n])
+    for n, p in module.named_parameters():
+        p.requires_grad_(grad.get(n, p.requires_grad))
+    module.train(training)
+
+
+def load_teacher(
+    tc: TeacherConfig,
+    stage: str,
+    data: DataBundle,
+    cfg: RecipeConfig,
+    out: Path,
+    model: nn.Module | None = None,
+):
     """One teacher: loaded from its checkpoint, or trained (stage `stage`) and then its last, best
     or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
-    `teacher.calibrate`. Returns (model, adapter, facts for its summary row)."""
+    `teacher.calibrate`. `model`: the teacher preflight built (`Built`), its checkpoint loaded
+    already; None: built here. Returns (model, adapter, facts for its summary row)."""
     seed_everything(cfg.seed)
-    model = build_model(tc.spec(), data)
+    built = model is not None
+    if model is None:
+        model = build_model(tc.spec(), data)
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
@@ -185,7 +234,8 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
                 f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
                 "checkpoint: is used as given (point checkpoint: at the file you want)"
             )
-        load_weights(model, tc.checkpoint)
+        if not built:
+            load_weights(model, tc.checkpoint)
     elif tc.train is not None:
         train_cfg = tc.train
         if isinstance(tc.use, int):
@@ -242,14 +292,16 @@ class EnsembleModel(nn.Module):
         return self.ensemble(Batch(inputs=x)).logits
 
 
-def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
+def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built | None = None):
     """The teacher that teaches: one `Teacher`, or the `Ensemble` of `teachers:`. Returns it, a
     model for students built from the teacher (the first member), and the summary rows' models
     as (name, model, adapter, facts): `teacher` first (for an ensemble, the combination), then
-    `teacher0`, `teacher1`, ... for its members."""
+    `teacher0`, `teacher1`, ... for its members. `built`: what preflight built (its teacher is the
+    first member's model)."""
     dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    first = built.take("teacher_model") if built is not None else None
     if not cfg.teachers:
-        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out)
+        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out, model=first)
         t = Teacher(
             model,
             adapter=teaching_adapter(adapter),
@@ -261,7 +313,9 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
 
     members, rows = [], []
     for i, tc in enumerate(cfg.teachers):
-        model, adapter, info = load_teacher(tc, f"teacher{i}", data, cfg, out)
+        model, adapter, info = load_teacher(
+            tc, f"teacher{i}", data, cfg, out, model=first if i == 0 else None
+        )
         members.append(
             Teacher(model, adapter=teaching_adapter(adapter), dtype=dtype_of[tc.dtype], compile=tc.compile)
         )
@@ -442,11 +496,12 @@ def run_recipe(
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
-        preflight_recipe(cfg, data)  # every component and one batch, before any training
+        built = Built()
+        preflight_recipe(cfg, data, built)  # every component and one batch, before any training
         student_adapter = build_adapter(cfg.student.adapter)
-        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
+        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out, built)
 
-        kd_objective = build_objective(cfg)
+        kd_objective = built.take("kd_objective") or build_objective(cfg)
         kd_data = add_transfer(cfg, data, kd_objective)
         kd_teacher, kd_trainer = teacher, cfg.trainer
         if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
@@ -463,9 +518,11 @@ def run_recipe(
         stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
         for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
-            student = build_model(cfg.student.spec(), data, teacher=teacher_model)
-            if cfg.student.checkpoint:
-                load_weights(student, cfg.student.checkpoint)
+            student = built.take("student")  # the first stage trains the one preflight checked
+            if student is None:
+                student = build_model(cfg.student.spec(), data, teacher=teacher_model)
+                if cfg.student.checkpoint:
+                    load_weights(student, cfg.student.checkpoint)
             trainer_cfg = cfg.trainer
             if stage == "student_scratch_unmixed":
                 trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
@@ -653,15 +710,14 @@ def evaluate_checkpoint(
 
 
 def preflight_recipe(
-    cfg: RecipeConfig, data: DataBundle | None = None, teacher_model: nn.Module | None = None
+    cfg: RecipeConfig, data: DataBundle | None = None, built: Built | None = None
 ) -> dict[str, Any]:
     """Builds every component of `cfg` and runs one batch through each stage it will train.
 
     Args:
         data: the built data (built here when None).
-        teacher_model: the run's teacher, not yet trained or loaded. A teacher that will be trained
-            is copied (the run's own model is left as it is); one loaded from a checkpoint is used
-            in place (it is frozen for distillation anyway). None: built here, with its checkpoint.
+        built: filled with the teacher, student and objective built here, put back in the state
+            the run would have built them in, for the run to train (`Built`); None: dropped.
 
     Returns:
         What was built: data sizes and shapes, models with parameters, objective terms and taps,
@@ -688,12 +744,11 @@ def preflight_recipe(
 
     teacher_adapter = build_adapter(cfg.teacher.adapter)
     student_adapter = build_adapter(cfg.student.adapter)
-    if teacher_model is None:
-        teacher_model = build_model(cfg.teacher.spec(), data)
-        if cfg.teacher.checkpoint:
-            load_weights(teacher_model, cfg.teacher.checkpoint)
-    elif not cfg.teacher.checkpoint:
-        teacher_model = copy.deepcopy(teacher_model)
+    seed_everything(cfg.seed)  # as `load_teacher` builds it: the same initial weights
+    teacher_model = build_model(cfg.teacher.spec(), data)
+    if cfg.teacher.checkpoint:
+        load_weights(teacher_model, cfg.teacher.checkpoint)
+    teacher_state = _snapshot(teacher_model)
     pretrained = getattr(teacher_model, "distill_pretrained", False)  # an hf folder with its own weights
     if not cfg.teacher.checkpoint and cfg.teacher.train is None and not pretrained:
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
@@ -718,14 +773,17 @@ def preflight_recipe(
             device,
             evaluator_spec,
         )
-    teacher = Teacher(teacher_model, adapter=teacher_adapter)
+    teacher = Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
     try:
+        seed_everything(cfg.seed)  # as the run builds each stage's student
         student = build_model(cfg.student.spec(), data, teacher=teacher_model)
         if cfg.student.checkpoint:
             load_weights(student, cfg.student.checkpoint)
         student.to(device)
+        student_state = _snapshot(student)
         report["student"] = describe_model(cfg.student.spec(), student)
         kd = build_objective(cfg)
+        kd_state = copy.deepcopy(kd.state_dict())
         report["objective"] = describe_objective(kd, {n: t.weight for n, t in cfg.objective.terms.items()})
         if "scratch" in cfg.baselines:
             stages["student_scratch"] = run_stage(
@@ -744,6 +802,15 @@ def preflight_recipe(
     finally:
         teacher.tap.remove()  # the run's Teacher adds its own taps
     report["stages"] = stages
+    if built is not None:
+        _restore(teacher_model, teacher_state)
+        built.teacher_model = teacher_model
+        # a student made from the teacher's layers is built again after the teacher trains
+        if cfg.teacher.checkpoint or cfg.teacher.train is None or not takes_teacher(cfg.student.spec()):
+            _restore(student, student_state)
+            built.student = student
+        kd.load_state_dict(kd_state, strict=False)  # its terms' state before the batch (CRD's memory)
+        built.kd_objective = kd
     return report
 
 
