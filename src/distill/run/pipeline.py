@@ -286,7 +286,9 @@ class EnsembleModel(nn.Module):
 
         rule = "mean_logits" if ensemble.rule in ("confidence", "learned") else ensemble.rule
         self.members = nn.ModuleList(ensemble.models)
-        self.ensemble = Ensemble(ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space)
+        self.ensemble = Ensemble(
+            ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space, weights=ensemble.weights
+        )
 
     def forward(self, x):
         return self.ensemble(Batch(inputs=x)).logits
@@ -321,7 +323,7 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built 
         )
         rows.append((f"teacher{i}", model, adapter, info))
     e = cfg.ensemble
-    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space)
+    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space, weights=e.weights)
     combined = EnsembleModel(ensemble)
     return ensemble, members[0].model, [("teacher", combined, auto_adapter, {"rule": e.rule}), *rows]
 

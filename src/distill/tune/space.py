@@ -49,26 +49,33 @@ _FREE = ("init_args", "schedules")
 
 
 def _get(data: Any, parts: list[str]) -> Any:
+    """The value at a dotted key; a number indexes a list (`ensemble.weights.0`)."""
     for p in parts:
-        if not isinstance(data, dict) or p not in data:
+        if isinstance(data, list) and p.isdigit() and int(p) < len(data):
+            data = data[int(p)]
+        elif isinstance(data, dict) and p in data:
+            data = data[p]
+        else:
             return _MISSING
-        data = data[p]
     return data
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
     for p in parts[:-1]:
-        data = data.setdefault(p, {})
-    data[parts[-1]] = value
+        data = data[int(p)] if isinstance(data, list) else data.setdefault(p, {})
+    if isinstance(data, list):
+        data[int(parts[-1])] = value
+    else:
+        data[parts[-1]] = value
 
 
 def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
     keys = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            keys.append(key)
-            keys.extend(_dotted_keys(v, key))
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys.append(key)
+        keys.extend(_dotted_keys(v, key))
     return keys
 
 
@@ -104,6 +111,11 @@ def validate_search(cfg: SearchSpace, source: str = "recipe") -> None:
             raise ConfigError(
                 f"{name}: the teacher is trained once and shared by all trials; tune student-side keys "
                 f"or {' / '.join(TEACHER_KEYS)} (which of its checkpoints teaches, calibrated or not)"
+            )
+        if key.split(".")[0] == "teachers":
+            raise ConfigError(
+                f"{name}: the teachers are trained once and shared by all trials; tune how they are "
+                "combined (ensemble.rule, ensemble.tau, ensemble.weights.<i>) or student-side keys"
             )
         if key in ("seed", "name"):
             raise ConfigError(f"{name}: '{key}' is not a hyperparameter; remove it from search")
@@ -175,7 +187,7 @@ def suggest(trial: Any, cfg: SearchSpace) -> tuple[dict[str, Any], dict[str, Any
         p = cfg.search[key]
         parts = key.split(".")
         parent = _get(data, parts[:-1]) if len(parts) > 1 else data
-        if parent is _MISSING or not isinstance(parent, dict):
+        if parent is _MISSING or not isinstance(parent, dict | list):
             continue
         if p.type == "float":
             v: Any = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
