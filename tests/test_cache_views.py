@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from distill.engine.mix import MixedViews
+from distill.engine.mix import MixedViews, Mixer
 from distill.errors import ConfigError
 from distill.outputs import as_batch
 from distill.teachers.store import CachedTeacher, write_store
@@ -34,7 +34,7 @@ class Net(nn.Module):
 @pytest.mark.parametrize("name", ["cutmix", "mixup"])
 def test_mixed_views_are_fixed_and_epoch_reads_view_e_mod_k(name):
     ds = _data()
-    views = MixedViews(ds, 3, name, alpha=1.0, prob=1.0, num_classes=3, seed=5)
+    views = MixedViews(ds, 3, Mixer(name, alpha=1.0, prob=1.0, num_classes=3, seed=5))
     rows = views.rows()
     assert len(rows) == 3 * len(ds) and len(views) == len(ds)
     a, b = rows[30], rows[30]
@@ -47,14 +47,14 @@ def test_mixed_views_are_fixed_and_epoch_reads_view_e_mod_k(name):
         r = (epoch % 3) * len(ds) + 7
         assert item["index"] == r and torch.equal(item["inputs"], rows[r]["inputs"])
     # another seed gives other views: the seed is part of what the store's fingerprint hashes
-    other = MixedViews(ds, 3, name, 1.0, 1.0, 3, seed=6).rows()
+    other = MixedViews(ds, 3, Mixer(name, 1.0, 1.0, 3, seed=6)).rows()
     assert not torch.equal(other[30]["inputs"], a["inputs"])
 
 
 def test_unlabelled_samples_mix_in_as_zero_labels():
     x, _ = _data(8).tensors
     ds = TensorDataset(x, torch.full((8,), -100))
-    rows = MixedViews(ds, 2, "mixup", 1.0, 1.0, 3, seed=0).rows()
+    rows = MixedViews(ds, 2, Mixer("mixup", 1.0, 1.0, 3, seed=0)).rows()
     assert all(float(rows[r]["soft_targets"].abs().sum()) == 0 for r in range(16))
 
 
@@ -65,7 +65,7 @@ def test_store_of_mixed_views_serves_the_teachers_view_of_each_mixed_input(tmp_p
     from distill.objective import Objective
 
     ds, teacher = _data(), Net()
-    views = MixedViews(ds, 2, "cutmix", 1.0, 1.0, 3, seed=0)
+    views = MixedViews(ds, 2, Mixer("cutmix", 1.0, 1.0, 3, seed=0))
     write_store(teacher, views.rows(), tmp_path / "s", dtype="float32", log=None)
     losses = {}
     for name, t in (
@@ -78,7 +78,7 @@ def test_store_of_mixed_views_serves_the_teachers_view_of_each_mixed_input(tmp_p
         Trainer(
             nn.Sequential(nn.Flatten(), nn.Linear(16, 3)),
             obj,
-            MixedViews(ds, 2, "cutmix", 1.0, 1.0, 3, seed=0),
+            MixedViews(ds, 2, Mixer("cutmix", 1.0, 1.0, 3, seed=0)),
             teacher=t,
             epochs=3,  # epochs 0, 1, 2 read views 0, 1, 0
             batch_size=8,

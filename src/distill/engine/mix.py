@@ -171,34 +171,24 @@ class MixedViews(Dataset):
     `views * n` rows in order, without an index: what `write_store` runs the teacher over.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        views: int,
-        name: str,
-        alpha: float,
-        prob: float,
-        num_classes: int,
-        seed: int = 0,
-        ignore: Sequence[int] = (-100,),
-    ):
+    def __init__(self, dataset: Any, views: int, mixer: Mixer):
+        """`mixer`: the mixing settings (name, alpha, prob, classes, seed, ignored labels)."""
         from distill.teachers.store import AugmentedCopies, is_random
 
-        if name not in ("mixup", "cutmix"):
-            raise ConfigError(f"trainer.mix.name: '{name}' is not one of mixup, cutmix")
         if views < 1:
             raise ConfigError(f"the number of mixed views must be at least 1, got {views}")
+        seed = mixer.seed
         self.dataset, self.copies = dataset, AugmentedCopies(dataset, views, seed)
         self.n, self.views = len(dataset), views
-        self.name, self.alpha, self.prob = name, float(alpha), float(prob)
-        self.num_classes, self.seed, self.ignore = num_classes, seed, tuple(ignore)
+        self.name, self.alpha, self.prob = mixer.name, mixer.alpha, mixer.prob
+        self.num_classes, self.seed, self.ignore = mixer.num_classes, seed, mixer.ignore
         # seeding every read costs ~0.3 ms; a dataset without random augmentation needs none
         self._read = self.copies.read if is_random(dataset) else (lambda r: dataset[r % self.n])
         self.epoch = 0
         self._perms: dict[int, np.ndarray] = {}
         # what the store's fingerprint shows as the input transform (see `transform_repr`)
         self.transform = (
-            f"{name}(alpha={self.alpha:g}, prob={self.prob:g}) x {views} fixed views, seed {seed}"
+            f"{self.name}(alpha={self.alpha:g}, prob={self.prob:g}) x {views} fixed views, seed {seed}"
         )
 
     def set_epoch(self, epoch: int) -> None:

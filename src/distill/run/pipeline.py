@@ -21,7 +21,7 @@ from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
 from distill.engine.config import MixConfig
 from distill.engine.evaluate import build_evaluator, evaluate
-from distill.engine.mix import MixedViews
+from distill.engine.mix import MixedViews, Mixer
 from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
@@ -408,16 +408,10 @@ def store_rows(
         raise ConfigError(f"trainer.mix with teacher.cache: {MIX_STORE}")
     if data.num_classes is None:
         raise ConfigError("trainer.mix mixes class labels, but the data names no number of classes")
-    mixed = MixedViews(
-        train,
-        views,
-        mix.name,
-        mix.alpha,
-        mix.prob,
-        data.num_classes,
-        seed=cfg.seed,
-        ignore=(label_ignore(objective, "trainer.mix"),),
+    mixer = Mixer(
+        mix.name, mix.alpha, mix.prob, data.num_classes, cfg.seed, (label_ignore(objective, "trainer.mix"),)
     )
+    mixed = MixedViews(train, views, mixer)
     return mixed.rows(), mixed
 
 
