@@ -263,3 +263,29 @@ def test_detect_recipe_parses_and_builds(tmp_path):
     objective = build_objective(cfg)
     assert set(objective.terms) == {"det", "fpn", "head_kd"}
     assert cfg.trainer.monitor == "map"
+
+
+def test_distilling_teacher_runs_no_nms_but_its_measurement_does(shapes, monkeypatch, tmp_path):
+    """The recipe's teacher adapter is the full DetectionAdapter (its mAP row needs detections); as
+    the distilling teacher it ran NMS on every step for boxes no term reads. Now it stops after
+    the head there (`teaching_adapter`), and the measured teacher keeps its detections."""
+    import torchvision.ops.boxes as box_ops
+
+    from distill.models.detection import DetectionAdapter
+    from distill.run import pipeline
+    from distill.run.config import RecipeConfig
+
+    calls = []
+    real = box_ops.batched_nms
+    monkeypatch.setattr(box_ops, "batched_nms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = _tiny("fcos", "resnet18", head_convs=1)
+    monkeypatch.setattr(pipeline, "load_teacher", lambda *a, **k: (model, DetectionAdapter(), {}))
+    teacher, _, rows = pipeline.build_teachers(RecipeConfig(), None, tmp_path)
+    batch = as_batch(detection_collate([coco_folder(shapes)[i] for i in range(2)]))
+    out = teacher(batch)
+    assert not calls and "detections" not in out.extras and "cls_logits" in out.extras
+    (_, measured, adapter, _) = rows[0]
+    with torch.inference_mode():
+        assert "detections" in adapter(measured.eval(), batch).extras
+    assert calls  # the measurement post-processes

@@ -37,6 +37,7 @@ from distill.losses import (
     pkt_loss,
     rkd_loss,
     sp_loss,
+    standardize_logits,
     teacher_sample_weights,
 )
 from distill.objective import Objective
@@ -639,3 +640,65 @@ def test_every_term_builds_by_name_and_runs_in_an_objective():
         assert math.isfinite(out[name].item()), name
     out["loss"].backward()
     assert student.logits.grad is not None and s_feat.grad is not None
+
+
+def test_lskd_masked_classes_are_finite_and_equal_the_unmasked_problem():
+    """−inf logits (a masked vocabulary) used to make the mean and std NaN, so the loss was NaN."""
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 7, requires_grad=True), torch.randn(4, 7)
+    keep = torch.tensor([True, True, False, True, True, False, True])
+    ninf = torch.tensor(float("-inf"))
+    sm, tm = torch.where(keep, s, ninf), torch.where(keep, t, ninf)
+    for std in ("unbiased", "population"):
+        loss = lskd_loss(sm, tm, 2.0, std=std)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss, lskd_loss(s[:, keep], t[:, keep], 2.0, std=std))
+    lskd_loss(sm, tm, 2.0).backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[:, ~keep] == 0).all()
+    z = standardize_logits(sm)
+    assert (z[:, ~keep] == float("-inf")).all() and torch.isfinite(z[:, keep]).all()
+
+
+@pytest.mark.parametrize("negatives", ["uniform", "other_class"])
+def test_crd_step_never_reads_a_device_tensor_on_the_host(negatives):
+    """On a GPU a host read (`.item()`, `if tensor:`, `int(tensor)`) waits for every queued kernel.
+    Meta tensors stand in for device tensors without CUDA: their values cannot be read at all, so
+    any such read in the step raises. The loader's host copies (`Batch.raw`) stay on the CPU."""
+    torch.manual_seed(0)
+    n, b = 40, 6
+    term = CRD(student_layer="s", teacher_layer="t", n_data=n, feat_dim=4, nce_k=8, negatives=negatives)
+    idx, y = torch.arange(b), torch.arange(b) % 3
+    so, to = _feats(s=torch.randn(b, 5)), _feats(t=torch.randn(b, 3))
+    term.setup(so, to, Batch(inputs=None, targets=y, index=idx))
+    term.to("meta")
+    meta = lambda o: o.map(lambda x: x.to("meta"))  # noqa: E731
+    for step in range(3):  # the first step estimates Z; then the usual steps
+        host_idx = idx + step * b
+        raw = (torch.zeros(b, 1), y, host_idx)  # what the loader yielded, on the host
+        batch = Batch(inputs=None, targets=y.to("meta"), index=host_idx.to("meta"), raw=raw)
+        loss = term(meta(so), meta(to), batch)
+        assert loss.device.type == "meta" and loss.shape == ()
+    if negatives == "other_class":  # the classes were learnt from the host copies
+        assert term._host_bank()[: 3 * b].tolist() == (torch.arange(3 * b) % b % 3).tolist()
+    # without a host copy an index out of range is still caught on the CPU
+    bad = Batch(inputs=None, targets=y, index=torch.tensor([0, 1, 2, 3, 4, n]))
+    with pytest.raises(DistillError, match="n_data"):
+        CRD(student_layer="s", teacher_layer="t", n_data=n, feat_dim=4, nce_k=8)._index(bad, b)
+
+
+def test_crd_z_estimated_once_and_restored_from_a_checkpoint():
+    torch.manual_seed(0)
+    kw = {"student_layer": "s", "teacher_layer": "t", "n_data": 20, "feat_dim": 4, "nce_k": 8}
+    term = CRD(**kw)
+    so, to = _feats(s=torch.randn(4, 5)), _feats(t=torch.randn(4, 3))
+    batch = Batch(inputs=None, index=torch.arange(4))
+    term.setup(so, to, batch)
+    term(so, to, batch)
+    z = term.z_s.clone()
+    term(so, to, Batch(inputs=None, index=torch.arange(4, 8)))
+    assert torch.equal(term.z_s, z) and z > 0
+    fresh = CRD(**kw)
+    fresh.setup(so, to, batch)
+    fresh.load_state_dict(term.state_dict())
+    fresh(so, to, Batch(inputs=None, index=torch.arange(8, 12)))
+    assert torch.equal(fresh.z_s, z)  # a loaded Z is kept, not estimated again

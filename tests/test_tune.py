@@ -285,7 +285,15 @@ def test_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "empty range" in err
 
 
-@pytest.mark.parametrize("name", ["tune_digits.yaml", "tune_digits_pareto.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tune_digits.yaml",
+        "tune_digits_pareto.yaml",
+        "tune_multi_teacher_digits.yaml",
+        "tune_lm_fortunes.yaml",
+    ],
+)
 def test_shipped_tune_recipes_parse_and_sample(name):
     from pathlib import Path
 

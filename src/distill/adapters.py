@@ -84,3 +84,14 @@ ADAPTERS.register("auto")(lambda: auto_adapter)
 # this module never imports it.
 ADAPTERS.add_lazy("hf", "distill.nlp.adapters.hf_adapter")
 ADAPTERS.add_lazy("sentence", "distill.nlp.adapters.sentence")
+
+
+def teaching_adapter(adapter: Adapter) -> Adapter:
+    """The adapter a frozen teacher uses when its outputs only feed loss terms: the adapter's
+    `for_teaching()` when it defines one, else the adapter itself. A detector's adapter drops its
+    post-processing there (score threshold, NMS): no term reads a teacher's final boxes, so
+    running NMS on every step would be work thrown away (caching the boxes per input would be
+    work kept for nothing, and wrong under random augmentation). Measuring the teacher (its mAP)
+    keeps the full adapter."""
+    make = getattr(adapter, "for_teaching", None)
+    return make() if callable(make) else adapter

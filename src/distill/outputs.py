@@ -55,6 +55,23 @@ class Batch:
             return len(x)
         raise DistillError(f"cannot tell the batch size of inputs of type {type(x).__name__}")
 
+    def host(self, name: str) -> Tensor | None:
+        """The host (CPU) copy of the tensor field `name` (`index`, `targets`) without a device
+        sync: the field itself when on the CPU, else the data loader's copy in `raw` when it has
+        the same shape; None when there is none (then reading the values means a sync)."""
+        t = getattr(self, name)
+        if not isinstance(t, Tensor):
+            return None
+        if t.device.type == "cpu":
+            return t
+        if self.raw is None:
+            return None
+        try:
+            h = getattr(as_batch(self.raw), name)
+        except DistillError:
+            return None
+        return h if isinstance(h, Tensor) and h.device.type == "cpu" and h.shape == t.shape else None
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             inputs=_to(self.inputs, device, non_blocking),
@@ -91,7 +108,9 @@ def as_batch(raw: Any) -> Batch:
 
     Accepted: a `Batch`; `(inputs, targets)`; `(inputs, targets, index)`; a bare tensor
     (unlabeled); or a mapping. In a mapping the index is read from `index`/`idx`, the targets
-    from `targets`/`labels`/`label`/`y`, and the inputs from `inputs`/`input`/`x`/`image`; when
+    from `targets`/`labels`/`label`/`y`, label distributions from `soft_targets` (a dataset that
+    mixes its own samples, `distill.engine.mix.MixedViews`), and the inputs from
+    `inputs`/`input`/`x`/`image`; when
     none of the input keys is present, every remaining key is an input (the Hugging Face form,
     `{"input_ids", "attention_mask", "labels"}`).
     """
@@ -103,10 +122,11 @@ def as_batch(raw: Any) -> Batch:
         rest = dict(raw)
         index = _pop_first(rest, _INDEX_KEYS)
         targets = _pop_first(rest, _TARGET_KEYS)
+        soft = rest.pop("soft_targets", None)
         inputs = _pop_first(rest, _INPUT_KEYS)
         if inputs is None:
             inputs = rest
-        return Batch(inputs=inputs, targets=targets, index=index, raw=raw)
+        return Batch(inputs=inputs, targets=targets, index=index, raw=raw, soft_targets=soft)
     if isinstance(raw, list | tuple):
         if len(raw) == 2:
             return Batch(inputs=raw[0], targets=raw[1], raw=raw)

@@ -43,6 +43,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="the training data augments randomly: store N seeded views of each sample",
     )
+    p.add_argument(
+        "--mix-views",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the recipe mixes (trainer.mix): store K fixed mixed views of each input; epoch e of the "
+        "run trains on view e mod K",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=8192, help="samples per shard file (the unit of resume)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
@@ -78,11 +86,11 @@ def main(args) -> int:
 
     from distill.checkpoint import load_weights
     from distill.data.bundle import build_data
-    from distill.data.indexed import IndexedDataset
     from distill.engine.trainer import resolve_device, seed_everything
     from distill.models.build import build_model
     from distill.run.config import apply_overrides, load_yaml, parse_recipe
     from distill.run.hf import resolve_recipe
+    from distill.run.pipeline import add_transfer, build_objective, store_rows
     from distill.teachers import Teacher
     from distill.teachers.store import write_store
 
@@ -102,7 +110,12 @@ def main(args) -> int:
         model = load_weights(build_model(cfg.teacher.spec(), data), checkpoint)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(model, dtype=dtype, compile=cfg.teacher.compile)
-        train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train
+        if args.mix_views is not None and args.augment_copies is not None:
+            raise DistillError(
+                "--mix-views replays the augmentation of each view already; drop --augment-copies"
+            )
+        objective = build_objective(cfg)
+        train, _ = store_rows(cfg, add_transfer(cfg, data, objective), objective, args.mix_views)
         out = Path(args.out) if args.out else Path("caches") / f"{cfg.name}-teacher"
         info = write_store(
             teacher,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from distill.errors import ConfigError, DistillError
 from distill.outputs import Batch
@@ -128,21 +130,131 @@ def _cutmix(x: Tensor, perm: Tensor, lam: float, rng: np.random.Generator) -> tu
     """Pastes a box of area about (1 - lam) from x[perm] into x: over the last two dimensions (an
     image's H, W; a spectrogram's frequency, time), or a segment of the last one for (B, D) inputs.
     Returns the mixed inputs and lam recomputed from the box actually pasted."""
+    box, area = _box(x.shape[1:], lam, rng)
     out = x.clone()
-    if x.dim() >= 3:
-        h, w = x.shape[-2], x.shape[-1]
+    out[box] = x[perm][box]
+    return out, 1.0 - area
+
+
+def _box(shape: Sequence[int], lam: float, rng: np.random.Generator) -> tuple[tuple, float]:
+    """Where cutmix pastes for one sample of `shape` (no batch dimension): the index of a box of
+    area about (1 - lam) over the last two dimensions (or a segment of the only one), and its area
+    as a share of the whole."""
+    if len(shape) >= 2:
+        h, w = shape[-2], shape[-1]
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(round(h * cut)), int(round(w * cut))
         cy, cx = int(rng.integers(h)), int(rng.integers(w))
         y0, y1 = max(cy - ch // 2, 0), min(cy + (ch - ch // 2), h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + (cw - cw // 2), w)
-        out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-        area = (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        d = x.shape[-1]
-        cd = int(round(d * (1.0 - lam)))
-        c = int(rng.integers(d))
-        a0, a1 = max(c - cd // 2, 0), min(c + (cd - cd // 2), d)
-        out[..., a0:a1] = x[perm][..., a0:a1]
-        area = (a1 - a0) / d
-    return out, 1.0 - area
+        return (..., slice(y0, y1), slice(x0, x1)), (y1 - y0) * (x1 - x0) / (h * w)
+    d = shape[-1]
+    cd = int(round(d * (1.0 - lam)))
+    c = int(rng.integers(d))
+    a0, a1 = max(c - cd // 2, 0), min(c + (cd - cd // 2), d)
+    return (..., slice(a0, a1)), (a1 - a0) / d
+
+
+class MixedViews(Dataset):
+    """`views` fixed mixed versions of every sample, for a teacher served from a store.
+
+    A store of the teacher's outputs at the unmixed inputs cannot give its view of a mixed input,
+    and batch mixing (`Mixer`) pairs whatever samples share a batch, so no mixed input repeats. Here
+    mixing is per sample and seeded: view `v` of sample `i` (store row `r = v * n + i`) pastes (cutmix)
+    or blends (mixup) sample `perm_v[i]` into sample `i` with `lam` drawn from `(seed, r)`, every
+    input read as the seeded augmented view `r` of `AugmentedCopies`. So the teacher's output on each
+    of the `views * n` mixed inputs can be stored once, and epoch `e` trains on view `e mod views`:
+    offline function matching (Beyer et al. 2022, the "fixed teacher" with precomputed views).
+
+    Items are dicts: `inputs`, `soft_targets` (C,) (`lam * onehot(y_i) + (1 - lam) * onehot(y_j)`, zero
+    rows for unlabelled samples, as `Mixer` makes them) and `index`, the store row. `rows()` is the
+    `views * n` rows in order, without an index: what `write_store` runs the teacher over.
+    """
+
+    def __init__(self, dataset: Any, views: int, mixer: Mixer):
+        """`mixer`: the mixing settings (name, alpha, prob, classes, seed, ignored labels)."""
+        from distill.teachers.store import AugmentedCopies, is_random
+
+        if views < 1:
+            raise ConfigError(f"the number of mixed views must be at least 1, got {views}")
+        seed = mixer.seed
+        self.dataset, self.copies = dataset, AugmentedCopies(dataset, views, seed)
+        self.n, self.views = len(dataset), views
+        self.name, self.alpha, self.prob = mixer.name, mixer.alpha, mixer.prob
+        self.num_classes, self.seed, self.ignore = mixer.num_classes, seed, mixer.ignore
+        # seeding every read costs ~0.3 ms; a dataset without random augmentation needs none
+        self._read = self.copies.read if is_random(dataset) else (lambda r: dataset[r % self.n])
+        self.epoch = 0
+        self._perms: dict[int, np.ndarray] = {}
+        # what the store's fingerprint shows as the input transform (see `transform_repr`)
+        self.transform = (
+            f"{self.name}(alpha={self.alpha:g}, prob={self.prob:g}) x {views} fixed views, seed {seed}"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """The Trainer calls this before each epoch: epoch `e` reads view `e mod views`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = (self.epoch % self.views) * self.n + i
+        return {**self.row(r), "index": r}
+
+    def _partner(self, view: int, i: int) -> int:
+        if view not in self._perms:
+            self._perms[view] = np.random.default_rng([self.seed, view, 0x76696577]).permutation(self.n)
+        return int(self._perms[view][i])
+
+    def row(self, r: int) -> dict[str, Any]:
+        """Mixed input `r` (view `r // n` of sample `r % n`), the same tensor on every read."""
+        view, i = divmod(r, self.n)
+        x, y = _pair(self._read(r))
+        rng = np.random.default_rng([self.seed, r, 0x6D6978])
+        labels = self._onehot(y)
+        if rng.random() >= self.prob:
+            return {"inputs": x, "soft_targets": labels}
+        check_mixable(x.unsqueeze(0), self.name)
+        x2, y2 = _pair(self._read(view * self.n + self._partner(view, i)))
+        lam = float(rng.beta(self.alpha, self.alpha))
+        if self.name == "mixup":
+            mixed = x * lam + x2 * (1.0 - lam)
+        else:
+            box, area = _box(x.shape, lam, rng)
+            mixed, lam = x.clone(), 1.0 - area
+            mixed[box] = x2[box]
+        return {"inputs": mixed, "soft_targets": labels * lam + self._onehot(y2) * (1.0 - lam)}
+
+    def _onehot(self, y: int) -> Tensor:
+        out = torch.zeros(self.num_classes)
+        if 0 <= y < self.num_classes:
+            out[y] = 1.0
+        elif y not in self.ignore:
+            raise DistillError(f"label {y} is out of range for {self.num_classes} classes")
+        return out
+
+    def rows(self) -> Dataset:
+        return _Rows(self)
+
+
+class _Rows(Dataset):
+    """Every mixed view of `MixedViews`, `views * n` items in store order."""
+
+    def __init__(self, views: MixedViews):
+        self.dataset = views  # (its transform names the mixing, for the store's fingerprint)
+
+    def __len__(self) -> int:
+        return self.dataset.views * self.dataset.n
+
+    def __getitem__(self, r: int) -> dict[str, Any]:
+        return self.dataset.row(r)
+
+
+def _pair(item: Any) -> tuple[Tensor, Any]:
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return item[0], int(item[1])
+    raise ConfigError(
+        f"mixed views of a teacher store need (input, label) samples, got {type(item).__name__}; "
+        "set trainer.mix.name: none"
+    )

@@ -724,6 +724,10 @@ class Trainer:
         model = self.model
         model.train()
         start = self.batch_in_epoch
+        data = self.train_loader.dataset
+        data = data.dataset if isinstance(data, GuardedDataset) else data
+        if hasattr(data, "set_epoch"):  # a dataset whose items depend on the epoch (MixedViews)
+            data.set_epoch(self.epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch, start * self.train_loader.batch_size)
             self.train_loader.generator.manual_seed(self.seed * 7_919 + self.epoch)

@@ -205,6 +205,50 @@ def mapped_kl(
     return kl_in + kl_out, uld
 
 
+def mapped_kl_sum(
+    student_logits: Tensor,
+    rows: Tensor,
+    t_probs: Tensor,
+    t_ids: Tensor,
+    t_tail: Tensor,
+    vocab_map: Tensor,
+    *,
+    temperature: float = 1.0,
+    uld_weight: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Σ over the `rows` of `mapped_kl`'s kl + uld_weight·uld, computed in chunks of rows.
+
+    Same value and gradient as `mapped_kl` on `student_logits[rows]`, without its (N, Vs) float32
+    temporaries for all N rows at once (six of them, plus the copy `[rows]` makes): each chunk of
+    rows is a view of the logits, its gradient is written into one buffer of the logits' size as
+    it is computed (`distill.losses.sequence`'s chunked reduction), so the extra memory is about
+    10 · chunk_size · Vs floats.
+
+    Args:
+        student_logits: (B, T, Vs) or (N, Vs).
+        rows: (B, T) or (N,) bool, the rows to count.
+        t_probs, t_ids: (B, T, k) or (N, k), the teacher at each row (any value where not counted);
+            t_tail: (B, T) or (N,). vocab_map: as in `mapped_kl`.
+        chunk_size: rows per chunk (None: about 4M logits per chunk).
+
+    Returns:
+        A scalar (the sum, not the mean).
+    """
+    from distill.losses.sequence import _reduce_chunked
+
+    vs = student_logits.shape[-1]
+    s2d = student_logits.reshape(-1, vs)
+    m = rows.reshape(-1).to(s2d.device)
+    p, ids, tail = t_probs.reshape(m.shape[0], -1), t_ids.reshape(m.shape[0], -1), t_tail.reshape(-1)
+
+    def per_row(s_c: Tensor, a: int, b: int) -> Tensor:
+        kl, uld = mapped_kl(s_c, p[a:b], ids[a:b], tail[a:b], vocab_map, temperature=temperature)
+        return kl + uld_weight * uld
+
+    return _reduce_chunked(s2d, m.float(), m, per_row, chunk_size, "sum")
+
+
 # --------------------------------------------------------------------------------------------
 # Reading the aligned teacher from Outputs.extras, and the registered terms.
 # --------------------------------------------------------------------------------------------
@@ -336,6 +380,8 @@ class AlignedKD(_CrossTerm):
         unaligned: "uld" (student positions with no teacher position ending at the same
             character: ULD against the teacher's last position before them) or "skip".
         unaligned_weight: weight of those positions' ULD.
+        chunk_size: aligned positions per chunk of the mapped KL (None: automatic; see
+            `mapped_kl_sum`), which bounds its memory whatever the vocabulary and sequence length.
         temperature, teacher: as in `uld`.
 
     The loss is the mean over counted student positions of kl + uld_weight·uld at aligned ones
@@ -344,8 +390,18 @@ class AlignedKD(_CrossTerm):
 
     name = "aligned_kd"
 
-    def __init__(self, uld_weight: float = 1.0, unaligned: str = "uld", unaligned_weight: float = 1.0, **kw):
+    def __init__(
+        self,
+        uld_weight: float = 1.0,
+        unaligned: str = "uld",
+        unaligned_weight: float = 1.0,
+        chunk_size: int | None = None,
+        **kw,
+    ):
         super().__init__(**kw)
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise DistillError(f"aligned_kd.chunk_size must be >= 1 (or null for auto), got {chunk_size}")
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         if unaligned not in ("uld", "skip"):
             raise DistillError(f"aligned_kd.unaligned '{unaligned}' is not one of uld, skip")
         if uld_weight < 0 or unaligned_weight < 0:
@@ -361,15 +417,17 @@ class AlignedKD(_CrossTerm):
         count = int(aligned.sum())
         if count:
             probs, ids, tail = self._sparse_at(xt, xt["align"])
-            kl, uld = mapped_kl(
-                s[aligned],
-                probs[aligned],
-                ids[aligned],
-                tail[aligned],
+            total = total + mapped_kl_sum(
+                s,
+                aligned,
+                probs,
+                ids,
+                tail,
                 xt["map"],
                 temperature=self.temperature,
+                uld_weight=self.uld_weight,
+                chunk_size=self.chunk_size,
             )
-            total = total + (kl + self.uld_weight * uld).sum()
         if self.unaligned == "uld":
             other = mask & (xt["align"] < 0) & (xt["fallback"] >= 0)
             n = int(other.sum())

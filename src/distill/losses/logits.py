@@ -245,20 +245,31 @@ STD_KINDS = ("unbiased", "population")
 def standardize_logits(logits: Tensor, eps: float = 1e-7, std: str = "unbiased") -> Tensor:
     """Z-scores logits over the class dimension: `(z - mean(z)) / (std(z) + eps)` per sample.
 
+    A −inf logit (a masked class: a vocabulary padded past the tokenizer, a constrained decoder)
+    takes no part in the mean and std and stays −inf, so the row is standardised over the classes
+    it can give and softmax still gives the masked ones 0 (not NaN: −inf − mean is −inf, but the
+    mean and std over a row holding −inf are NaN).
+
     Args:
         logits: (..., C).
         eps: keeps a sample whose logits are all equal finite (it becomes all zeros).
         std: "unbiased" (1/(C−1), `torch.std`, as the authors' code that produced the published
             CIFAR-100 numbers) or "population" (1/C, as Sun et al. 2024 write Eq. 8). The
             z-scores differ by sqrt(C/(C−1)), which acts as a temperature: the LSKD value
-            differs by 11% at C = 10 and 1% at C = 100 (docs/methods.md, Conventions).
+            differs by 11% at C = 10 and 1% at C = 100 (docs/methods.md, Conventions). With
+            masked classes, C counts the unmasked ones.
     """
     if std not in STD_KINDS:
         raise DistillError(f"lskd.std: '{std}' is not one of {', '.join(STD_KINDS)}")
     z = logits.float()
-    mean = z.mean(-1, keepdim=True)
-    sd = z.std(-1, keepdim=True, unbiased=std == "unbiased")
-    return (z - mean) / (sd + eps)
+    keep = z != float("-inf")  # (..., C); no `.all()` test: that would sync with the GPU
+    n = keep.sum(-1, keepdim=True)
+    zk = torch.where(keep, z, torch.zeros_like(z))
+    mean = zk.sum(-1, keepdim=True) / n.clamp_min(1)
+    dev = torch.where(keep, z - mean, torch.zeros_like(z))
+    dof = n - 1 if std == "unbiased" else n
+    sd = (dev.pow(2).sum(-1, keepdim=True) / dof.clamp_min(1)).sqrt()
+    return torch.where(keep, dev / (sd + eps), z)
 
 
 def lskd_loss(

@@ -152,6 +152,10 @@ class CRD(LossTerm):
     each training step, and checkpointed with the objective. The normaliser Z of each
     direction is estimated once, on the first batch, as in the paper's code.
 
+    No step reads a device tensor on the host (no `.item()`, no `if tensor:`), so on a GPU the
+    step queues without waiting: index checks and the class bank of "other_class" use the data
+    loader's host copies of the batch (`Batch.host`), and whether Z is estimated is a Python flag.
+
     Negatives are drawn with replacement and never include the anchor's own index:
     - "uniform": uniformly over the other N − 1 samples (the paper's noise distribution);
     - "other_class": uniformly over the samples of *other classes*, as the authors' code in
@@ -208,12 +212,14 @@ class CRD(LossTerm):
         self.register_buffer("memory_t", torch.rand(self.n_data, self.feat_dim) * 2 * stdv - stdv)
         self.register_buffer("z_s", torch.tensor(-1.0))  # < 0: not estimated yet
         self.register_buffer("z_t", torch.tensor(-1.0))
+        self._z_known = False  # mirrors z >= 0 on the host, so no step asks the device
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
         if negatives not in NEGATIVES:
             raise DistillError(f"crd.negatives: '{negatives}' is not one of {', '.join(NEGATIVES)}")
         self.negatives = negatives
         self._pool: tuple[Tensor, Tensor, Tensor, int] | None = None  # see _class_pool
+        self._bank_host: Tensor | None = None  # a CPU mirror of `labels`, read instead of it
         if negatives == "other_class":
             bank = torch.full((self.n_data,), -1, dtype=torch.long)  # -1: not seen yet
             if labels is not None:
@@ -226,12 +232,14 @@ class CRD(LossTerm):
                 bank.copy_(given)
             # Registered only in this mode, so uniform-mode checkpoints keep their keys.
             self.register_buffer("labels", bank)
+            self._bank_host = bank.clone()
         elif labels is not None:
             raise DistillError("crd.labels is used only with negatives: other_class")
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._pool = None  # derived from the label bank, which may just have been replaced
+        self._pool = self._bank_host = None  # derived from the label bank, which may just have been replaced
+        self._z_known = bool((self.z_s >= 0) & (self.z_t >= 0))  # one read per load, not per step
 
     def setup(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         fs = student.feature(self.student_layer, "student")
@@ -250,9 +258,10 @@ class CRD(LossTerm):
         idx = batch.index.reshape(-1).long()
         if idx.shape[0] != b:
             raise DistillError(f"crd: {idx.shape[0]} sample indices for a batch of {b}")
-        if idx.min() < 0 or idx.max() >= self.n_data:
+        host = batch.host("index")  # checked on the host copy; without one, indexing the bank fails
+        if host is not None and host.numel() and (host.min() < 0 or host.max() >= self.n_data):
             raise DistillError(
-                f"crd: sample index {int(idx.max())} is outside [0, n_data={self.n_data}); "
+                f"crd: sample index {int(host.max())} is outside [0, n_data={self.n_data}); "
                 "set crd.n_data to the training set size"
             )
         return idx
@@ -261,17 +270,46 @@ class CRD(LossTerm):
         """Sample indices sorted by known class (unseen ones first), each class's start in
         that order and its size, and the number of unseen samples. Recomputed when the bank
         changes."""
-        if self._pool is None:
-            bank = self.labels
+        if self._pool is None:  # computed on the host mirror, then sent over without a sync
+            bank = self._host_bank()
             order = torch.sort(bank, stable=True).indices
             unseen = int((bank < 0).sum())
             counts = torch.bincount(bank[bank >= 0], minlength=int(bank.max()) + 1 if bank.numel() else 1)
             starts = unseen + counts.cumsum(0) - counts
+            device = self.labels.device
+            pin = device.type == "cuda"
+            order, starts, counts = (
+                (t.pin_memory() if pin else t).to(device, non_blocking=True) for t in (order, starts, counts)
+            )
             self._pool = (order, starts, counts, unseen)
         return self._pool
 
-    def draw_contrast(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """(B,) anchor indices -> (B, K+1) memory rows: the anchor, then `nce_k` negatives."""
+    def _host_bank(self) -> Tensor:
+        if self._bank_host is None:
+            self._bank_host = self.labels.cpu()  # once (and after a load), not per step
+        return self._bank_host
+
+    def _learn_labels(self, idx: Tensor, y: Tensor, host_idx: Tensor | None, host_y: Tensor | None) -> None:
+        """Writes the batch's classes into the bank when any is new; decided on the host."""
+        if host_idx is None or host_y is None:
+            host_idx, host_y = idx.cpu(), y.cpu()  # no host copy given: one sync
+        host_idx, host_y = host_idx.reshape(-1).long(), host_y.reshape(-1).long()
+        bank = self._host_bank()
+        if (bank[host_idx] != host_y).any():
+            bank[host_idx] = host_y
+            self.labels[idx] = y
+            self._pool = None
+
+    def draw_contrast(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        host_idx: Tensor | None = None,
+        host_targets: Tensor | None = None,
+    ) -> Tensor:
+        """(B,) anchor indices -> (B, K+1) memory rows: the anchor, then `nce_k` negatives.
+        `host_idx`, `host_targets`: CPU copies of `idx`, `targets` (needed only on a GPU: the
+        class bank is updated from them without a sync)."""
         b, k, n = idx.shape[0], self.nce_k, self.n_data
         # Uniform over the other N − 1 samples: draw from N − 1 slots and skip the anchor's.
         r = torch.randint(0, n - 1, (b, k), device=idx.device)
@@ -286,9 +324,9 @@ class CRD(LossTerm):
             if y.shape[0] != b:
                 raise DistillError(f"crd: {y.shape[0]} labels for a batch of {b}")
             # Learn classes from training batches only (evaluation indices are another dataset's).
-            if self.training and (self.labels[idx] != y).any():
-                self.labels[idx] = y
-                self._pool = None
+            if self.training:
+                on_cpu = idx.device.type == "cpu"
+                self._learn_labels(idx, y, idx if on_cpu else host_idx, y if on_cpu else host_targets)
             order, starts, counts, unseen = self._class_pool()
             n_class = counts[y]  # (B,), the anchor's class size among seen samples
             n_other = (n - unseen) - n_class  # seen samples of other classes
@@ -304,8 +342,8 @@ class CRD(LossTerm):
     def _scores(self, anchor: Tensor, memory: Tensor, contrast: Tensor, z: Tensor) -> Tensor:
         w = memory[contrast]  # (B, K+1, F), no gradient (a buffer)
         out = torch.exp(torch.bmm(w, anchor[:, :, None]).squeeze(-1) / self.nce_t)  # (B, K+1)
-        if z < 0:
-            z.fill_(float(out.detach().mean() * self.n_data))
+        if not self._z_known:  # the first batch: Z = N · mean score (on the device, no read-back)
+            z.copy_(out.detach().mean() * self.n_data)
         return out / z
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
@@ -319,10 +357,11 @@ class CRD(LossTerm):
         _check_batch(fs, ft, "crd")
         idx = self._index(batch, fs.shape[0]).to(self.memory_s.device)
         es, et = self.embed_s(fs), self.embed_t(ft)  # (B, F) each, unit norm
-        contrast = self.draw_contrast(idx, batch.targets)
+        contrast = self.draw_contrast(idx, batch.targets, batch.host("index"), batch.host("targets"))
         per_sample = nce_loss(self._scores(es, self.memory_t, contrast, self.z_s), self.n_data) + nce_loss(
             self._scores(et, self.memory_s, contrast, self.z_t), self.n_data
         )
+        self._z_known = True
         if self.training:
             with torch.no_grad():
                 for memory, e in ((self.memory_s, es), (self.memory_t, et)):

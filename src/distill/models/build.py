@@ -13,6 +13,15 @@ from distill.errors import ConfigError
 from distill.registry import MODELS, import_path
 
 
+def takes_teacher(spec: dict[str, Any]) -> bool:
+    """Whether the builder of `spec` takes the teacher model (a student made from its layers)."""
+    target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    try:
+        return "teacher" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def build_model(
     spec: dict[str, Any], data: DataBundle | None = None, teacher: nn.Module | None = None
 ) -> nn.Module:

@@ -216,6 +216,11 @@ class DetectionAdapter:
     def __init__(self, postprocess: bool = True):
         self.postprocess = postprocess
 
+    def for_teaching(self) -> DetectionAdapter:
+        """This adapter for a teacher whose outputs only feed losses: no post-processing (NMS);
+        see `distill.adapters.teaching_adapter`, which the pipeline applies to the teacher."""
+        return DetectionAdapter(postprocess=False)
+
     def __call__(self, model: nn.Module, batch: Batch) -> Outputs:
         for part in ("transform", "backbone"):
             if not hasattr(model, part):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -178,13 +179,22 @@ def write_cross_store(
     add_bos: bool = False,
     device: str | torch.device | None = None,
     verbose: bool = True,
+    shard_texts: int = 4096,
 ) -> dict:
     """Runs the teacher once over `texts` and writes what any student tokenizer trains from.
+
+    The texts are written in shards of `shard_texts` into `PATH.partial/`, each shard's files
+    atomically and then recorded in its `progress.json`; an interrupted write, called again with
+    the same teacher, tokenizer, texts and settings, resumes after the shards already done
+    (anything else starts again). When every shard is done they are joined into the store's files
+    (one shard in memory at a time) and the folder is renamed to PATH.
 
     Returns the manifest (with `bytes_per_token`); prints the size per teacher token.
     """
     if dtype not in ("float16", "float32"):
         raise DistillError(f"store dtype '{dtype}' is not one of float16, float32")
+    if shard_texts < 1:
+        raise DistillError(f"shard_texts must be at least 1, got {shard_texts}")
     ms = _models(models)
     if device is not None:
         for m in ms:
@@ -194,53 +204,114 @@ def write_cross_store(
     texts = list(dict.fromkeys(texts))
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    parts: dict[str, list[np.ndarray]] = {f: [] for f in ("probs", "ids", "tail", "offsets")}
-    starts = [0]
+    say = print if verbose else (lambda *_a, **_k: None)
+    keys = [text_key(t) for t in texts]
+    plan = {
+        "fingerprint": _fingerprint(ms, strings),
+        "texts_sha": hashlib.sha256(b"".join(keys)).hexdigest()[:16],
+        "params": [k, max_length, add_eos, add_bos, dtype, shard_texts, len(texts)],
+    }
+    progress = None
+    if (tmp / "progress.json").is_file():
+        try:
+            progress = json.loads((tmp / "progress.json").read_text())
+        except json.JSONDecodeError:
+            progress = None
+        if progress is not None and progress.get("plan") != plan:
+            say(f"{tmp} holds an interrupted write for another teacher, texts or settings: starting again")
+            progress = None
+        elif progress is not None:
+            say(f"resuming {tmp}: {len(progress['done'])} shard(s) already written", flush=True)
+    for stale in tmp.glob(".*.tmp-*"):  # a file a killed writer was writing (its shard is redone)
+        stale.unlink(missing_ok=True)
+    if progress is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        progress = {"plan": plan, "done": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos, add_bos)
-        probs, tids, tail = _run(ms, ids, pad, k, dev)
-        for r, row in enumerate(ids):
-            n = len(row)
-            parts["probs"].append(probs[r, :n].cpu().numpy().astype(dtype))
-            parts["ids"].append(tids[r, :n].to(torch.int32).cpu().numpy())
-            parts["tail"].append(tail[r, :n].cpu().numpy().astype(np.float32))
-            parts["offsets"].append(np.asarray(offs[r], dtype=np.int32).reshape(n, 2))
-            starts.append(starts[-1] + n)
-    arrays = {f: np.concatenate(v) for f, v in parts.items()}
-    arrays["starts"] = np.asarray(starts, dtype=np.int64)
-    arrays["keys"] = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=np.uint8).reshape(-1, 20)
-    for f, a in arrays.items():
-        atomic_write(tmp / f"{f}.npy", lambda p, a=a: _save_npy(p, a))
+    n_shards = max(1, -(-len(texts) // shard_texts))
+    for shard in range(n_shards):
+        if shard in progress["done"]:
+            continue
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in ("probs", "ids", "tail", "offsets")}
+        lengths = []
+        shard_texts_ = texts[shard * shard_texts : (shard + 1) * shard_texts]
+        for i in range(0, len(shard_texts_), batch_size):
+            chunk = shard_texts_[i : i + batch_size]
+            ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos, add_bos)
+            probs, tids, tail = _run(ms, ids, pad, k, dev)
+            for r, row in enumerate(ids):
+                n = len(row)
+                parts["probs"].append(probs[r, :n].cpu().numpy().astype(dtype))
+                parts["ids"].append(tids[r, :n].to(torch.int32).cpu().numpy())
+                parts["tail"].append(tail[r, :n].cpu().numpy().astype(np.float32))
+                parts["offsets"].append(np.asarray(offs[r], dtype=np.int32).reshape(n, 2))
+                lengths.append(n)
+        arrays = {f: np.concatenate(v) for f, v in parts.items()}
+        arrays["lengths"] = np.asarray(lengths, dtype=np.int64)
+        for f, a in arrays.items():
+            atomic_write(tmp / f"{f}.{shard:05d}.npy", lambda p, a=a: _save_npy(p, a))
+        progress["done"] = sorted(progress["done"] + [shard])
+        atomic_write_text(tmp / "progress.json", json.dumps(progress))
+        if n_shards > 1:
+            say(f"shard {shard + 1}/{n_shards} written", flush=True)
+
+    lengths = np.concatenate([np.load(tmp / f"lengths.{s:05d}.npy") for s in range(n_shards)])
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    _join_shards(tmp, n_shards)
+    atomic_write(tmp / "starts.npy", lambda p: _save_npy(p, starts))
+    key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20)
+    atomic_write(tmp / "keys.npy", lambda p: _save_npy(p, key_arr))
     total = sum((tmp / f"{f}.npy").stat().st_size for f in _FIELDS)
     manifest = {
         "kind": "cross_tokenizer",
         "version": 1,
-        "fingerprint": {**_fingerprint(ms, strings), "texts": len(texts)},
-        "k": int(arrays["probs"].shape[1]),
+        "fingerprint": {**plan["fingerprint"], "texts": len(texts)},
+        "k": int(np.load(tmp / "probs.npy", mmap_mode="r").shape[1]),
         "max_length": max_length,
         "add_eos": add_eos,
         "add_bos": add_bos,
         "dtype": dtype,
         "tokens": int(starts[-1]),
         "bytes": int(total),
-        "bytes_per_token": round(total / max(starts[-1], 1), 2),
+        "bytes_per_token": round(total / max(int(starts[-1]), 1), 2),
         "vocab": strings,
     }
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
+    for f in tmp.glob("*.npy"):
+        if re.search(r"\.\d{5}\.npy$", f.name):  # the shards, joined above
+            f.unlink()
+    (tmp / "progress.json").unlink()
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-    if verbose:
-        print(
-            f"cross-tokenizer store {path}: {len(texts)} texts, {starts[-1]} teacher tokens, k={manifest['k']}, "
-            f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB)",
-            flush=True,
-        )
+    say(
+        f"cross-tokenizer store {path}: {len(texts)} texts, {starts[-1]} teacher tokens, k={manifest['k']}, "
+        f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB)",
+        flush=True,
+    )
     return manifest
+
+
+def _join_shards(folder: Path, n_shards: int) -> None:
+    """`<field>.<shard>.npy` -> `<field>.npy` for the row fields, written through a memory map one
+    shard at a time (a store larger than memory joins as well)."""
+    for f in ("probs", "ids", "tail", "offsets"):
+        shards = [np.load(folder / f"{f}.{s:05d}.npy", mmap_mode="r") for s in range(n_shards)]
+        rows = sum(a.shape[0] for a in shards)
+
+        def write(p, shards=shards, rows=rows):
+            out = np.lib.format.open_memmap(
+                p, mode="w+", dtype=shards[0].dtype, shape=(rows, *shards[0].shape[1:])
+            )
+            at = 0
+            for a in shards:
+                out[at : at + a.shape[0]] = a
+                at += a.shape[0]
+            out.flush()
+            del out
+
+        atomic_write(folder / f"{f}.npy", write)
 
 
 class CachedCrossTokenizerTeacher:

@@ -102,6 +102,18 @@ class EnsembleConfig(Strict):
     rule: Literal["mean_logits", "mean_probs", "confidence", "entropy"] = "mean_logits"
     tau: float = Field(1.0, gt=0)
     space: Literal["logits", "probs"] = "logits"
+    weights: list[float] | None = Field(
+        None,
+        description="a fixed weight per teacher (>= 0, in teachers: order), multiplied into the rule's "
+        "per-sample weights and renormalised; default equal",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, w):
+        if w is not None and (any(x < 0 for x in w) or not sum(w) > 0):
+            raise ValueError(f"weights {w}: give one weight >= 0 per teacher, not all 0")
+        return w
 
 
 class TermConfig(Component):
@@ -170,6 +182,11 @@ class RecipeConfig(Strict):
             raise ValueError("teachers: lists at least two; for one teacher use teacher:")
         if any(t.cache for t in self.teachers):
             raise ValueError("teachers[].cache: a teacher store serves one teacher; use teacher: with it")
+        w = self.ensemble.weights
+        if w is not None and len(w) != len(self.teachers):
+            raise ValueError(
+                f"ensemble.weights: {len(w)} weights for {len(self.teachers)} teachers; give one per teacher"
+            )
         return self
 
     def to_yaml(self) -> str:

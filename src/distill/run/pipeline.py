@@ -15,16 +15,17 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from distill.adapters import auto_adapter
+from distill.adapters import auto_adapter, teaching_adapter
 from distill.checkpoint import atomic_write_text, load_weights, save_weights
 from distill.data.bundle import DataBundle, build_data
 from distill.engine import distributed as dist
 from distill.engine.config import MixConfig
 from distill.engine.evaluate import build_evaluator, evaluate
+from distill.engine.mix import MixedViews, Mixer
 from distill.engine.trainer import Trainer, make_loader, resolve_device, seed_everything
 from distill.errors import ConfigError
 from distill.losses import CrossEntropy
-from distill.models.build import build_model
+from distill.models.build import build_model, takes_teacher
 from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
@@ -174,12 +175,61 @@ def measure(
     return row
 
 
-def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeConfig, out: Path):
+@dataclasses.dataclass
+class Built:
+    """The components `preflight_recipe` built and checked, handed to the run so that each is built
+    once per run (a 26 s GGUF teacher is loaded once, and held once at the peak). Each is in the
+    state the run would have built it in: the teacher with its checkpoint loaded (to be trained,
+    at its seeded initial weights), the student at its seeded initial weights (only when the
+    teacher's weights are final, as a student may be built from them), the distillation objective
+    before its first batch. Buffers the one-batch check moved (BatchNorm statistics, CRD's memory)
+    are put back. `take` hands each over once."""
+
+    teacher_model: nn.Module | None = None
+    student: nn.Module | None = None
+    kd_objective: Objective | None = None
+
+    def take(self, name: str) -> Any:
+        value = getattr(self, name)
+        setattr(self, name, None)
+        return value
+
+
+def _snapshot(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], bool]:
+    """What a one-batch check may change in a model: its buffers (BatchNorm statistics move even
+    without gradients), its `requires_grad` flags (a `Teacher` freezes its model) and its mode.
+    Parameters do not change (no optimizer step), so they are not copied."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    return buffers, {n: p.requires_grad for n, p in module.named_parameters()}, module.training
+
+
+@torch.no_grad()
+def _restore(module: nn.Module, snapshot: tuple[dict[str, torch.Tensor], dict[str, bool], bool]) -> None:
+    buffers, grad, training = snapshot
+    for n, b in module.named_buffers():
+        if n in buffers and buffers[n].shape == b.shape:
+            b.copy_(buffers[n])
+    for n, p in module.named_parameters():
+        p.requires_grad_(grad.get(n, p.requires_grad))
+    module.train(training)
+
+
+def load_teacher(
+    tc: TeacherConfig,
+    stage: str,
+    data: DataBundle,
+    cfg: RecipeConfig,
+    out: Path,
+    model: nn.Module | None = None,
+):
     """One teacher: loaded from its checkpoint, or trained (stage `stage`) and then its last, best
     or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
-    `teacher.calibrate`. Returns (model, adapter, facts for its summary row)."""
+    `teacher.calibrate`. `model`: the teacher preflight built (`Built`), its checkpoint loaded
+    already; None: built here. Returns (model, adapter, facts for its summary row)."""
     seed_everything(cfg.seed)
-    model = build_model(tc.spec(), data)
+    built = model is not None
+    if model is None:
+        model = build_model(tc.spec(), data)
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
@@ -188,7 +238,8 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
                 f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
                 "checkpoint: is used as given (point checkpoint: at the file you want)"
             )
-        load_weights(model, tc.checkpoint)
+        if not built:
+            load_weights(model, tc.checkpoint)
     elif tc.train is not None:
         train_cfg = tc.train
         if isinstance(tc.use, int):
@@ -239,31 +290,44 @@ class EnsembleModel(nn.Module):
 
         rule = "mean_logits" if ensemble.rule in ("confidence", "learned") else ensemble.rule
         self.members = nn.ModuleList(ensemble.models)
-        self.ensemble = Ensemble(ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space)
+        self.ensemble = Ensemble(
+            ensemble.members, rule=rule, tau=ensemble.tau, space=ensemble.space, weights=ensemble.weights
+        )
 
     def forward(self, x):
         return self.ensemble(Batch(inputs=x)).logits
 
 
-def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path):
+def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built | None = None):
     """The teacher that teaches: one `Teacher`, or the `Ensemble` of `teachers:`. Returns it, a
     model for students built from the teacher (the first member), and the summary rows' models
     as (name, model, adapter, facts): `teacher` first (for an ensemble, the combination), then
-    `teacher0`, `teacher1`, ... for its members."""
+    `teacher0`, `teacher1`, ... for its members. `built`: what preflight built (its teacher is the
+    first member's model)."""
     dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    first = built.take("teacher_model") if built is not None else None
     if not cfg.teachers:
-        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out)
-        t = Teacher(model, adapter=adapter, dtype=dtype_of[cfg.teacher.dtype], compile=cfg.teacher.compile)
+        model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out, model=first)
+        t = Teacher(
+            model,
+            adapter=teaching_adapter(adapter),
+            dtype=dtype_of[cfg.teacher.dtype],
+            compile=cfg.teacher.compile,
+        )
         return t, model, [("teacher", model, adapter, info)]
     from distill.teachers.ensemble import Ensemble
 
     members, rows = [], []
     for i, tc in enumerate(cfg.teachers):
-        model, adapter, info = load_teacher(tc, f"teacher{i}", data, cfg, out)
-        members.append(Teacher(model, adapter=adapter, dtype=dtype_of[tc.dtype], compile=tc.compile))
+        model, adapter, info = load_teacher(
+            tc, f"teacher{i}", data, cfg, out, model=first if i == 0 else None
+        )
+        members.append(
+            Teacher(model, adapter=teaching_adapter(adapter), dtype=dtype_of[tc.dtype], compile=tc.compile)
+        )
         rows.append((f"teacher{i}", model, adapter, info))
     e = cfg.ensemble
-    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space)
+    ensemble = Ensemble(members, rule=e.rule, tau=e.tau, space=e.space, weights=e.weights)
     combined = EnsembleModel(ensemble)
     return ensemble, members[0].model, [("teacher", combined, auto_adapter, {"rule": e.rule}), *rows]
 
@@ -297,10 +361,6 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
     spec = cfg.data.transfer
     if spec is None:
         return data
-    if cfg.teacher.cache and not cfg.teachers:
-        raise ConfigError(
-            "data.transfer with teacher.cache: the store covers the training set only; drop one"
-        )
     transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
     got, want = _input_shape(transfer), _input_shape(data)
     if got is not None and want is not None and got != want:
@@ -308,14 +368,83 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
             f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
             "give a transfer set of the same input shape"
         )
+    merged = ConcatDataset([data.train, Unlabelled(transfer.train, label_ignore(objective, "data.transfer"))])
+    return dataclasses.replace(data, train=merged)
+
+
+def label_ignore(objective: Objective, key: str) -> int:
+    """The label value the objective's label terms skip (`ignore_index`, -100 without one)."""
     ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
     if len(ignores) > 1:
-        raise ConfigError(
-            f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
-        )
-    ignore = ignores.pop() if ignores else -100
-    merged = ConcatDataset([data.train, Unlabelled(transfer.train, ignore)])
-    return dataclasses.replace(data, train=merged)
+        raise ConfigError(f"{key}: the label terms skip different values ({sorted(ignores)}); use one")
+    return ignores.pop() if ignores else -100
+
+
+MIX_STORE = (
+    "a store of the teacher's outputs at unmixed inputs cannot give its view of a mixed input; write "
+    "K fixed mixed views of each input with `distill cache-teacher RECIPE --mix-views K` (epoch e "
+    "trains on view e mod K), or set trainer.mix.name: none"
+)
+
+
+def store_rows(
+    cfg: RecipeConfig, data: DataBundle, objective: Objective, views: int | None
+) -> tuple[Dataset, MixedViews | None]:
+    """What a teacher store of this recipe holds one row of teacher outputs for, and, under
+    `trainer.mix`, the dataset the distilled student then trains on.
+
+    `data` is the distilled student's data (`add_transfer`: the labelled set and any transfer set,
+    so the store covers both). Without mixing the rows are its samples. With mixing they are
+    `views` fixed mixed views of each sample (`MixedViews`): outputs at the unmixed inputs cannot
+    give the teacher's view of a mixed one, so mixing with a plain store is refused (`MIX_STORE`).
+    """
+    from distill.data.indexed import IndexedDataset
+
+    train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train
+    mix = cfg.trainer.mix
+    if mix.name == "none" or mix.prob == 0:
+        if views:
+            raise ConfigError(
+                "--mix-views: the recipe does not mix (trainer.mix.name: none); drop --mix-views"
+            )
+        return train, None
+    if not views:
+        raise ConfigError(f"trainer.mix with teacher.cache: {MIX_STORE}")
+    if data.num_classes is None:
+        raise ConfigError("trainer.mix mixes class labels, but the data names no number of classes")
+    mixer = Mixer(
+        mix.name, mix.alpha, mix.prob, data.num_classes, cfg.seed, (label_ignore(objective, "trainer.mix"),)
+    )
+    mixed = MixedViews(train, views, mixer)
+    return mixed.rows(), mixed
+
+
+def serve_store(
+    cfg: RecipeConfig, data: DataBundle, objective: Objective, teacher: Any, teacher_model: nn.Module
+) -> tuple[Any, DataBundle, TrainerConfig]:
+    """`teacher.cache`: the teacher served from its store for the distilled stage. Returns the
+    `CachedTeacher` (the live teacher is its fallback for validation), the stage's data (sample
+    indices, or the store's mixed views) and its trainer settings (no batch mixing over views that
+    are mixed already)."""
+    from distill.teachers.store import CachedTeacher
+
+    views = None
+    if cfg.trainer.mix.name != "none" and cfg.trainer.mix.prob > 0:
+        rows, n = CachedTeacher(cfg.teacher.cache).rows, len(data.train)
+        if rows == n:
+            raise ConfigError(f"trainer.mix with teacher.cache {cfg.teacher.cache}: {MIX_STORE}")
+        views = max(rows // n, 1)  # a store for other data fails the fingerprint check below
+    rows_set, mixed = store_rows(cfg, data, objective, views)
+    cached = CachedTeacher(
+        cfg.teacher.cache,
+        dataset=rows_set,
+        teacher=teacher_model,
+        fallback=teacher,
+        fill=cfg.teacher.cache_fill,
+    )
+    train = mixed if mixed is not None else cached.training_dataset(rows_set)
+    trainer_cfg = cfg.trainer.model_copy(update={"mix": MixConfig()}) if mixed is not None else cfg.trainer
+    return cached, dataclasses.replace(data, train=train), trainer_cfg
 
 
 def add_fit_measures(
@@ -367,27 +496,16 @@ def run_recipe(
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
-        preflight_recipe(cfg, data)  # every component and one batch, before any training
+        built = Built()
+        preflight_recipe(cfg, data, built)  # every component and one batch, before any training
         student_adapter = build_adapter(cfg.student.adapter)
-        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out)
+        teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out, built)
 
-        kd_teacher, kd_data = teacher, data
+        kd_objective = built.take("kd_objective") or build_objective(cfg)
+        kd_data = add_transfer(cfg, data, kd_objective)
+        kd_teacher, kd_trainer = teacher, cfg.trainer
         if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
-            if cfg.trainer.mix.name != "none":
-                raise ConfigError(
-                    "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
-                    "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
-                )
-            from distill.teachers.store import CachedTeacher
-
-            kd_teacher = CachedTeacher(
-                cfg.teacher.cache,
-                dataset=data.train,
-                teacher=teacher_model,
-                fallback=teacher,
-                fill=cfg.teacher.cache_fill,
-            )
-            kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
+            kd_teacher, kd_data, kd_trainer = serve_store(cfg, kd_data, kd_objective, teacher, teacher_model)
 
         students: dict[str, nn.Module] = {}
         stages = (
@@ -397,17 +515,19 @@ def run_recipe(
             "scratch_unmixed" in cfg.baselines
         ):  # the scratch twin without trainer.mix, as it would train alone
             stages.append(("student_scratch_unmixed", scratch_objective(cfg), None, data))
-        kd_objective = build_objective(cfg)
-        kd_data = add_transfer(cfg, kd_data, kd_objective)
         stages.append(("student_kd", kd_objective, kd_teacher, kd_data))
         for stage, objective, t, stage_data in stages:
             seed_everything(cfg.seed)  # the same initial student for every stage
-            student = build_model(cfg.student.spec(), data, teacher=teacher_model)
-            if cfg.student.checkpoint:
-                load_weights(student, cfg.student.checkpoint)
+            student = built.take("student")  # the first stage trains the one preflight checked
+            if student is None:
+                student = build_model(cfg.student.spec(), data, teacher=teacher_model)
+                if cfg.student.checkpoint:
+                    load_weights(student, cfg.student.checkpoint)
             trainer_cfg = cfg.trainer
             if stage == "student_scratch_unmixed":
                 trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
+            elif stage == "student_kd":
+                trainer_cfg = kd_trainer
             students[stage] = train_stage(
                 stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter
             )
@@ -615,15 +735,14 @@ def evaluate_checkpoint(
 
 
 def preflight_recipe(
-    cfg: RecipeConfig, data: DataBundle | None = None, teacher_model: nn.Module | None = None
+    cfg: RecipeConfig, data: DataBundle | None = None, built: Built | None = None
 ) -> dict[str, Any]:
     """Builds every component of `cfg` and runs one batch through each stage it will train.
 
     Args:
         data: the built data (built here when None).
-        teacher_model: the run's teacher, not yet trained or loaded. A teacher that will be trained
-            is copied (the run's own model is left as it is); one loaded from a checkpoint is used
-            in place (it is frozen for distillation anyway). None: built here, with its checkpoint.
+        built: filled with the teacher, student and objective built here, put back in the state
+            the run would have built them in, for the run to train (`Built`); None: dropped.
 
     Returns:
         What was built: data sizes and shapes, models with parameters, objective terms and taps,
@@ -650,12 +769,11 @@ def preflight_recipe(
 
     teacher_adapter = build_adapter(cfg.teacher.adapter)
     student_adapter = build_adapter(cfg.student.adapter)
-    if teacher_model is None:
-        teacher_model = build_model(cfg.teacher.spec(), data)
-        if cfg.teacher.checkpoint:
-            load_weights(teacher_model, cfg.teacher.checkpoint)
-    elif not cfg.teacher.checkpoint:
-        teacher_model = copy.deepcopy(teacher_model)
+    seed_everything(cfg.seed)  # as `load_teacher` builds it: the same initial weights
+    teacher_model = build_model(cfg.teacher.spec(), data)
+    if cfg.teacher.checkpoint:
+        load_weights(teacher_model, cfg.teacher.checkpoint)
+    teacher_state = _snapshot(teacher_model)
     pretrained = getattr(teacher_model, "distill_pretrained", False)  # an hf folder with its own weights
     if not cfg.teacher.checkpoint and cfg.teacher.train is None and not pretrained:
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
@@ -680,14 +798,17 @@ def preflight_recipe(
             device,
             evaluator_spec,
         )
-    teacher = Teacher(teacher_model, adapter=teacher_adapter)
+    teacher = Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
     try:
+        seed_everything(cfg.seed)  # as the run builds each stage's student
         student = build_model(cfg.student.spec(), data, teacher=teacher_model)
         if cfg.student.checkpoint:
             load_weights(student, cfg.student.checkpoint)
         student.to(device)
+        student_state = _snapshot(student)
         report["student"] = describe_model(cfg.student.spec(), student)
         kd = build_objective(cfg)
+        kd_state = copy.deepcopy(kd.state_dict())
         report["objective"] = describe_objective(kd, {n: t.weight for n, t in cfg.objective.terms.items()})
         if "scratch" in cfg.baselines:
             stages["student_scratch"] = run_stage(
@@ -706,6 +827,15 @@ def preflight_recipe(
     finally:
         teacher.tap.remove()  # the run's Teacher adds its own taps
     report["stages"] = stages
+    if built is not None:
+        _restore(teacher_model, teacher_state)
+        built.teacher_model = teacher_model
+        # a student made from the teacher's layers is built again after the teacher trains
+        if cfg.teacher.checkpoint or cfg.teacher.train is None or not takes_teacher(cfg.student.spec()):
+            _restore(student, student_state)
+            built.student = student
+        kd.load_state_dict(kd_state, strict=False)  # its terms' state before the batch (CRD's memory)
+        built.kd_objective = kd
     return report
 
 

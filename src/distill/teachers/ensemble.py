@@ -111,6 +111,9 @@ class Ensemble:
             logits and `mean_probs` always mixes probabilities.
         adapters: per-member adapters for modules given bare.
         dtype, compile: as in `Teacher`, for modules given bare.
+        weights: a fixed weight per member (>= 0, not all 0), multiplied into the rule's
+            per-sample weights and renormalised (`mean_probs` with weights is a weighted mean);
+            None: equal. Not with `learned`, whose gate learns them.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Ensemble:
         adapters: Sequence[Adapter] | None = None,
         dtype: torch.dtype | None = None,
         compile: bool = False,
+        weights: Sequence[float] | None = None,
     ):
         if len(members) == 0:
             raise DistillError("an Ensemble needs at least one member teacher")
@@ -139,6 +143,16 @@ class Ensemble:
                 m = Teacher(m, adapter=ad, dtype=dtype, compile=compile)
             self.members.append(m)
         self.rule, self.tau = rule, tau
+        self.weights = None
+        if weights is not None:
+            w = [float(x) for x in weights]
+            if len(w) != len(members) or any(x < 0 for x in w) or not sum(w) > 0:
+                raise DistillError(
+                    f"ensemble weights {w}: give one weight >= 0 per member ({len(members)}), not all 0"
+                )
+            if rule == "learned":
+                raise DistillError("ensemble weights: the learned rule learns its weights; drop weights")
+            self.weights = w
         self.space = {"mean_logits": "logits", "mean_probs": "probs"}.get(rule, space)
         if rule == "learned":
             self.space = "logits"
@@ -190,6 +204,9 @@ class Ensemble:
             )
         z = torch.stack([flatten_logits(o.logits).float() for o in outs])  # (K, N, C)
         w = member_weights(z, self.rule, batch.targets, self.tau)
+        if self.weights is not None:  # (B, K) * (K,), rows renormalised
+            w = w * torch.tensor(self.weights, device=w.device, dtype=w.dtype)
+            w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
         logits = combine(z, w, self.space).reshape(outs[0].logits.shape)
         features = {f"t{i}.{k}": v for i, o in enumerate(outs) for k, v in o.features.items()}
         extras = {f"t{i}.{k}": v for i, o in enumerate(outs) for k, v in o.extras.items()}

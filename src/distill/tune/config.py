@@ -6,30 +6,13 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from distill.errors import ConfigError
 from distill.run.config import RecipeConfig, Strict, apply_overrides, format_validation_error, load_yaml
-from distill.tune.space import validate_search
+from distill.tune.space import SearchParam, validate_search
 
 # --------------------------------------------------------------------------- configuration
-
-
-class SearchParam(Strict):
-    """How one recipe key is sampled.
-
-    `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
-    `categorical`: one of `choices`; choices may be lists or mappings (e.g. a whole
-    `objective.terms` block), shown in tables by `labels` when given.
-    """
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-    labels: list[str] | None = None
 
 
 class TuneObjective(Strict):
@@ -43,7 +26,12 @@ class TuneConfig(Strict):
     study_name: str | None = Field(None, description="default: the recipe's name")
     storage: str | None = Field(None, description="an Optuna storage URL; default sqlite:///<out>/study.db")
     trials: int = Field(20, gt=0, description="finished (complete + pruned) trials to reach")
-    objectives: list[TuneObjective] = Field(default_factory=lambda: [TuneObjective()], min_length=1)
+    objectives: list[TuneObjective] = Field(
+        default_factory=lambda: [TuneObjective()],
+        min_length=1,
+        description="default: the metric the recipe's trainer monitors (accuracy, maximised; a language "
+        "model's perplexity, minimised)",
+    )
     sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
         "auto", description="auto: tpe for one objective, nsga2 for several"
     )
@@ -63,8 +51,31 @@ class TuneRecipe(RecipeConfig):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def base_data(self) -> dict[str, Any]:
-        """The recipe without `search`/`tune`, as plain data (every key, defaults filled)."""
-        return self.model_dump(mode="json", exclude={"search", "tune"})
+        """The recipe without `search`/`tune`, as plain data (every key, defaults filled). With
+        `teachers:` the default `teacher:` is left out (the recipe gives one or the other), and
+        searched `ensemble.weights.<i>` start from equal weights when the recipe gives none."""
+        data = self.model_dump(
+            mode="json", exclude={"search", "tune", *(("teacher",) if self.teachers else ())}
+        )
+        if (
+            self.teachers
+            and data["ensemble"]["weights"] is None
+            and any(k.startswith("ensemble.weights.") for k in self.search)
+        ):
+            data["ensemble"]["weights"] = [1.0] * len(self.teachers)
+        return data
+
+    @model_validator(mode="after")
+    def _default_objective(self):
+        """Without `tune.objectives`, the study optimises what the trainer monitors, after the
+        defaults an `hf` teacher implies (a causal LM: perplexity, minimised)."""
+        if "objectives" not in self.tune.model_fields_set:
+            from distill.run.hf import resolve_recipe
+
+            trainer = resolve_recipe(self).trainer
+            direction = "minimize" if trainer.monitor_mode == "min" else "maximize"
+            self.tune.objectives = [TuneObjective(metric=trainer.monitor, direction=direction)]
+        return self
 
 
 def parse_tune_recipe(data: dict[str, Any], source: str = "recipe") -> TuneRecipe:

@@ -17,8 +17,14 @@ from distill.tune.space import suggest
 # --------------------------------------------------------------------------- outputs
 
 
+COSTS = ("params", "size_mb", "latency_ms_", "tokens_per_s", "sentences_per_s")
+
+
 def _metric_key(o: TuneObjective) -> str:
-    return f"val_{o.metric}" if o.metric in ("accuracy", "nll", "agreement") else o.metric
+    """The row key of an objective: a cost measured on the trial's model as is; anything else is
+    the validation value the study optimised, `val_<metric>`, kept apart from the test value of
+    the same name in the row (a language model's `perplexity` is measured on both)."""
+    return o.metric if o.metric.startswith(COSTS) else f"val_{o.metric}"
 
 
 def trial_rows(cfg: TuneRecipe, study) -> list[dict[str, Any]]:
@@ -78,7 +84,7 @@ def _best_trials(cfg: TuneRecipe, study) -> list[Any]:
     return sorted(front, key=lambda t: -sign * t.values[0])  # best first objective first
 
 
-def best_recipe_yaml(cfg: TuneRecipe, trial, teacher_path: str) -> str:
+def best_recipe_yaml(cfg: TuneRecipe, trial, teacher_hint: str) -> str:
     """The best trial's values applied to the recipe without search/tune: runnable with `distill run`."""
     import optuna
 
@@ -100,9 +106,29 @@ def best_recipe_yaml(cfg: TuneRecipe, trial, teacher_path: str) -> str:
         f"validation {vals}), written by `distill tune` (optuna {optuna.__version__}).\n"
         "# Run it with `distill run <this file>`. Tuned keys:\n"
         + "".join(f"#   {k}: {json.dumps(v)}\n" for k, v in values.items())
-        + f"# To reuse the study's teacher instead of training it again: teacher.checkpoint={teacher_path}\n"
+        + teacher_hint
     )
     return head + yaml.safe_dump(data, sort_keys=False)
+
+
+def _teacher_hint(base: RecipeConfig, out: Path) -> str:
+    """Comment lines of best_recipe.yaml: where the study's trained teacher weights are."""
+    named = (
+        [("teacher", base.teacher)]
+        if not base.teachers
+        else [(f"teachers[{i}]", tc) for i, tc in enumerate(base.teachers)]
+    )
+    lines = []
+    for i, (name, tc) in enumerate(named):
+        stem = "teacher" if not base.teachers else f"teacher{i}"
+        path = tc.checkpoint or (
+            str((out / f"{stem}.safetensors").resolve()) if tc.train is not None else None
+        )
+        if path and not tc.checkpoint:
+            lines.append(f"#   {name}.checkpoint: {path}\n")
+    if not lines:
+        return ""
+    return "# To reuse the study's trained teacher weights instead of training again, set:\n" + "".join(lines)
 
 
 def _plot_history(cfg: TuneRecipe, rows: list[dict[str, Any]], path: Path) -> bool:
@@ -239,9 +265,6 @@ def write_outputs(cfg: TuneRecipe, study, out: Path, base: RecipeConfig) -> dict
     rows = trial_rows(cfg, study)
     best = _best_trials(cfg, study)
     importances = _importances(cfg, study)
-    teacher_path = str((out / "teacher.safetensors").resolve())
-    if base.teacher.checkpoint:
-        teacher_path = base.teacher.checkpoint
     teacher_row = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else None
     counts: dict[str, int] = {}
     for r in rows:
@@ -285,7 +308,7 @@ def write_outputs(cfg: TuneRecipe, study, out: Path, base: RecipeConfig) -> dict
             "",
         ]
         md += [f"- `{k}`: `{_fmt(v)}`" for k, v in b.params.items()]
-        atomic_write_text(out / "best_recipe.yaml", best_recipe_yaml(cfg, b, teacher_path))
+        atomic_write_text(out / "best_recipe.yaml", best_recipe_yaml(cfg, b, _teacher_hint(base, out)))
     if len(cfg.tune.objectives) > 1 and best:
         md += ["", "## Pareto front", "", "Trials " + ", ".join(str(t.number) for t in best) + "."]
         if _plot_pareto(cfg, rows, {t.number for t in best}, out / "pareto.png"):

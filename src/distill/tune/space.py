@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
 from distill.errors import ConfigError
-from distill.run.config import RecipeConfig, format_validation_error
+from distill.run.config import RecipeConfig, Strict, format_validation_error
 
-if TYPE_CHECKING:
-    from distill.tune.config import SearchParam, TuneRecipe
+
+class SearchParam(Strict):
+    """How one recipe key is sampled.
+
+    `float`/`int`: uniform in [low, high] (log-uniform with `log: true`; on a grid with `step`).
+    `categorical`: one of `choices`; choices may be lists or mappings (e.g. a whole
+    `objective.terms` block), shown in tables by `labels` when given.
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    labels: list[str] | None = None
+
+
+class SearchSpace(Protocol):
+    """What this module reads of a tune recipe (`distill.tune.config.TuneRecipe` is one): the space
+    and the recipe it varies. A protocol, so that config imports space and never the reverse."""
+
+    search: dict[str, SearchParam]
+
+    def base_data(self) -> dict[str, Any]: ...
+
 
 # --------------------------------------------------------------------------- the search space
 
@@ -25,26 +49,33 @@ _FREE = ("init_args", "schedules")
 
 
 def _get(data: Any, parts: list[str]) -> Any:
+    """The value at a dotted key; a number indexes a list (`ensemble.weights.0`)."""
     for p in parts:
-        if not isinstance(data, dict) or p not in data:
+        if isinstance(data, list) and p.isdigit() and int(p) < len(data):
+            data = data[int(p)]
+        elif isinstance(data, dict) and p in data:
+            data = data[p]
+        else:
             return _MISSING
-        data = data[p]
     return data
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
     for p in parts[:-1]:
-        data = data.setdefault(p, {})
-    data[parts[-1]] = value
+        data = data[int(p)] if isinstance(data, list) else data.setdefault(p, {})
+    if isinstance(data, list):
+        data[int(parts[-1])] = value
+    else:
+        data[parts[-1]] = value
 
 
 def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
     keys = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            keys.append(key)
-            keys.extend(_dotted_keys(v, key))
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys.append(key)
+        keys.extend(_dotted_keys(v, key))
     return keys
 
 
@@ -56,7 +87,7 @@ def _key_exists(base: dict[str, Any], key: str) -> bool:
     return any(p in _FREE and _get(base, parts[: i + 1]) is not _MISSING for i, p in enumerate(parts[:-1]))
 
 
-def _structural_keys(cfg: TuneRecipe) -> set[str]:
+def _structural_keys(cfg: SearchSpace) -> set[str]:
     """Keys that a categorical choice of a mapping (e.g. `objective.terms`) may create."""
     keys: set[str] = set()
     for key, p in cfg.search.items():
@@ -66,7 +97,7 @@ def _structural_keys(cfg: TuneRecipe) -> set[str]:
     return keys
 
 
-def validate_search(cfg: TuneRecipe, source: str = "recipe") -> None:
+def validate_search(cfg: SearchSpace, source: str = "recipe") -> None:
     """Checks the search space before any trial: every key exists in the recipe, every range is
     non-empty, and the recipe still validates at each end of each range and with each choice."""
     where = f"{source}: search"
@@ -80,6 +111,11 @@ def validate_search(cfg: TuneRecipe, source: str = "recipe") -> None:
             raise ConfigError(
                 f"{name}: the teacher is trained once and shared by all trials; tune student-side keys "
                 f"or {' / '.join(TEACHER_KEYS)} (which of its checkpoints teaches, calibrated or not)"
+            )
+        if key.split(".")[0] == "teachers":
+            raise ConfigError(
+                f"{name}: the teachers are trained once and shared by all trials; tune how they are "
+                "combined (ensemble.rule, ensemble.tau, ensemble.weights.<i>) or student-side keys"
             )
         if key in ("seed", "name"):
             raise ConfigError(f"{name}: '{key}' is not a hyperparameter; remove it from search")
@@ -141,7 +177,7 @@ def _primitive(p: SearchParam) -> bool:
     return all(c is None or isinstance(c, bool | int | float | str) for c in p.choices or [])
 
 
-def suggest(trial: Any, cfg: TuneRecipe) -> tuple[dict[str, Any], dict[str, Any]]:
+def suggest(trial: Any, cfg: SearchSpace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Samples the space for `trial` (define-by-run): returns the trial's recipe data and the
     sampled values by key. Keys whose parent a structural choice removed are not sampled."""
     data = cfg.base_data()
@@ -151,7 +187,7 @@ def suggest(trial: Any, cfg: TuneRecipe) -> tuple[dict[str, Any], dict[str, Any]
         p = cfg.search[key]
         parts = key.split(".")
         parent = _get(data, parts[:-1]) if len(parts) > 1 else data
-        if parent is _MISSING or not isinstance(parent, dict):
+        if parent is _MISSING or not isinstance(parent, dict | list):
             continue
         if p.type == "float":
             v: Any = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)

@@ -16,7 +16,7 @@ from distill.errors import ConfigError, DistillError
 from distill.run.config import RecipeConfig
 from distill.tune.config import TuneConfig, TuneRecipe
 from distill.tune.report import write_outputs
-from distill.tune.trials import FileLock, make_objective, prepare_teacher
+from distill.tune.trials import FileLock, make_objective, prepare_teachers
 
 # --------------------------------------------------------------------------- the study
 
@@ -195,7 +195,7 @@ def run_tune(
     target = trials or cfg.tune.trials
     t0 = time.perf_counter()
     base = RecipeConfig.model_validate(cfg.base_data())
-    teacher_path, _ = prepare_teacher(base, out)
+    teacher_paths = prepare_teachers(base, out)
     study = open_study(cfg, out, study_name, storage)
     queued = _requeue_interrupted(study)
     done = _finished(study)
@@ -205,7 +205,7 @@ def run_tune(
     )
     if done < target:
         study.optimize(
-            make_objective(cfg, out, teacher_path),
+            make_objective(cfg, out, teacher_paths),
             n_trials=target - done,
             callbacks=[MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))],
             gc_after_trial=False,

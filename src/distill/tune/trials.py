@@ -10,7 +10,7 @@ from typing import Any
 
 from distill.checkpoint import atomic_write_text
 from distill.errors import ConfigError, DistillError, TrainingDiverged
-from distill.run.config import RecipeConfig
+from distill.run.config import RecipeConfig, TeacherConfig
 from distill.tune.config import TuneRecipe
 from distill.tune.space import suggest
 
@@ -34,13 +34,30 @@ class FileLock:
         os.close(self.fd)
 
 
-def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] | None]:
+def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str | None, dict[str, Any] | None]:
     """Returns the path of the teacher's weights that every trial loads, training the teacher once
-    (in `<out>/teacher/`, resumable) when the recipe gives no checkpoint; and its measured row."""
-    if cfg.teacher.checkpoint:
-        return cfg.teacher.checkpoint, None
-    if cfg.teacher.train is None:
-        raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
+    (in `<out>/teacher/`, resumable) when the recipe gives no checkpoint; and its measured row.
+    A teacher with neither checkpoint nor train: section (a pretrained `hf` model, a GGUF file)
+    is used as the recipe gives it: None."""
+    return _prepare(cfg, cfg.teacher, "teacher", out)
+
+
+def prepare_teachers(cfg: RecipeConfig, out: Path) -> list[str | None]:
+    """The weights every trial loads, per teacher: one path for `teacher:`; for `teachers:` one per
+    member, each trained once in `<out>/teacher<i>/` (the ensemble is combined per trial, so its
+    rule, tau and weights can be tuned)."""
+    if not cfg.teachers:
+        return [prepare_teacher(cfg, out)[0]]
+    return [_prepare(cfg, tc, f"teacher{i}", out)[0] for i, tc in enumerate(cfg.teachers)]
+
+
+def _prepare(
+    cfg: RecipeConfig, tc: TeacherConfig, name: str, out: Path
+) -> tuple[str | None, dict[str, Any] | None]:
+    if tc.checkpoint:
+        return tc.checkpoint, None
+    if tc.train is None:
+        return None, None
     from distill.checkpoint import load_weights, save_weights
     from distill.data.bundle import build_data
     from distill.engine.trainer import seed_everything
@@ -48,41 +65,41 @@ def prepare_teacher(cfg: RecipeConfig, out: Path) -> tuple[str, dict[str, Any] |
     from distill.run.pipeline import build_adapter, measure, scratch_objective, train_stage
     from distill.run.rundir import RunDir
 
-    path = out / "teacher.safetensors"
-    row_path = out / "teacher.json"
-    with FileLock(out / ".teacher.lock"):
+    path = out / f"{name}.safetensors"
+    row_path = out / f"{name}.json"
+    with FileLock(out / f".{name}.lock"):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
         seed_everything(cfg.seed)
-        model = build_model(cfg.teacher.spec(), data)
+        model = build_model(tc.spec(), data)
         if path.exists() and row_path.exists():
             return str(path.resolve()), json.loads(row_path.read_text())
-        adapter = build_adapter(cfg.teacher.adapter)
+        adapter = build_adapter(tc.adapter)
         teacher_cfg = cfg.model_copy(update={"baselines": []})
         # every epoch's weights are kept, so trials may tune teacher.use (last, best, epoch N)
-        epochs = list(range(1, cfg.teacher.train.epochs + 1))
-        with RunDir(out / "teacher", teacher_cfg.to_yaml(), resume=True):
+        epochs = list(range(1, tc.train.epochs + 1))
+        with RunDir(out / name, teacher_cfg.to_yaml(), resume=True):
             train_stage(
-                "teacher",
+                name,
                 model,
                 scratch_objective(cfg),
                 data,
                 cfg,
-                cfg.teacher.train.model_copy(update={"keep_epochs": epochs}),
-                out / "teacher",
+                tc.train.model_copy(update={"keep_epochs": epochs}),
+                out / name,
                 adapter=adapter,
             )
-        save_weights(path, model.state_dict(), {"stage": "teacher"})
+        save_weights(path, model.state_dict(), {"stage": name})
         load_weights(model, path)
-        row = measure("teacher", model, data, cfg, None, adapter=adapter)
+        row = measure(name, model, data, cfg, None, adapter=adapter)
         atomic_write_text(row_path, json.dumps(row, indent=2))
         return str(path.resolve()), row
 
 
-def teacher_weights(out: Path, final: str, use: Any) -> str:
-    """The weights file of the study's teacher that `teacher.use` names (last, best or an epoch)."""
+def teacher_weights(out: Path, final: str, use: Any, name: str = "teacher") -> str:
+    """The weights file of the study's teacher `name` that `teacher.use` names (last, best, an epoch)."""
     if use in (None, "last"):
         return final
-    folder = out / "teacher" / "checkpoints" / "teacher"
+    folder = out / name / "checkpoints" / name
     path = folder / ("best.safetensors" if use == "best" else f"epoch{use}.safetensors")
     if not path.exists():
         raise ConfigError(
@@ -90,6 +107,21 @@ def teacher_weights(out: Path, final: str, use: Any) -> str:
             "use last, best or an epoch up to teacher.train.epochs"
         )
     return str(path.resolve())
+
+
+def pin_teachers(data: dict[str, Any], out: Path, paths: list[str | None]) -> None:
+    """Points a trial's recipe (as data) at the study's teacher weights (`prepare_teachers`)."""
+    named = (
+        [("teacher", data["teacher"])]
+        if not data.get("teachers")
+        else list((f"teacher{i}", tc) for i, tc in enumerate(data["teachers"]))
+    )
+    for (name, tc), final in zip(named, paths, strict=True):
+        if final is None:
+            continue  # a pretrained teacher, used as the recipe gives it
+        tc["checkpoint"] = teacher_weights(out, final, tc.get("use", "last"), name)
+        tc["train"] = None
+        tc["use"] = "last"  # resolved to its file above
 
 
 # --------------------------------------------------------------------------- trials
@@ -138,7 +170,7 @@ def _objective_values(cfg: TuneRecipe, val: dict[str, Any], row: dict[str, Any])
     return values
 
 
-def make_objective(cfg: TuneRecipe, out: Path, teacher_path: str):
+def make_objective(cfg: TuneRecipe, out: Path, teacher_paths: list[str | None]):
     """The function Optuna calls per trial: samples, runs the recipe in its own folder, scores it."""
     import optuna
 
@@ -151,9 +183,7 @@ def make_objective(cfg: TuneRecipe, out: Path, teacher_path: str):
 
     def objective(trial: optuna.Trial):
         data, values = suggest(trial, cfg)
-        data["teacher"]["checkpoint"] = teacher_weights(out, teacher_path, data["teacher"].get("use", "last"))
-        data["teacher"]["train"] = None
-        data["teacher"]["use"] = "last"  # resolved to its file above
+        pin_teachers(data, out, teacher_paths)
         data["baselines"] = list(cfg.tune.baselines)
         folder = trial.user_attrs.get("resume_of", trial.number)
         trial_cfg = parse_recipe(data, source=f"trial {trial.number} ({_short(values)})")
