@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_collator_keeps_texts_and_offsets_and_the_model_ignores_them(toks):
 
     _, s_tok = toks
     batch = CrossTokenizerCollator(s_tok, max_length=32)(TEXTS[:3])
-    assert batch["offset_mapping"].shape == (*batch["input_ids"].shape, 2)
+    assert batch["byte_ends"].shape == batch["input_ids"].shape
     assert batch["text"] == TEXTS[:3]
     out = hf_adapter()(_gpt2(s_tok, 0), Batch(inputs=batch, targets=batch["labels"]))
     assert out.logits.shape[:2] == batch["input_ids"].shape
@@ -343,3 +344,151 @@ def test_benchmark_end_to_end_store_rows_match_online_rows(tmp_path, monkeypatch
     assert all(math.isfinite(r["bpc"]) and r["bpc"] > 0 for r in rows.values())
     assert rows["uld_store"]["bpc"] == pytest.approx(rows["uld"]["bpc"], abs=2e-3)
     assert rows["aligned_store"]["bpc"] == pytest.approx(rows["aligned"]["bpc"], abs=2e-3)
+
+
+# --------------------------------------------------------------------------- the inputs that break tokenizers
+# Three tokenizer families trained here in well under a second: GPT-2 style (byte-level BPE,
+# offsets trimmed of their leading space), Llama 2 style (SentencePiece BPE, `▁` marker put
+# before the text, byte fallback `<0xNN>` at low ids) and T5/Gemma style (Unigram, `▁`, byte fallback).
+
+BREAKERS = ["a 😀 b  ünïcödé", "🙂x unbelievable", "  hi   there", "Hello, café naïve 🎉!"]
+CORPUS = TEXTS[:4] + ["ünïcödé text with café and naïve", "emoji 😀 and 🎉 and  two  spaces"] * 3
+
+
+def _byte_fallback_vocab(pieces: list[str]) -> list[str]:
+    return (
+        ["<unk>", "<s>", "</s>"]
+        + [f"<0x{b:02X}>" for b in range(256)]
+        + [p for p in pieces if not p.startswith("<")]
+    )
+
+
+def _gpt2_style():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    e = "<|endoftext|>"
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=e, bos_token=e, pad_token=e)
+
+
+def _sentencepiece_style(kind: str):
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=kind == "unigram")
+    base = Tokenizer(models.BPE(unk_token="<unk>") if kind == "bpe" else models.Unigram())
+    base.pre_tokenizer = meta
+    specials = ["<unk>", "<s>", "</s>"]
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False)
+    else:
+        trainer = trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=specials, unk_token="<unk>", show_progress=False
+        )
+    base.train_from_iterator(CORPUS, trainer)
+    spec = json.loads(base.to_str())["model"]
+    if kind == "bpe":
+        order = sorted(spec["vocab"], key=spec["vocab"].get)
+        vocab = {p: i for i, p in enumerate(_byte_fallback_vocab(order))}
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+        model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
+    else:
+        scores = dict(spec["vocab"])
+        vocab = [
+            (p, scores.get(p, -20.0 if p.startswith("<0x") else 0.0))
+            for p in _byte_fallback_vocab(list(scores))
+        ]
+        model = models.Unigram(vocab, unk_id=0, byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = meta
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return {
+        "gpt2": _gpt2_style(),
+        "llama": _sentencepiece_style("bpe"),
+        "unigram": _sentencepiece_style("unigram"),
+    }
+
+
+def _consumed(tok, ids: list[int], text: str) -> list[int]:
+    """Ground truth written apart from distill: the bytes of `text` read through each token, from
+    the raw tokens (a character of the byte-level alphabet is one byte, so is `<0xNN>`; `▁` is a
+    space, the first one the tokenizer's own when the text does not start with one); bos 0, eos -1."""
+    byte_level = "Ġ" in "".join(tok.get_vocab())
+    total, out = 0, []
+    for k, (i, raw) in enumerate(zip(ids, tok.convert_ids_to_tokens(ids))):
+        if i in tok.all_special_ids:
+            out.append(0 if k == 0 else -1)
+            continue
+        if byte_level:
+            n = len(raw)
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", raw):
+            n = 1
+        else:
+            n = len(raw.replace("▁", " ").encode())
+            if total == 0 and raw.startswith("▁") and not text.startswith(" "):
+                n -= 1
+        total += n
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "unigram"])
+def test_byte_ends_are_the_text_each_token_has_read(zoo, name):
+    from distill.nlp.align import TokenBytes
+
+    tok = zoo[name]
+    ids, ends = TokenBytes(tok).encode(BREAKERS, 64, add_eos=True, add_bos=True)
+    kinds = set()
+    for text, row, got in zip(BREAKERS, ids, ends):
+        assert got == _consumed(tok, row, text), tok.convert_ids_to_tokens(row)
+        data = text.encode()
+        assert got[-2] == len(data)  # the last text token has read all of it
+        kinds |= {r for r in tok.convert_ids_to_tokens(row) if r in ("▁", "Ġ") or r.startswith("<0x")}
+        kinds |= {"mid-char"} if any(0 < e < len(data) and _mid_char(data, e) for e in got) else set()
+    # the texts did reach what they are for: tokens ending inside a character, byte fallback, a lone marker
+    assert "mid-char" in kinds and ({"Ġ"} <= kinds if name == "gpt2" else {"▁", "<0xF0>"} <= kinds)
+
+
+def _mid_char(data: bytes, e: int) -> bool:
+    return (data[e] & 0xC0) == 0x80  # the next byte continues a character
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "unigram"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_aligned_loss_of_a_model_against_itself_is_zero(zoo, name, add_bos):
+    from distill.nlp.align import CrossTokenizerCollator
+    from distill.nlp.cross import CrossTokenizerTeacher
+
+    tok = zoo[name]
+    model = _gpt2(tok, 3, width=8)
+    data = CrossTokenizerCollator(tok, max_length=40, add_bos=add_bos)(BREAKERS)
+    batch = Batch(inputs=data, targets=data["labels"])
+    xt = CrossTokenizerTeacher(model, tok, tok, k=None, max_length=40, add_bos=add_bos)(batch)
+    out = _student_out(model, data)
+    counted = data["labels"][:, 1:] != -100
+    assert (xt.extras["xt"]["teacher"]["align"][:, :-1][counted] >= 0).all()  # every position has its partner
+    for term in (AlignedKD(), ULD(positions="chars"), AlignedKD(unaligned="skip")):
+        assert float(term(out, xt, batch)) == pytest.approx(0.0, abs=1e-5)
