@@ -110,9 +110,14 @@ def toks():
     )
 
 
-def _gpt2(tok, seed, width=16):
+def _gpt2(tok, seed, width=16, positions=64):
     cfg = transformers.GPT2Config(
-        vocab_size=len(tok), n_embd=width, n_layer=1, n_head=2, n_positions=64, pad_token_id=tok.pad_token_id
+        vocab_size=len(tok),
+        n_embd=width,
+        n_layer=1,
+        n_head=2,
+        n_positions=positions,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -205,22 +210,31 @@ def test_offline_store_equals_online_teacher_on_the_same_batch(toks, tmp_path, t
 
 
 def test_aligned_positions_see_the_same_prefix(toks):
-    from distill.nlp.align import token_offsets
+    # What each position has read is decoded from its own tokens by each tokenizer, apart from
+    # the offsets and byte counts the alignment is computed from, so a wrong pair fails here.
     from distill.nlp.cross import CrossTokenizerTeacher
 
     t_tok, s_tok = toks
-    data, batch = _batch(s_tok, TEXTS[:2], max_length=40)
-    xt = CrossTokenizerTeacher(_gpt2(t_tok, 1), t_tok, s_tok, k=4, max_length=40)(batch).extras["xt"][
+    texts = [TEXTS[0], TEXTS[1] + " unbelievably"]
+    data, batch = _batch(s_tok, texts, max_length=64)
+    xt = CrossTokenizerTeacher(_gpt2(t_tok, 1), t_tok, s_tok, k=4, max_length=64)(batch).extras["xt"][
         "teacher"
     ]
-    _, t_offs = token_offsets(t_tok, TEXTS[:2], 40)
     n_aligned = 0
-    for r, text in enumerate(TEXTS[:2]):
-        for j, i in enumerate(xt["align"][r].tolist()):
-            if i >= 0:
-                assert text[: int(data["offset_mapping"][r, j, 1])] == text[: t_offs[r][i][1]]
+    for r, text in enumerate(texts):
+        s_ids = data["input_ids"][r, : int(data["attention_mask"][r].sum()) - 1].tolist()  # without <eos>
+        t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+        assert len(t_ids) < 63 and len(s_ids) < 63  # not cut: every text position predicts a token
+        s_read = [s_tok.decode(s_ids[: j + 1]) for j in range(len(s_ids))]
+        t_read = [t_tok.decode(t_ids[: i + 1]) for i in range(len(t_ids))]
+        align = xt["align"][r].tolist()
+        for j, read in enumerate(s_read):
+            if align[j] >= 0:
+                assert t_read[align[j]] == read, (j, read)
                 n_aligned += 1
-    assert n_aligned >= 10
+            else:  # no partner only where the teacher never stopped after the same text
+                assert read not in t_read, (j, read)
+    assert 10 <= n_aligned < sum(len(s_tok(t)["input_ids"]) for t in texts)
     # some student positions inside words have no partner, and fall back to an earlier teacher position
     fb = xt["fallback"][xt["align"] < 0]
     assert (fb >= 0).any()
@@ -492,3 +506,143 @@ def test_aligned_loss_of_a_model_against_itself_is_zero(zoo, name, add_bos):
     assert (xt.extras["xt"]["teacher"]["align"][:, :-1][counted] >= 0).all()  # every position has its partner
     for term in (AlignedKD(), ULD(positions="chars"), AlignedKD(unaligned="skip")):
         assert float(term(out, xt, batch)) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pair", [("gpt2", "llama"), ("llama", "gpt2"), ("unigram", "gpt2"), ("llama", "unigram")]
+)
+def test_across_families_aligned_pairs_have_read_the_same_text_and_none_is_missed(zoo, pair):
+    from distill.nlp.align import CrossTokenizerCollator, bos_id
+    from distill.nlp.cross import CrossTokenizerTeacher
+
+    t_tok, s_tok = zoo[pair[0]], zoo[pair[1]]
+    data = CrossTokenizerCollator(s_tok, max_length=48, add_bos=True)(BREAKERS)
+    batch = Batch(inputs=data, targets=data["labels"])
+    xt = CrossTokenizerTeacher(_gpt2(t_tok, 1, width=8), t_tok, s_tok, k=4, max_length=48, add_bos=True)(
+        batch
+    )
+    align = xt.extras["xt"]["teacher"]["align"]
+    n_aligned = 0
+    for r, text in enumerate(BREAKERS):
+        t_ids = [bos_id(t_tok)] + t_tok(text, add_special_tokens=False)["input_ids"]
+        s_ids = [i for i in data["input_ids"][r].tolist()][: int(data["attention_mask"][r].sum())]
+        s_read, t_read = _consumed(s_tok, s_ids, text), _consumed(t_tok, t_ids, text)
+        pairs = [(j, i) for j, i in enumerate(align[r].tolist()[: len(s_ids)]) if i >= 0]
+        for j, i in pairs:
+            assert s_read[j] == t_read[i] >= 0, (text, j, i)
+        # none missed: every text read by both sides is paired as often as the rarer side reads it
+        for c in set(s_read) - {-1}:
+            assert sum(s_read[j] == c for j, _ in pairs) == min(s_read.count(c), t_read.count(c)), (text, c)
+        n_aligned += len(pairs)
+    assert n_aligned >= 20
+
+
+# --------------------------------------------------------------------------- the token map across families
+
+
+def test_vocab_map_across_families_makes_the_space_explicit(zoo):
+    from distill.nlp.align import vocab_map
+
+    g, ll = zoo["gpt2"], zoo["llama"]
+    g_vocab, l_vocab = g.get_vocab(), ll.get_vocab()
+    words = [t[1:] for t in g_vocab if t[:1] == "Ġ" and t[1:].isalpha() and "▁" + t[1:] in l_vocab]
+    assert len(words) >= 6
+    for t, s, t_mark, s_mark in ((g, ll, "Ġ", "▁"), (ll, g, "▁", "Ġ")):
+        m, tv, sv = vocab_map(t, s), t.get_vocab(), s.get_vocab()
+        for w in words:
+            assert int(m[tv[t_mark + w]]) == sv[s_mark + w], w
+            if w in tv and w in sv:  # inside a word (no space) to inside a word
+                assert int(m[tv[w]]) == sv[w], w
+    # a byte-level fragment of a character maps to the byte-fallback token of that byte
+    m = vocab_map(g, ll)
+    frag = [i for t, i in g_vocab.items() if len(t) == 1 and ord(t) >= 256 and t != "Ġ"]
+    for i in frag[:20]:
+        b = g.convert_ids_to_tokens(i)
+        assert ll.convert_ids_to_tokens(int(m[i])).startswith("<0x"), b
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "unigram"])
+def test_a_tokenizer_maps_onto_itself_on_every_id_it_emits(zoo, name):
+    from distill.nlp.align import vocab_map
+
+    tok = zoo[name]
+    m = vocab_map(tok, tok)
+    emitted = {
+        i
+        for t in CORPUS + BREAKERS + ["a", "b", " a", "Hi", "x y z"]
+        for i in tok(t, add_special_tokens=False)["input_ids"]
+    }
+    wrong = sorted(tok.convert_ids_to_tokens(i) for i in emitted if int(m[i]) != i)
+    assert not wrong
+    # the ids it never emits too: a byte-fallback token to itself, not to the token of the same text
+    assert (m == torch.arange(len(m))).all()
+    if name != "gpt2":
+        a = tok.convert_tokens_to_ids("<0x61>")
+        assert int(m[a]) == a and a not in emitted
+
+
+# --------------------------------------------------------------------------- a teacher wider than its tokenizer
+
+
+def _padded_pair(tok, extra=13, seed=1):
+    """The same GPT-2 twice: with an embedding `extra` rows wider than the tokenizer (Qwen, Phi,
+    Pythia), padding rows loud enough to win every top-k, and cut to `len(tok)` rows."""
+    wide = _gpt2(tok, seed)
+    cfg = transformers.GPT2Config(**{**wide.config.to_dict(), "vocab_size": len(tok) + extra})
+    padded = transformers.GPT2LMHeadModel(cfg).eval()
+    sd = wide.state_dict()
+    with torch.no_grad():
+        for k, v in padded.state_dict().items():
+            v.copy_(sd[k]) if v.shape == sd[k].shape else (
+                v.copy_(torch.randn_like(v) * 50),
+                v[: len(tok)].copy_(sd[k]),
+            )
+    return padded, wide
+
+
+def test_padded_teacher_vocabulary_is_dropped_online_and_in_the_store(zoo, tmp_path):
+    from distill.nlp.cross import CachedCrossTokenizerTeacher, CrossTokenizerTeacher, write_cross_store
+
+    t_tok, s_tok = zoo["gpt2"], zoo["llama"]
+    padded, plain = _padded_pair(t_tok)
+    data = CrossTokenizerCollator_(s_tok, BREAKERS)
+    batch = Batch(inputs=data, targets=data["labels"])
+    x = torch.tensor([t_tok("a cat", add_special_tokens=False)["input_ids"]])
+    assert padded(input_ids=x).logits.shape[-1] > len(t_tok)
+    assert padded(input_ids=x).logits[..., len(t_tok) :].abs().max() > 10  # the padding would win
+    s_out = _student_out(_gpt2(s_tok, 2), data)
+    for term in (AlignedKD(), ULD(), AlignedKD(temperature=2.0)):
+        got = term(s_out, CrossTokenizerTeacher(padded, t_tok, s_tok, k=8, max_length=40)(batch), batch)
+        ref = term(s_out, CrossTokenizerTeacher(plain, t_tok, s_tok, k=8, max_length=40)(batch), batch)
+        assert float(got) == pytest.approx(float(ref), abs=1e-6)
+    write_cross_store(
+        tmp_path / "s", padded, t_tok, BREAKERS, k=8, max_length=40, dtype="float32", verbose=False
+    )
+    stored = CachedCrossTokenizerTeacher(tmp_path / "s", s_tok, teacher=padded)(batch)
+    assert int(stored.extras["xt"]["teacher"]["ids"].max()) < len(t_tok)
+    online = CrossTokenizerTeacher(plain, t_tok, s_tok, k=8, max_length=40)(batch)
+    assert float(AlignedKD()(s_out, stored, batch)) == pytest.approx(
+        float(AlignedKD()(s_out, online, batch)), abs=1e-5
+    )
+
+
+def test_padded_columns_in_the_plain_functions_carry_no_token():
+    logits = torch.randn(3, 5)
+    wide = torch.cat([logits, torch.full((3, 4), 30.0)], dim=-1)  # 4 padding columns that would win
+    probs, ids, tail = sparse_teacher(wide, k=3, vocab_size=5)
+    ref = sparse_teacher(logits, k=3)
+    assert all(torch.equal(a, b) for a, b in zip((probs, ids, tail), ref))
+    s = torch.randn(3, 6)
+    assert float(uld_loss(s, wide, teacher_vocab_size=5)) == pytest.approx(
+        float(uld_loss(s, logits)), abs=1e-6
+    )
+    # ids past the map (a store of a padded teacher) are dropped, not an index error
+    p_all, i_all, t_all = sparse_teacher(wide, k=6)
+    kl, uld = mapped_kl(s, p_all, i_all, t_all, torch.arange(5))
+    assert torch.isfinite(kl).all() and torch.isfinite(uld).all()
+
+
+def CrossTokenizerCollator_(tok, texts, max_length=40):
+    from distill.nlp.align import CrossTokenizerCollator
+
+    return CrossTokenizerCollator(tok, max_length=max_length)(texts)
