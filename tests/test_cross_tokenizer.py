@@ -646,3 +646,59 @@ def CrossTokenizerCollator_(tok, texts, max_length=40):
     from distill.nlp.align import CrossTokenizerCollator
 
     return CrossTokenizerCollator(tok, max_length=max_length)(texts)
+
+
+# --------------------------------------------------------------------------- a tokenizer without offsets
+
+
+def _slow_char_tokenizer(lower: bool = False):
+    """A slow (pure Python) tokenizer, one token per character: it gives no character offsets."""
+
+    class CharTokenizer(transformers.PreTrainedTokenizer):
+        def __init__(self, **kw):
+            self._v = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+            for c in sorted(set("".join(CORPUS + BREAKERS))):
+                self._v.setdefault(c, len(self._v))
+            self._inv = {i: t for t, i in self._v.items()}
+            super().__init__(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", **kw)
+
+        @property
+        def vocab_size(self):
+            return len(self._v)
+
+        def get_vocab(self):
+            return dict(self._v)
+
+        def _tokenize(self, text, **kw):
+            return list(text.lower() if lower else text)
+
+        def _convert_token_to_id(self, t):
+            return self._v.get(t, 2)
+
+        def _convert_id_to_token(self, i):
+            return self._inv[i]
+
+    return CharTokenizer()
+
+
+def test_a_tokenizer_without_offsets_aligns_by_its_tokens_bytes(zoo):
+    from distill.nlp.align import CrossTokenizerCollator
+    from distill.nlp.cross import CrossTokenizerTeacher
+
+    slow, fast = _slow_char_tokenizer(), zoo["gpt2"]
+    assert not slow.is_fast
+    data = CrossTokenizerCollator(slow, max_length=48, add_bos=True)(BREAKERS)
+    batch = Batch(inputs=data, targets=data["labels"])
+    for r, text in enumerate(BREAKERS):
+        n = int(data["attention_mask"][r].sum())
+        assert data["byte_ends"][r, :n].tolist() == _consumed(slow, data["input_ids"][r, :n].tolist(), text)
+    model = _gpt2(slow, 4, width=8)
+    xt = CrossTokenizerTeacher(model, slow, slow, k=None, max_length=48, add_bos=True)(batch)
+    assert float(AlignedKD()(_student_out(model, data), xt, batch)) == pytest.approx(0.0, abs=1e-5)
+    # a fast teacher: each character boundary the teacher stops at is a pair
+    xt = CrossTokenizerTeacher(_gpt2(fast, 1, width=8), fast, slow, k=4, max_length=48, add_bos=True)(batch)
+    assert (xt.extras["xt"]["teacher"]["align"] >= 0).sum() >= 20
+    # one whose tokens do not spell the text back (it lowercases) cannot be placed: refused in one line
+    with pytest.raises(DistillError, match="gives no character offsets and its tokens do not spell") as e:
+        CrossTokenizerCollator(_slow_char_tokenizer(lower=True))
+    assert "\n" not in str(e.value)

