@@ -615,6 +615,12 @@ def test_padded_teacher_vocabulary_is_dropped_online_and_in_the_store(zoo, tmp_p
         got = term(s_out, CrossTokenizerTeacher(padded, t_tok, s_tok, k=8, max_length=40)(batch), batch)
         ref = term(s_out, CrossTokenizerTeacher(plain, t_tok, s_tok, k=8, max_length=40)(batch), batch)
         assert float(got) == pytest.approx(float(ref), abs=1e-6)
+    # two teachers of one tokenizer padded to different widths (Qwen2.5 7B and 0.5B) average fine
+    both = CrossTokenizerTeacher([padded, _gpt2(t_tok, 5)], t_tok, s_tok, k=8, max_length=40)(batch)
+    ref = CrossTokenizerTeacher([plain, _gpt2(t_tok, 5)], t_tok, s_tok, k=8, max_length=40)(batch)
+    assert float(AlignedKD()(s_out, both, batch)) == pytest.approx(
+        float(AlignedKD()(s_out, ref, batch)), abs=1e-6
+    )
     write_cross_store(
         tmp_path / "s", padded, t_tok, BREAKERS, k=8, max_length=40, dtype="float32", verbose=False
     )
