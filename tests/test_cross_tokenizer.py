@@ -708,3 +708,37 @@ def test_a_tokenizer_without_offsets_aligns_by_its_tokens_bytes(zoo):
     with pytest.raises(DistillError, match="gives no character offsets and its tokens do not spell") as e:
         CrossTokenizerCollator(_slow_char_tokenizer(lower=True))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("norm", ["NFKC", "Lowercase", "NFD"])
+def test_a_normalising_tokenizer_places_a_token_only_where_its_read_text_is_known(norm):
+    # Qwen normalises (NFC), some tokenizers lowercase: their tokens are not the text's bytes, and
+    # their spans can stop short (NFKC merges "e" + a combining accent into "é" with the span of "e").
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from distill.nlp.align import TokenBytes
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = getattr(normalizers, norm)()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        ["the ﬁne café is naïve", "Hello WORLD ＡＢＣ"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<e>"], initial_alphabet=alphabet, show_progress=False
+        ),
+    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<e>", pad_token="<e>")
+    texts = ["cafe\u0301 x ﬁne", "Hello WORLD ＡＢＣ café", "ﬁne ﬂow"]
+    ids, ends = TokenBytes(fast).encode(texts, 99, add_eos=False)
+    placed = 0
+    for text, row, got in zip(texts, ids, ends):
+        data = text.encode()
+        for k, c in enumerate(got):
+            if c < 0 or (c < len(data) and (data[c] & 0xC0) == 0x80):
+                continue  # unknown, or inside a character (the byte tokens' own test checks those)
+            read = tok.normalizer.normalize_str(data[:c].decode())
+            assert read == fast.decode(row[: k + 1]), (text, k, c)
+            placed += 1
+    assert placed >= 10

@@ -180,10 +180,12 @@ def text_ends(
         if e <= s:  # an empty span: a token that consumed no character (a special one)
             out.append(pos if piece is None and in_sync else -1)
             continue
-        nxt = offsets[k + 1] if k + 1 < n else None
-        if (nxt is not None and nxt[1] > nxt[0] and nxt[0] < e) or char_at[e] < pos:
-            # It ends inside a character the next token goes on with (a normaliser changed it),
-            # or its span says it went backwards: what it has read is not a prefix of the text.
+        nxt = offsets[k + 1] if k + 1 < n else (len(text), len(text))
+        gap = text[e : nxt[0]] if nxt[1] > nxt[0] else ""
+        if (nxt[1] > nxt[0] and nxt[0] < e) or gap.strip() or char_at[e] < pos:
+            # It ends inside a character the next token goes on with (a normaliser changed it);
+            # or characters no token covers follow (a combining accent NFKC merged into it: the
+            # span may stop short of what it read); or its span goes backwards. Not a known prefix.
             in_sync = False
             out.append(-1)
             continue
