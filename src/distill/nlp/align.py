@@ -180,7 +180,7 @@ def text_ends(
         if e <= s:  # an empty span: a token that consumed no character (a special one)
             out.append(pos if piece is None and in_sync else -1)
             continue
-        nxt = offsets[k + 1] if k + 1 < n else (len(text), len(text))
+        nxt = offsets[k + 1] if k + 1 < n else (len(text), len(text) + 1)  # the last: up to the text's end
         gap = text[e : nxt[0]] if nxt[1] > nxt[0] else ""
         if (nxt[1] > nxt[0] and nxt[0] < e) or gap.strip() or char_at[e] < pos:
             # It ends inside a character the next token goes on with (a normaliser changed it);
