@@ -313,6 +313,12 @@ def test_store_of_another_teacher_or_other_texts_is_refused(toks, tmp_path):
         cached(batch)
     with pytest.raises(DistillError, match="not a cross-tokenizer teacher store"):
         CachedCrossTokenizerTeacher(tmp_path / "nothing", s_tok)
+    # a store of the character-span format (before the alignment by bytes): written again, not misread
+    man = tmp_path / "s" / "manifest.json"
+    man.write_text(man.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(DistillError, match="has format 1, this distill reads 2.*write it again") as e:
+        CachedCrossTokenizerTeacher(tmp_path / "s", s_tok)
+    assert "\n" not in str(e.value)
 
 
 def test_tokenizers_with_no_common_characters_are_refused():
