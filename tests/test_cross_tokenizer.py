@@ -611,7 +611,7 @@ def test_padded_teacher_vocabulary_is_dropped_online_and_in_the_store(zoo, tmp_p
 
     t_tok, s_tok = zoo["gpt2"], zoo["llama"]
     padded, plain = _padded_pair(t_tok)
-    data = CrossTokenizerCollator_(s_tok, BREAKERS)
+    data = _collate(s_tok, BREAKERS)
     batch = Batch(inputs=data, targets=data["labels"])
     x = torch.tensor([t_tok("a cat", add_special_tokens=False)["input_ids"]])
     assert padded(input_ids=x).logits.shape[-1] > len(t_tok)
@@ -654,7 +654,7 @@ def test_padded_columns_in_the_plain_functions_carry_no_token():
     assert torch.isfinite(kl).all() and torch.isfinite(uld).all()
 
 
-def CrossTokenizerCollator_(tok, texts, max_length=40):
+def _collate(tok, texts, max_length=40):
     from distill.nlp.align import CrossTokenizerCollator
 
     return CrossTokenizerCollator(tok, max_length=max_length)(texts)
