@@ -12,9 +12,9 @@ two tokenizers neither the positions nor the vocabularies line up. Two terms han
   in the paper (`positions="index"`: the k-th predicted token of the student's text with the
   k-th of the teacher's, up to the shorter), or by characters (`positions="chars"`).
 - `aligned_kd`: the alignment method. Teacher and student positions are paired where their
-  tokens end at the same character (the two models then predict what follows the same text
-  prefix). At such a position the teacher's probabilities are carried onto the student's
-  vocabulary through a token map (teacher id -> student id of the same string, `xt_map`), and
+  tokens have consumed the same bytes of the text (the two models then predict what follows the
+  same text prefix). At such a position the teacher's probabilities are carried onto the student's
+  vocabulary through a token map (teacher id -> student id of the same bytes, `xt_map`), and
   the student is trained by forward KL on the coarsened distributions {mapped student ids} ∪
   {everything else}; the teacher mass that has no counterpart is compared by ULD with the
   student's remaining mass. Student positions with no aligned teacher position fall back to ULD
@@ -38,9 +38,9 @@ part of the distance).
 Inputs these terms read from `teacher.extras["xt"][name]` (written by `distill.nlp.align`'s
 teachers): `probs` (B, Tt, k) float, `ids` (B, Tt, k) long, `tail` (B, Tt), `valid` (B, Tt) bool
 (the teacher position predicts a token of the text), `align` (B, Ts) long (the teacher
-position ending at the same character as student position t, or -1), `fallback` (B, Ts) long
-(the last teacher position ending before it, or -1) and `map` (Vt,) long (student id per teacher
-id, -1 without one).
+position that has consumed the same bytes of the text as student position t, or -1), `fallback`
+(B, Ts) long (the last teacher position that has consumed less, or -1) and `map` (Vt,) long
+(student id per teacher id, -1 without one).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from distill.registry import LOSSES
 
 
 def sparse_teacher(
-    logits: Tensor, k: int | None = None, temperature: float = 1.0
+    logits: Tensor, k: int | None = None, temperature: float = 1.0, vocab_size: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A teacher distribution as its top-k probabilities, token ids and tail mass.
 
@@ -71,12 +71,16 @@ def sparse_teacher(
         logits: (..., V) teacher logits.
         k: entries kept (None or >= V: all, sorted).
         temperature: softmax(logits / temperature).
+        vocab_size: the teacher tokenizer's ids (`len(tokenizer)`); logit columns past them (a
+            padded embedding, as Qwen, Phi and Pythia have) stand for no token and are dropped.
 
     Returns:
         probs (..., k) float32 in decreasing order, ids (..., k) long, tail (...) float32 =
         1 - probs.sum(-1) (clamped at 0).
     """
     check_positive("temperature", temperature)
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     p = F.softmax(logits.detach().float() / temperature, dim=-1)
     k = p.shape[-1] if k is None else min(int(k), p.shape[-1])
     if k < 1:
@@ -129,6 +133,7 @@ def uld_loss(
     *,
     temperature: float = 1.0,
     k: int | None = None,
+    teacher_vocab_size: int | None = None,
 ) -> Tensor:
     """ULD (Boizard et al. 2024) between position-paired student and teacher logits of any vocabularies.
 
@@ -138,6 +143,7 @@ def uld_loss(
         mask: leading-dims bool, True where the position counts (None: all).
         temperature: both sides softmax(logits / temperature).
         k: teacher entries compared one by one (None: all: the exact ULD).
+        teacher_vocab_size: the teacher tokenizer's ids; wider (padded) logit columns are dropped.
 
     Returns:
         The mean over counted positions, a float32 scalar.
@@ -154,7 +160,7 @@ def uld_loss(
         s, t = s[m], t[m]
     if s.shape[0] == 0:
         return student_logits.sum() * 0.0
-    probs, _, tail = sparse_teacher(t, k, temperature)
+    probs, _, tail = sparse_teacher(t, k, temperature, teacher_vocab_size)
     q = F.softmax(s.float() / temperature, dim=-1)
     return uld_distance(q, probs, tail).mean()
 
@@ -182,14 +188,19 @@ def mapped_kl(
         student_logits: (N, Vs).
         t_probs: (N, k) teacher probabilities (sorted or not); t_ids (N, k) their teacher ids;
             t_tail (N,) the teacher mass outside them.
-        vocab_map: (Vt,) long, the student id of each teacher id, or -1.
+        vocab_map: (Vt,) long, the student id of each teacher id, or -1. Teacher ids past it
+            (padding columns of a teacher wider than its tokenizer) stand for no token: dropped.
 
     Returns:
         kl (N,), uld (N,), float32.
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, Vs)
     p = t_probs.float()
-    sid = vocab_map.to(t_ids.device)[t_ids.long()]  # (N, k)
+    vmap = vocab_map.to(t_ids.device)
+    t_ids = t_ids.long()
+    inside = t_ids < vmap.shape[0]
+    p = torch.where(inside, p, 0.0)
+    sid = torch.where(inside, vmap[t_ids.clamp_max(vmap.shape[0] - 1)], -1)  # (N, k)
     matched = sid >= 0
     target = torch.zeros_like(log_q).scatter_add_(1, sid.clamp_min(0), torch.where(matched, p, 0.0))
     has = target > 0
@@ -343,7 +354,7 @@ class ULD(_CrossTerm):
 
     Args:
         positions: "index" (the paper: k-th predicted student token with the k-th teacher one) or
-            "chars" (the teacher position ending at the same character; other positions skipped).
+            "chars" (the teacher position that has read the same text; other positions skipped).
         temperature: both distributions softmax(logits / T) (the teacher's from its stored probabilities).
         teacher: which teacher of `extras["xt"]` (None: the only one).
     """
@@ -377,8 +388,8 @@ class AlignedKD(_CrossTerm):
 
     Args:
         uld_weight: weight of the ULD part on the teacher mass with no student counterpart.
-        unaligned: "uld" (student positions with no teacher position ending at the same
-            character: ULD against the teacher's last position before them) or "skip".
+        unaligned: "uld" (student positions with no teacher position that has read the same
+            text: ULD against the teacher's last position that has read less) or "skip".
         unaligned_weight: weight of those positions' ULD.
         chunk_size: aligned positions per chunk of the mapped KL (None: automatic; see
             `mapped_kl_sum`), which bounds its memory whatever the vocabulary and sequence length.

@@ -21,7 +21,7 @@ from distill.adapters import Adapter, read_outputs
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs
 
-_NOT_MODEL_ARGS = ("labels", "label", "text", "texts", "index", "idx", "offset_mapping")
+_NOT_MODEL_ARGS = ("labels", "label", "text", "texts", "index", "idx", "offset_mapping", "byte_ends")
 
 
 def _tensor_inputs(batch: Batch) -> dict[str, Tensor]:

@@ -3,14 +3,15 @@
 Every teacher here returns `Outputs(logits=None, extras={"xt": {name: {...}}})`, what the `uld`
 and `aligned_kd` terms read (see `distill.losses.cross_tokenizer`): per teacher token the top-k
 probabilities in decreasing order, their ids and the tail mass, and the positions aligned with
-the student's tokens (from the batch's `text` and `offset_mapping`, as `CrossTokenizerCollator`
-makes them).
+the student's tokens (from the batch's `text` and `byte_ends`, as `CrossTokenizerCollator`
+makes them). A teacher whose logits are wider than its tokenizer (Qwen, Phi and Pythia pad their
+embedding matrix) has the padding columns dropped before anything else: they stand for no token.
 
 - `CrossTokenizerTeacher(models, tokenizer, student_tokenizer)`: runs the teacher(s) on the
   batch's texts under their own tokenizer. Several models sharing that tokenizer are one teacher
   whose probabilities are the mean of theirs (a shared vocabulary).
 - `write_cross_store(path, models, tokenizer, texts, k)`: the same numbers for every text, once,
-  plus each token's character span and the teacher's token strings, so a student with any
+  plus the text each token has consumed and the teacher's token bytes, so a student with any
   tokenizer trains from it without the teacher or its tokenizer.
 - `CachedCrossTokenizerTeacher(path, student_tokenizer)`: serves a store; refuses one written by
   other teacher weights, and texts it does not hold, with what to do.
@@ -19,11 +20,11 @@ makes them).
 
 Store layout (a folder, written to `PATH.partial/` and renamed when complete)::
 
-    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token strings
+    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token bytes
     probs.npy   (N, k) float16     top-k probabilities of every teacher token, largest first
     ids.npy     (N, k) int32       their teacher token ids
     tail.npy    (N,)   float32     the mass outside them
-    offsets.npy (N, 2) int32       the token's character span (-1, -1 for <eos>)
+    ends.npy    (N,)   int32       the UTF-8 bytes of its text the token has consumed (-1: <eos>, unknown)
     starts.npy  (n+1,) int64       text i owns rows starts[i]:starts[i+1]
     keys.npy    (n, 20) uint8      sha1 of each text, for lookup
 """
@@ -45,12 +46,13 @@ from torch import Tensor, nn
 from distill.checkpoint import atomic_write, atomic_write_text
 from distill.errors import DistillError
 from distill.losses.cross_tokenizer import sparse_teacher
-from distill.nlp.align import batch_alignment, token_offsets, vocab_map, vocab_strings
+from distill.nlp.align import TokenBytes, batch_alignment, vocab_map, vocab_strings
 from distill.nlp.collate import pad_batch
 from distill.outputs import Batch, Outputs
 from distill.teachers.store import weights_hash
 
-_FIELDS = ("probs", "ids", "tail", "offsets", "starts", "keys")
+_FIELDS = ("probs", "ids", "tail", "ends", "starts", "keys")
+_VERSION = 2  # 1: character spans and token strings (misaligned multibyte characters)
 
 
 def _models(models) -> list[nn.Module]:
@@ -62,24 +64,36 @@ def _models(models) -> list[nn.Module]:
     return ms
 
 
-def _texts_and_offsets(batch: Batch) -> tuple[list[str], Tensor]:
+def _texts_and_ends(batch: Batch) -> tuple[list[str], Tensor]:
     src = batch.inputs if isinstance(batch.inputs, Mapping) else {}
-    if "text" not in src or "offset_mapping" not in src:
+    if "text" not in src or "byte_ends" not in src:
         raise DistillError(
-            "a teacher with another tokenizer needs the batch's raw 'text' and the student's 'offset_mapping'; "
+            "a teacher with another tokenizer needs the batch's raw 'text' and the student's 'byte_ends'; "
             "collate with distill.nlp.align.CrossTokenizerCollator(student_tokenizer)"
         )
-    return list(src["text"]), src["offset_mapping"]
+    return list(src["text"]), src["byte_ends"]
 
 
 @torch.inference_mode()
-def _run(models: list[nn.Module], ids: list[list[int]], pad_id: int, k: int | None, device) -> tuple:
-    """Mean teacher probabilities (over models), as top-k (B, Tt, k) probs/ids and (B, Tt) tail."""
+def _run(
+    models: list[nn.Module], ids: list[list[int]], pad_id: int, k: int | None, device, vocab: int
+) -> tuple:
+    """Mean teacher probabilities (over models), as top-k (B, Tt, k) probs/ids and (B, Tt) tail.
+
+    `vocab`: the tokenizer's ids; logit columns past them (a padded embedding) stand for no
+    token and are dropped before the softmax.
+    """
     enc = pad_batch(ids, None, pad_id)
     x, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     probs = None
     for m in models:
-        p = torch.softmax(m(input_ids=x, attention_mask=att).logits.float(), dim=-1)
+        logits = m(input_ids=x, attention_mask=att).logits
+        if logits.shape[-1] < vocab:
+            raise DistillError(
+                f"the teacher has {logits.shape[-1]} output tokens but its tokenizer has {vocab}; "
+                "call model.resize_token_embeddings(len(tokenizer))"
+            )
+        p = torch.softmax(logits[..., :vocab].float(), dim=-1)  # (B, Tt, V)
         probs = p if probs is None else probs + p
     probs = probs / len(models)
     # sparse_teacher takes logits; log p is a valid logit vector for p.
@@ -96,13 +110,13 @@ def text_key(text: str) -> bytes:
 
 
 def _fingerprint(models: list[nn.Module], strings: dict) -> dict:
-    tok = hashlib.sha256(json.dumps(strings["strings"]).encode()).hexdigest()[:16]
+    tok = hashlib.sha256(json.dumps(strings["pieces"]).encode()).hexdigest()[:16]
     return {"teacher_weights": [weights_hash(m) for m in models], "tokenizer": tok}
 
 
-def _xt_entry(probs, ids, tail, t_offsets, t_lengths, s_offsets, vmap) -> dict[str, Tensor]:
-    align, fallback, valid = batch_alignment(s_offsets.cpu(), t_offsets, t_lengths)
-    dev = s_offsets.device
+def _xt_entry(probs, ids, tail, t_ends, t_lengths, s_ends, vmap) -> dict[str, Tensor]:
+    align, fallback, valid = batch_alignment(s_ends.cpu(), t_ends, t_lengths)
+    dev = s_ends.device
     return {
         "probs": probs.to(dev),
         "ids": ids.to(dev),
@@ -144,9 +158,10 @@ class CrossTokenizerTeacher:
     ):
         self.models = _models(models)
         self.tokenizer = tokenizer
+        self.tokens = TokenBytes(tokenizer, "teacher")
         self.k, self.max_length, self.name = k, max_length, name
         self.add_eos, self.add_bos = add_eos, add_bos
-        self.map = vocab_map(tokenizer, student_tokenizer, mode)
+        self.map = vocab_map(vocab_strings(self.tokens), student_tokenizer, mode)
 
     @property
     def device(self) -> torch.device:
@@ -158,11 +173,11 @@ class CrossTokenizerTeacher:
         return self
 
     def __call__(self, batch: Batch) -> Outputs:
-        texts, s_off = _texts_and_offsets(batch)
-        ids, offs = token_offsets(self.tokenizer, texts, self.max_length, self.add_eos, self.add_bos)
+        texts, s_ends = _texts_and_ends(batch)
+        ids, ends = self.tokens.encode(texts, self.max_length, self.add_eos, self.add_bos)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        probs, tids, tail = _run(self.models, ids, pad, self.k, self.device)
-        entry = _xt_entry(probs, tids, tail, offs, [len(i) for i in ids], s_off, self.map)
+        probs, tids, tail = _run(self.models, ids, pad, self.k, self.device, len(self.map))
+        entry = _xt_entry(probs, tids, tail, ends, [len(i) for i in ids], s_ends, self.map)
         return Outputs(logits=None, extras={"xt": {self.name: entry}})
 
 
@@ -200,7 +215,8 @@ def write_cross_store(
         for m in ms:
             m.to(device)
     dev = next(ms[0].parameters()).device
-    strings = vocab_strings(tokenizer)
+    tokens = TokenBytes(tokenizer, "teacher")
+    strings = vocab_strings(tokens)
     texts = list(dict.fromkeys(texts))
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
@@ -209,7 +225,7 @@ def write_cross_store(
     plan = {
         "fingerprint": _fingerprint(ms, strings),
         "texts_sha": hashlib.sha256(b"".join(keys)).hexdigest()[:16],
-        "params": [k, max_length, add_eos, add_bos, dtype, shard_texts, len(texts)],
+        "params": [_VERSION, k, max_length, add_eos, add_bos, dtype, shard_texts, len(texts)],
     }
     progress = None
     if (tmp / "progress.json").is_file():
@@ -233,19 +249,19 @@ def write_cross_store(
     for shard in range(n_shards):
         if shard in progress["done"]:
             continue
-        parts: dict[str, list[np.ndarray]] = {f: [] for f in ("probs", "ids", "tail", "offsets")}
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in ("probs", "ids", "tail", "ends")}
         lengths = []
         shard_texts_ = texts[shard * shard_texts : (shard + 1) * shard_texts]
         for i in range(0, len(shard_texts_), batch_size):
             chunk = shard_texts_[i : i + batch_size]
-            ids, offs = token_offsets(tokenizer, chunk, max_length, add_eos, add_bos)
-            probs, tids, tail = _run(ms, ids, pad, k, dev)
+            ids, ends = tokens.encode(chunk, max_length, add_eos, add_bos)
+            probs, tids, tail = _run(ms, ids, pad, k, dev, len(strings["pieces"]))
             for r, row in enumerate(ids):
                 n = len(row)
                 parts["probs"].append(probs[r, :n].cpu().numpy().astype(dtype))
                 parts["ids"].append(tids[r, :n].to(torch.int32).cpu().numpy())
                 parts["tail"].append(tail[r, :n].cpu().numpy().astype(np.float32))
-                parts["offsets"].append(np.asarray(offs[r], dtype=np.int32).reshape(n, 2))
+                parts["ends"].append(np.asarray(ends[r], dtype=np.int32).reshape(n))
                 lengths.append(n)
         arrays = {f: np.concatenate(v) for f, v in parts.items()}
         arrays["lengths"] = np.asarray(lengths, dtype=np.int64)
@@ -265,7 +281,7 @@ def write_cross_store(
     total = sum((tmp / f"{f}.npy").stat().st_size for f in _FIELDS)
     manifest = {
         "kind": "cross_tokenizer",
-        "version": 1,
+        "version": _VERSION,
         "fingerprint": {**plan["fingerprint"], "texts": len(texts)},
         "k": int(np.load(tmp / "probs.npy", mmap_mode="r").shape[1]),
         "max_length": max_length,
@@ -296,7 +312,7 @@ def write_cross_store(
 def _join_shards(folder: Path, n_shards: int) -> None:
     """`<field>.<shard>.npy` -> `<field>.npy` for the row fields, written through a memory map one
     shard at a time (a store larger than memory joins as well)."""
-    for f in ("probs", "ids", "tail", "offsets"):
+    for f in ("probs", "ids", "tail", "ends"):
         shards = [np.load(folder / f"{f}.{s:05d}.npy", mmap_mode="r") for s in range(n_shards)]
         rows = sum(a.shape[0] for a in shards)
 
@@ -346,6 +362,11 @@ class CachedCrossTokenizerTeacher:
             raise DistillError(
                 f"{path} is a teacher store for one tokenizer, not a cross-tokenizer one; write it with write_cross_store"
             )
+        if self.manifest.get("version") != _VERSION:
+            raise DistillError(
+                f"cross-tokenizer store {path} has format {self.manifest.get('version')}, this distill reads "
+                f"{_VERSION} (alignment by bytes); write it again with write_cross_store"
+            )
         if teacher is not None:
             got = _fingerprint(_models(teacher), self.manifest["vocab"])["teacher_weights"]
             had = self.manifest["fingerprint"]["teacher_weights"]
@@ -362,7 +383,7 @@ class CachedCrossTokenizerTeacher:
         self.bytes_per_token = self.manifest["bytes_per_token"]
 
     def __call__(self, batch: Batch) -> Outputs:
-        texts, s_off = _texts_and_offsets(batch)
+        texts, s_ends = _texts_and_ends(batch)
         starts = self.arrays["starts"]
         rows = []
         for t in texts:
@@ -378,13 +399,13 @@ class CachedCrossTokenizerTeacher:
         probs = torch.zeros(len(rows), tt, k)
         ids = torch.zeros(len(rows), tt, k, dtype=torch.long)
         tail = torch.zeros(len(rows), tt)
-        offs = []
+        ends = []
         for r, (a, b) in enumerate(rows):
             probs[r, : b - a] = torch.from_numpy(np.array(self.arrays["probs"][a:b], dtype=np.float32))
             ids[r, : b - a] = torch.from_numpy(np.array(self.arrays["ids"][a:b], dtype=np.int64))
             tail[r, : b - a] = torch.from_numpy(np.array(self.arrays["tail"][a:b], dtype=np.float32))
-            offs.append([tuple(o) for o in np.asarray(self.arrays["offsets"][a:b]).tolist()])
-        entry = _xt_entry(probs, ids, tail, offs, [b - a for a, b in rows], s_off, self.map)
+            ends.append(np.asarray(self.arrays["ends"][a:b]).tolist())
+        entry = _xt_entry(probs, ids, tail, ends, [b - a for a, b in rows], s_ends, self.map)
         return Outputs(logits=None, extras={"xt": {self.name: entry}})
 
 
