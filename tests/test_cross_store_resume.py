@@ -67,7 +67,7 @@ def test_interrupted_cross_store_resumes_from_its_done_shards(tok, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
         p.name for p in (tmp_path / "whole").iterdir()
     )
-    for f in ("probs", "ids", "tail", "offsets", "starts", "keys"):
+    for f in ("probs", "ids", "tail", "ends", "starts", "keys"):
         np.testing.assert_array_equal(
             np.load(tmp_path / "s" / f"{f}.npy"), np.load(tmp_path / "whole" / f"{f}.npy")
         )
