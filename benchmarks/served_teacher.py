@@ -192,14 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             f"teacher trained, recorded and fetched from a local server: {n} answers ({time.time() - t0:.0f} s)"
         )
 
+    held_out = [split(t)[1] for t in val]
+    rows = []
+    if not args.endpoint and not args.responses:  # the teacher itself, for scale
+        bpc = bits_per_char(teacher, tok_t, held_out, args.max_length * 2)
+        rows.append(
+            {"method": "teacher", "source": "online", "seed": args.seed, "bits_per_char": round(bpc, 4)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
     tok_s = train_tokenizer(train, vocab_size=args.student_vocab, kind="bpe")
     served = ServedTeacher(responses, tok_s, k=args.k, prompt_template=args.prompt_template)
     summary = served.summary()
     print(f"{responses}: {summary['responses']} answers, {summary['tokens']} tokens, k={summary['k']}")
     print(format_mass_kept(served.mass_kept), flush=True)
     coll = CrossTokenizerCollator(tok_s, max_length=args.max_length, add_bos=True)
-    held_out = [split(t)[1] for t in val]
-    rows = []
     for name in ("labels", "served"):
         terms = dict(ce) if name == "labels" else {"kd": AlignedKD(), **ce}
         weights = None if name == "labels" else {"kd": 1.0, "ce": args.ce_weight}

@@ -137,7 +137,10 @@ def parse_response(record: Mapping, where: str, k: int | None = None) -> Respons
                 f"{where}: the server returned {len(alts)} alternatives at token {i}, fewer than k={k}; "
                 f"set k: {len(alts)} or fetch again with top_logprobs: {k}"
             )
-        pairs = [(_bytes_of(a, f"{where} token {i}"), float(a["logprob"])) for a in alts]
+        try:
+            pairs = [(_bytes_of(a, f"{where} token {i}"), float(a["logprob"])) for a in alts]
+        except (KeyError, TypeError, ValueError):
+            raise DistillError(f"{where}: an alternative at token {i} has no numeric 'logprob'") from None
         pairs.sort(key=lambda p: -p[1])
         top.append(pairs[:k] if k is not None else pairs)
     spelled = b"".join(tokens)
