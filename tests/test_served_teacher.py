@@ -289,3 +289,21 @@ def test_fetch_refuses_a_server_with_fewer_alternatives_and_writes_nothing(tmp_p
         _one_line(lambda: fetch_responses(f, srv.url, "m", ["unknown?"], top_logprobs=5), "answered HTTP 404")
     _one_line(lambda: fetch_responses(f, srv.url, "m", PROMPTS, top_logprobs=5), "cannot reach the server")
     _one_line(lambda: fetch_responses(f, "http://127.0.0.1:1/v1", "m", PROMPTS, top_logprobs=21), "1..20")
+
+
+def test_cross_store_records_the_teacher_mass_kept_at_each_k(toks, tmp_path, capsys):
+    from distill.losses.cross_tokenizer import sparse_teacher
+    from distill.nlp.align import TokenBytes
+    from distill.nlp.collate import pad_batch
+    from distill.nlp.cross import write_cross_store
+
+    tok, _ = toks
+    teacher = _gpt2(tok, 1)
+    man = write_cross_store(tmp_path / "s", teacher, tok, ANSWERS, k=4, max_length=64, dtype="float32")
+    assert "teacher mass kept by the top-k (mean over tokens): k=1 " in capsys.readouterr().out
+    ids, _ = TokenBytes(tok).encode(ANSWERS, 64)
+    enc = pad_batch(ids, None, tok.pad_token_id)
+    probs, _, _ = sparse_teacher(teacher(**enc).logits, 4)  # (B, T, 4)
+    rows = probs[enc["attention_mask"].bool()]
+    ref = rows.double().cumsum(-1).mean(0).tolist()
+    assert man["mass_kept"] == pytest.approx(ref, abs=1e-5) and len(man["mass_kept"]) == 4

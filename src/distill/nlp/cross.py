@@ -20,7 +20,8 @@ embedding matrix) has the padding columns dropped before anything else: they sta
 
 Store layout (a folder, written to `PATH.partial/` and renamed when complete)::
 
-    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token bytes
+    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token bytes,
+                        mass_kept (mean share of the teacher mass in its top 1..k)
     probs.npy   (N, k) float16     top-k probabilities of every teacher token, largest first
     ids.npy     (N, k) int32       their teacher token ids
     tail.npy    (N,)   float32     the mass outside them
@@ -127,6 +128,14 @@ def _xt_entry(probs, ids, tail, t_ends, t_lengths, s_ends, vmap) -> dict[str, Te
     }
 
 
+def format_mass_kept(mass: Sequence[float], ks: Sequence[int] = (1, 5, 10, 20)) -> str:
+    """'teacher mass kept by the top-k: k=1 0.62, k=5 0.91, ...' for a report line."""
+    parts = [f"k={k} {mass[k - 1]:.3f}" for k in ks if k <= len(mass)]
+    if len(mass) not in ks:
+        parts.append(f"k={len(mass)} {mass[-1]:.3f}")
+    return "teacher mass kept by the top-k (mean over tokens): " + ", ".join(parts)
+
+
 class CrossTokenizerTeacher:
     """A frozen teacher (or a mean of several sharing one tokenizer) run on the batch's texts.
 
@@ -227,6 +236,8 @@ def write_cross_store(
             parts["ends"].append(np.asarray(ends[r], dtype=np.int32).reshape(n))
             starts.append(starts[-1] + n)
     arrays = {f: np.concatenate(v) for f, v in parts.items()}
+    # The teacher's own loss of information: the mean share of its mass in its top 1..k.
+    kept = np.cumsum(arrays["probs"].astype(np.float64), axis=1).clip(max=1.0).mean(0)
     arrays["starts"] = np.asarray(starts, dtype=np.int64)
     arrays["keys"] = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=np.uint8).reshape(-1, 20)
     for f, a in arrays.items():
@@ -244,6 +255,7 @@ def write_cross_store(
         "tokens": int(starts[-1]),
         "bytes": int(total),
         "bytes_per_token": round(total / max(starts[-1], 1), 2),
+        "mass_kept": [round(float(m), 6) for m in kept],
         "vocab": strings,
     }
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
@@ -253,7 +265,8 @@ def write_cross_store(
     if verbose:
         print(
             f"cross-tokenizer store {path}: {len(texts)} texts, {starts[-1]} teacher tokens, k={manifest['k']}, "
-            f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB)",
+            f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB); "
+            + format_mass_kept(manifest["mass_kept"]),
             flush=True,
         )
     return manifest

@@ -53,7 +53,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.nlp.align import vocab_map
-from distill.nlp.cross import _texts_and_ends, _xt_entry, text_key
+from distill.nlp.cross import _texts_and_ends, _xt_entry, format_mass_kept, text_key
 from distill.outputs import Batch, Outputs
 
 __all__ = [
@@ -337,14 +337,6 @@ def record_line(
         ],
     }
     return {"prompt": prompt, "messages": [{"role": "user", "content": prompt}], "response": resp}
-
-
-def format_mass_kept(mass: Sequence[float], ks: Sequence[int] = (1, 5, 10, 20)) -> str:
-    """'teacher mass kept by the top-k: k=1 0.62, k=5 0.91, ...' for a report line."""
-    parts = [f"k={k} {mass[k - 1]:.3f}" for k in ks if k <= len(mass)]
-    if len(mass) not in ks:
-        parts.append(f"k={len(mass)} {mass[-1]:.3f}")
-    return "teacher mass kept by the top-k (mean over tokens): " + ", ".join(parts)
 
 
 class ServedTeacher:
