@@ -92,15 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill import Objective
     from distill.data.text import fortunes, split_texts, train_tokenizer
-    from distill.errors import DistillError
     from distill.losses.cross_tokenizer import AlignedKD
     from distill.losses.sequence import LMCrossEntropy
     from distill.nlp import DistillationTrainer
     from distill.nlp.align import CrossTokenizerCollator
-    from distill.nlp.served import ServedTeacher, fetch_responses, format_mass_kept, record_model
+    from distill.nlp.served import format_mass_kept, record_model, served_teacher
 
-    if args.k > args.top_logprobs:
-        raise DistillError(f"--k {args.k} is more than the --top-logprobs {args.top_logprobs} asked for")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, val = split_texts(fortunes(), val_fraction=0.05, seed=args.seed)
@@ -154,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ce = {"ce": LMCrossEntropy()}
     responses = Path(args.responses) if args.responses else out / "responses.jsonl"
+    # The recipe-level teacher spec (`teacher: {served: {...}}`), validated as a recipe's would be.
+    spec = {"file": str(responses), "top_logprobs": args.top_logprobs, "k": args.k}
+    spec["prompt_template"] = args.prompt_template
+    tok_s = train_tokenizer(train, vocab_size=args.student_vocab, kind="bpe")
+    held_out = [split(t)[1] for t in val]
+    rows = []
     t0 = time.time()
     if args.endpoint:
         prompts = (
@@ -161,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.prompts_file
             else [split(t)[0] for t in train]
         )
-        n = fetch_responses(responses, args.endpoint, args.model, prompts, top_logprobs=args.top_logprobs)
-        print(f"fetched {n} answers from {args.endpoint} into {responses}", flush=True)
-    elif not args.responses:
+        served = served_teacher({**spec, "endpoint": args.endpoint, "model": args.model}, tok_s, prompts)
+        print(f"answers from {args.endpoint} in {responses} ({time.time() - t0:.0f} s)", flush=True)
+    elif args.responses:
+        served = served_teacher(spec, tok_s)
+    else:
         tok_t = train_tokenizer(train, vocab_size=args.teacher_vocab, kind="bpe")
         teacher = fit(
             gpt2(tok_t, args.teacher_width, args.seed + 1),
@@ -182,26 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-            n = fetch_responses(
-                responses, url, "tiny-teacher", [p for p, _ in pairs], top_logprobs=args.top_logprobs
-            )
+            served = served_teacher({**spec, "endpoint": url, "model": "tiny"}, tok_s, [p for p, _ in pairs])
         finally:
             srv.shutdown()
             srv.server_close()
-        print(
-            f"teacher trained, recorded and fetched from a local server: {n} answers ({time.time() - t0:.0f} s)"
-        )
-
-    held_out = [split(t)[1] for t in val]
-    rows = []
-    if not args.endpoint and not args.responses:  # the teacher itself, for scale
-        bpc = bits_per_char(teacher, tok_t, held_out, args.max_length * 2)
+        print(f"teacher trained, recorded and fetched from a local server ({time.time() - t0:.0f} s)")
+        bpc = bits_per_char(teacher, tok_t, held_out, args.max_length * 2)  # the teacher itself, for scale
         rows.append(
             {"method": "teacher", "source": "online", "seed": args.seed, "bits_per_char": round(bpc, 4)}
         )
         print(json.dumps(rows[-1]), flush=True)
-    tok_s = train_tokenizer(train, vocab_size=args.student_vocab, kind="bpe")
-    served = ServedTeacher(responses, tok_s, k=args.k, prompt_template=args.prompt_template)
     summary = served.summary()
     print(f"{responses}: {summary['responses']} answers, {summary['tokens']} tokens, k={summary['k']}")
     print(format_mass_kept(served.mass_kept), flush=True)
@@ -240,4 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from distill.errors import DistillError
+
+    try:
+        raise SystemExit(main())
+    except DistillError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"served_teacher: error: {e}") from None

@@ -307,3 +307,27 @@ def test_cross_store_records_the_teacher_mass_kept_at_each_k(toks, tmp_path, cap
     rows = probs[enc["attention_mask"].bool()]
     ref = rows.double().cumsum(-1).mean(0).tolist()
     assert man["mass_kept"] == pytest.approx(ref, abs=1e-5) and len(man["mass_kept"]) == 4
+
+
+def test_recipe_spec_validates_in_one_line_and_fetches_once(toks, tmp_path, recorded):
+    from distill.errors import ConfigError
+    from distill.nlp.served import served_teacher
+
+    tok, _ = toks
+    f = str(tmp_path / "spec.jsonl")
+    for spec, match in [
+        ({"file": f, "top_logprobs": 21}, r"teacher\.served\.top_logprobs: .*less than or equal to 20"),
+        ({"file": f, "endpoint": "http://127.0.0.1:1/v1"}, "endpoint needs model"),
+        ({"file": f, "top_logprobs": 5, "k": 6}, r"k \(6\) is more than the top_logprobs \(5\)"),
+        ({"file": f, "topk": 5}, r"unknown key 'teacher\.served\.topk'"),
+        ({"file": f, "endpoint": "http://x/v1", "model": "m"}, "give the prompts"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as e:
+            served_teacher(spec, tok)
+        assert "\n" not in str(e.value)
+    with _Server(recorded) as srv:
+        spec = {"file": f, "endpoint": srv.url, "model": "m", "top_logprobs": 6, "k": 4}
+        t = served_teacher(spec, tok, PROMPTS)
+        assert t.k == 4 and t.texts == ANSWERS and len(srv.asked) == 3
+        served_teacher(spec, tok, PROMPTS)
+        assert len(srv.asked) == 3  # answered already: nothing asked again
