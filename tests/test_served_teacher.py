@@ -331,3 +331,32 @@ def test_recipe_spec_validates_in_one_line_and_fetches_once(toks, tmp_path, reco
         assert t.k == 4 and t.texts == ANSWERS and len(srv.asked) == 3
         served_teacher(spec, tok, PROMPTS)
         assert len(srv.asked) == 3  # answered already: nothing asked again
+
+
+def test_half_a_character_is_read_from_bytes_not_the_token_string(toks, tmp_path):
+    """OpenAI writes a token that is half a UTF-8 character as 'bytes:\\xc3' with `bytes` [195]."""
+    from distill.nlp.served import ServedTeacher, read_responses, record_line
+
+    tok, _ = toks
+    rec = record_line(
+        "p",
+        "é a",
+        [b"\xc3", b"\xa9", b" a"],
+        [[(b"\xc3", -0.1), (b"a", -3.0)], [(b"\xa9", -0.2), (b"\xa8", -2.0)], [(b" a", -0.3), (b" b", -2.5)]],
+    )
+    for e in rec["response"]["choices"][0]["logprobs"]["content"]:
+        e["token"] = (
+            "bytes:" + "".join(f"\\x{b:02x}" for b in e["bytes"]) if len(e["bytes"]) == 1 else e["token"]
+        )
+    f = _write(tmp_path / "mb.jsonl", [rec])
+    assert read_responses(f)[0].tokens == [b"\xc3", b"\xa9", b" a"]
+    served = ServedTeacher(f, tok, k=2)
+    _, batch = _batch(tok, ["é a"])
+    e = served(batch).extras["xt"]["teacher"]
+    assert e["valid"][0].tolist() == [True, True, True]
+    # the byte-level student has tokens for both halves: each maps to the student token of those bytes
+    from distill.nlp.align import TokenBytes
+
+    pieces = TokenBytes(tok).pieces
+    assert pieces[int(e["map"][int(e["ids"][0, 0, 0])])] == b"\xc3"
+    assert pieces[int(e["map"][int(e["ids"][0, 1, 0])])] == b"\xa9"
