@@ -360,3 +360,38 @@ def test_half_a_character_is_read_from_bytes_not_the_token_string(toks, tmp_path
     pieces = TokenBytes(tok).pieces
     assert pieces[int(e["map"][int(e["ids"][0, 0, 0])])] == b"\xc3"
     assert pieces[int(e["map"][int(e["ids"][0, 1, 0])])] == b"\xa9"
+
+
+@pytest.mark.slow
+def test_runnable_recipe_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    """The recipe's script: records a tiny teacher, serves and fetches it, trains both rows; then
+    the same again from the file it wrote (`--responses`), with the same served numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    from distill.data.text import FORTUNES_DIR
+
+    if not Path(FORTUNES_DIR).is_dir():
+        pytest.skip("needs Debian's fortunes: apt-get install -y fortunes")
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_served_teacher", root / "benchmarks" / "served_teacher.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    small = f"--texts 40 --val 10 --teacher-steps 4 --student-steps 3 --top-logprobs 8 --k 8 --out {tmp_path / 'a'}"
+    assert mod.main(small.split()) == 0
+    assert "teacher mass kept by the top-k (mean over tokens): k=1 " in capsys.readouterr().out
+    first = json.loads((tmp_path / "a" / "served_teacher.json").read_text())
+    assert [r["method"] for r in first["rows"]] == ["teacher", "labels", "served"]
+    assert len(first["served"]["mass_kept"]) == 8
+    again = (
+        small.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+        + f" --responses {tmp_path / 'a' / 'responses.jsonl'}"
+    )
+    assert mod.main(again.split()) == 0
+    second = json.loads((tmp_path / "b" / "served_teacher.json").read_text())
+    assert second["served"] == first["served"]
+    for s, f in zip(second["rows"], first["rows"][1:]):  # no teacher row: the file is the teacher
+        assert (s["method"], s["bits_per_char"]) == (f["method"], pytest.approx(f["bits_per_char"], abs=1e-4))
