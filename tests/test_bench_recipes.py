@@ -11,7 +11,7 @@ import yaml
 from distill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["cross_tokenizer"]  # benchmarks whose settings live in recipes/<name>.yaml
+NAMES = ["cross_tokenizer", "served_teacher"]  # benchmarks whose settings live in recipes/<name>.yaml
 
 
 def _script(name, monkeypatch):

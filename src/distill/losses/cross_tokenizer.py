@@ -340,6 +340,11 @@ class _CrossTerm(LossTerm):
         probs = _gather_rows(xt["probs"], pos).float()
         ids = _gather_rows(xt["ids"], pos)
         tail = _gather_rows(xt["tail"], pos).float()
+        if self.temperature != 1 and "served" in xt:
+            raise DistillError(
+                f"{self.name}.temperature: {self.temperature} with a served teacher (top-k log-probabilities "
+                "at temperature 1, logits unknown: the tail cannot be tempered); set temperature: 1"
+            )
         if self.temperature != 1:
             # p^(1/T) renormalised is softmax(z / T) restricted to the kept tokens (tail dropped).
             probs = probs.clamp_min(1e-30) ** (1.0 / self.temperature)

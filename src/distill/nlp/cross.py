@@ -20,7 +20,8 @@ embedding matrix) has the padding columns dropped before anything else: they sta
 
 Store layout (a folder, written to `PATH.partial/` and renamed when complete)::
 
-    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token bytes
+    manifest.json       fingerprint (teacher weights, tokenizer, texts), k, max_length, token bytes,
+                        mass_kept (mean share of the teacher mass in its top 1..k)
     probs.npy   (N, k) float16     top-k probabilities of every teacher token, largest first
     ids.npy     (N, k) int32       their teacher token ids
     tail.npy    (N,)   float32     the mass outside them
@@ -126,6 +127,14 @@ def _xt_entry(probs, ids, tail, t_ends, t_lengths, s_ends, vmap) -> dict[str, Te
         "fallback": fallback.to(dev),
         "map": vmap.to(dev),
     }
+
+
+def format_mass_kept(mass: Sequence[float], ks: Sequence[int] = (1, 5, 10, 20)) -> str:
+    """'teacher mass kept by the top-k: k=1 0.62, k=5 0.91, ...' for a report line."""
+    parts = [f"k={k} {mass[k - 1]:.3f}" for k in ks if k <= len(mass)]
+    if len(mass) not in ks:
+        parts.append(f"k={len(mass)} {mass[-1]:.3f}")
+    return "teacher mass kept by the top-k (mean over tokens): " + ", ".join(parts)
 
 
 class CrossTokenizerTeacher:
@@ -278,6 +287,12 @@ def write_cross_store(
     atomic_write(tmp / "starts.npy", lambda p: _save_npy(p, starts))
     key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20)
     atomic_write(tmp / "keys.npy", lambda p: _save_npy(p, key_arr))
+    # The teacher's own loss of information: the mean share of its mass in its top 1..k.
+    probs_all = np.load(tmp / "probs.npy", mmap_mode="r")
+    kept = np.zeros(probs_all.shape[1])
+    for i in range(0, len(probs_all), 1 << 16):
+        kept += np.cumsum(probs_all[i : i + (1 << 16)].astype(np.float64), axis=1).clip(max=1.0).sum(0)
+    kept /= max(len(probs_all), 1)
     total = sum((tmp / f"{f}.npy").stat().st_size for f in _FIELDS)
     manifest = {
         "kind": "cross_tokenizer",
@@ -291,6 +306,7 @@ def write_cross_store(
         "tokens": int(starts[-1]),
         "bytes": int(total),
         "bytes_per_token": round(total / max(int(starts[-1]), 1), 2),
+        "mass_kept": [round(float(m), 6) for m in kept],
         "vocab": strings,
     }
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
@@ -303,7 +319,8 @@ def write_cross_store(
     os.replace(tmp, path)
     say(
         f"cross-tokenizer store {path}: {len(texts)} texts, {starts[-1]} teacher tokens, k={manifest['k']}, "
-        f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB)",
+        f"{manifest['bytes_per_token']:.1f} bytes per token ({total / 2**20:.1f} MiB); "
+        + format_mass_kept(manifest["mass_kept"]),
         flush=True,
     )
     return manifest
