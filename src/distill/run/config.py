@@ -140,6 +140,17 @@ def _digits_objective() -> ObjectiveConfig:
     )
 
 
+def run_name(v: str) -> str:
+    """A recipe's `name` (it becomes the folder runs/<name>): a separator or '..' would write
+    outside runs/, so they are refused."""
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or os.sep in v:
+        raise ValueError(
+            f"{v!r} is not a name: a recipe name has no path separator and is not '.' or '..' "
+            "(it becomes the folder runs/<name>; choose the folder with --out)"
+        )
+    return v
+
+
 class RecipeConfig(Strict):
     """A whole run. The defaults are the demo: digits, a CNN teacher, an MLP student, Hinton KD."""
 
@@ -161,6 +172,11 @@ class RecipeConfig(Strict):
         "settings, mixing included) and scratch_unmixed (labels only, without trainer.mix)",
     )
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        return run_name(v)
 
     @model_validator(mode="after")
     def _one_teacher_section(self):
@@ -193,7 +209,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): a recipe is a "
+            "YAML text file (see recipes/digits.yaml)"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -45,6 +45,10 @@ class RunDir:
 
     def _claim(self, config_yaml: str, resume: bool, overwrite: bool) -> None:
         saved = self.path / "config.yaml"
+        if self.path.exists() and not self.path.is_dir():
+            raise DistillError(
+                f"{self.path} is a file, not a folder; give --out a folder (new or a run folder)"
+            )
         if self.path.exists() and any(self.path.iterdir()):
             if not saved.exists():
                 raise DistillError(
