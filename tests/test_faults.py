@@ -71,3 +71,67 @@ def test_checkpoint_that_is_a_directory_says_so(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="is a folder, not a weights file.*a .safetensors file"):
         load_weights(torch.nn.Linear(2, 2), empty)
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def _csv(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_table_reader_fails_fast_on_a_huge_sparse_file(tmp_path):
+    """A sparse 64 MiB file of NUL bytes: one line naming the file, at once (the csv module read it
+    whole as one field, then raised `field larger than field limit`)."""
+    pytest.importorskip("pyarrow", reason="pip install 'distill[tables]'")
+    from distill.data.sources import table
+
+    f = tmp_path / "big.csv"
+    with open(f, "wb") as fh:
+        fh.truncate(64 << 20)
+    with pytest.raises(DistillError, match=r"table: .*big\.csv .*CSV"):
+        table(str(f))
+
+
+def test_table_row_with_extra_fields_names_the_file_and_row(tmp_path):
+    pytest.importorskip("pyarrow", reason="pip install 'distill[tables]'")
+    from distill.data.sources import table
+
+    f = _csv(tmp_path / "t.csv", "a,b,label\n1,2,x\n3,4,y,9\n")
+    with pytest.raises(DistillError, match=r"t\.csv.*line 3: Expected 3 columns, got 4"):
+        table(f)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("bad", ["1e400", "-inf", "nan"])
+def test_non_finite_values_are_named_by_column_and_row_in_every_split(tmp_path, split, bad):
+    from distill.data.sources import table
+
+    rows = "".join(f"{i % 7},{i % 3},{'xy'[i % 2]}\n" for i in range(20))
+    good = _csv(tmp_path / "good.csv", "a,b,label\n" + rows)
+    broken = _csv(tmp_path / "bad.csv", "a,b,label\n" + rows.replace("\n2,2,x\n", f"\n2,{bad},x\n", 1))
+    train, val = (broken, good) if split == "train" else (good, broken)
+    with pytest.raises(
+        DistillError,
+        match=rf"bad\.csv column 'b' row 3 holds {bad[-3:]}|bad\.csv column 'b' row 3 holds .*inf",
+    ):
+        table(train, val_path=val, test_fraction=0.2)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    pytest.importorskip("torchvision", reason="pip install 'distill[vision]'")
+    from PIL import Image
+
+    from distill.data.sources import image_folder
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
+    whole = (tmp_path / "img" / "b" / "2.png").read_bytes()
+    (tmp_path / "img" / "b" / "2.png").write_bytes(whole[: len(whole) // 2])  # cut: "image file is truncated"
+    data = image_folder(str(tmp_path / "img"), image_size=8, augment=False, val_fraction=0, test_fraction=0)
+    with pytest.raises(DistillError, match=r"image .*b/2\.png cannot be read"):
+        for i in range(len(data.train)):
+            data.train[i]
