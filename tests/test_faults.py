@@ -135,3 +135,71 @@ def test_corrupt_image_names_the_file(tmp_path):
     with pytest.raises(DistillError, match=r"image .*b/2\.png cannot be read"):
         for i in range(len(data.train)):
             data.train[i]
+
+
+# --------------------------------------------------------------------------- the teacher store
+
+
+class _Gated(torch.nn.Module):
+    """A linear teacher whose first forward waits for `go` (so a second writer starts meanwhile)."""
+
+    def __init__(self, started, go):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.started, self.go = started, go
+
+    def forward(self, x):
+        self.started.set()
+        assert self.go.wait(30)
+        return self.lin(x)
+
+
+def test_two_writers_of_one_store_the_second_is_refused(tmp_path):
+    import threading
+
+    from torch.utils.data import TensorDataset
+
+    from distill.teachers.store import CachedTeacher, write_store
+
+    data = TensorDataset(torch.randn(12, 4), torch.arange(12) % 3)
+    started, go = threading.Event(), threading.Event()
+    first_error = []
+
+    def first():
+        try:
+            write_store(_Gated(started, go), data, tmp_path / "S", shard_size=4, log=None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            first_error.append(e)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(30)
+    try:
+        with pytest.raises(DistillError, match="another process is writing the teacher store"):
+            write_store(torch.nn.Linear(4, 3), data, tmp_path / "S", shard_size=4, overwrite=True, log=None)
+    finally:
+        go.set()
+        t.join(60)
+    assert not first_error, first_error
+    CachedTeacher(tmp_path / "S", dataset=data)  # complete and whole
+
+
+def test_a_store_with_missing_or_cut_shards_is_refused_in_one_line(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from distill.teachers.store import CachedTeacher, write_store
+
+    data = TensorDataset(torch.randn(12, 4), torch.arange(12) % 3)
+    teacher = torch.nn.Linear(4, 3)
+    write_store(teacher, data, tmp_path / "S", shard_size=4, log=None)
+    shard = tmp_path / "S" / "logits.00001.npy"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-5])
+    with pytest.raises(DistillError, match=r"damaged.*logits\.00001\.npy.*cache-teacher .*--overwrite"):
+        CachedTeacher(tmp_path / "S")
+    with pytest.raises(DistillError, match=r"damaged.*logits\.00001\.npy"):
+        write_store(teacher, data, tmp_path / "S", shard_size=4, log=None)
+    shard.unlink()
+    with pytest.raises(DistillError, match=r"damaged.*1 of 3 shard files missing.*logits\.00001\.npy"):
+        CachedTeacher(tmp_path / "S")
