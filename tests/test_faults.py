@@ -203,3 +203,53 @@ def test_a_store_with_missing_or_cut_shards_is_refused_in_one_line(tmp_path):
     shard.unlink()
     with pytest.raises(DistillError, match=r"damaged.*1 of 3 shard files missing.*logits\.00001\.npy"):
         CachedTeacher(tmp_path / "S")
+
+
+# --------------------------------------------------------------------------- distill tune
+
+
+def test_a_trial_whose_process_died_is_resumed_at_once(tmp_path):
+    """A trial left `running` by a killed process on this machine is queued again on the next start,
+    without waiting for the heartbeat grace (120 s)."""
+    pytest.importorskip("optuna", reason="pip install 'distill[tune]'")
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from optuna.trial import TrialState
+
+    from distill.tune.config import TuneRecipe
+    from distill.tune.study import _requeue_interrupted, open_study
+
+    def claim_trial(trial, pid=None):  # what each trial records when it starts (trials.claim_trial)
+        trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": pid or os.getpid()})
+
+    cfg = TuneRecipe.model_validate(
+        {
+            "name": "t",
+            "search": {
+                "objective.terms.kd.init_args.temperature": {"type": "float", "low": 1.0, "high": 8.0}
+            },
+        }
+    )
+    study = open_study(cfg, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its process id now names no process
+    trial = study.ask()
+    trial.suggest_float("objective.terms.kd.init_args.temperature", 1.0, 8.0)
+    claim_trial(trial, pid=dead.pid)
+    mine = study.ask()  # a live trial of this process: left alone
+    claim_trial(mine)
+    assert _requeue_interrupted(study) == [trial.number]
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[trial.number] == TrialState.FAIL and states[mine.number] == TrialState.RUNNING
+    queued = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert [t.user_attrs["resume_of"] for t in queued] == [trial.number]
+
+
+def test_tune_help_states_the_heartbeat_grace(capsys):
+    with pytest.raises(SystemExit):
+        cli(["tune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "120 s" in out and "DISTILL_TUNE_GRACE_S" in out
