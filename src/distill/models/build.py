@@ -10,7 +10,9 @@ from torch import nn
 
 from distill.data.bundle import DataBundle
 from distill.errors import ConfigError
-from distill.registry import MODELS, import_path
+from distill.registry import MODELS
+
+MODELS.accept(nn.Module, what="a model (an nn.Module subclass)")
 
 
 def build_model(
@@ -20,7 +22,9 @@ def build_model(
     `in_features`, `in_channels`, `tokenizer` or `label_names` and the recipe does not set them,
     they come from the data; a
     builder taking `teacher` (a student made from the teacher's layers) gets the teacher model."""
-    target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    target = (
+        MODELS.resolve(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    )
     args = dict(spec.get("init_args") or {})
     try:
         params = inspect.signature(target).parameters
