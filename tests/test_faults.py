@@ -253,3 +253,59 @@ def test_tune_help_states_the_heartbeat_grace(capsys):
         cli(["tune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "120 s" in out and "DISTILL_TUNE_GRACE_S" in out
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_overwrite_never_deletes_a_folder_that_distill_did_not_mark(tmp_path):
+    f = tmp_path / "someone"
+    (f / "src").mkdir(parents=True)
+    (f / "config.yaml").write_text("theirs: 1\n")
+    (f / "important.txt").write_text("keep me")
+    (f / "src" / "main.py").write_text("print(1)\n")
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(DistillError, match="not a distill run folder"):
+            RunDir(f, "a: 1\n", **flags)
+    assert sorted(p.name for p in f.rglob("*")) == ["config.yaml", "important.txt", "main.py", "src"]
+
+
+def test_a_folder_that_looks_like_a_failed_run_is_not_reclaimed_without_the_marker(tmp_path):
+    f = tmp_path / "looks"
+    (f / "tensorboard").mkdir(parents=True)
+    (f / "config.yaml").write_text("a: 1\n")
+    (f / "metrics.jsonl").write_text("")
+    (f / "tensorboard" / "notes.txt").write_text("mine")
+    with pytest.raises(DistillError, match="not a distill run folder"):
+        RunDir(f, "a: 1\n")
+    assert (f / "tensorboard" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_deletes_only_what_distill_wrote(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunDir(out, "a: 1\n"):
+        (out / "checkpoints" / "student").mkdir(parents=True)
+        (out / "checkpoints" / "student" / "final.safetensors").write_bytes(b"x")
+        (out / "plot.png").write_bytes(b"png")
+        (out / "student_hf").mkdir()
+    run_id = (out / ".distill-run").read_text()
+    (out / "notes.txt").write_text("the user's own")
+    with RunDir(out, "a: 2\n", overwrite=True):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".distill-run", ".lock", "config.yaml", "notes.txt"]
+    assert (out / ".distill-run").read_text() != run_id  # a new run
+    assert "kept notes.txt" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_its_checks_leaves_no_run_folder(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nteacher: {name: mlp, init_args: {hidden: [8]}, train: {epochs: 1}}\n"
+        "student: {name: mlp, init_args: {hidden: [8]}}\nobjective: {terms: {kd: {name: kdd}}}\n"
+    )
+    out = tmp_path / "runs" / "r"
+    assert cli(["run", str(recipe), "--out", str(out)]) == 2
+    assert "unknown loss 'kdd'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli(["run", str(recipe), "--out", str(out), "--seeds", "2"]) == 2
+    assert not out.exists()
