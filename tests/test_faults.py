@@ -309,3 +309,33 @@ def test_a_run_that_fails_its_checks_leaves_no_run_folder(tmp_path, capsys):
     assert not out.exists()
     assert cli(["run", str(recipe), "--out", str(out), "--seeds", "2"]) == 2
     assert not out.exists()
+
+
+def test_a_run_folder_replays_from_another_directory(tmp_path, monkeypatch, capsys):
+    """config.yaml records data paths absolute (and as written, in a comment), so `distill eval RUN`
+    works from anywhere; a path that is gone is named."""
+    pytest.importorskip("pyarrow", reason="pip install 'distill[tables]'")
+    import json
+
+    here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    rows = "".join(f"{i % 5},{(i * 3) % 7},{'ab'[i % 2]}\n" for i in range(40))
+    (here / "t.csv").write_text("x1,x2,label\n" + rows)
+    (here / "r.yaml").write_text(
+        "name: t\ndata: {name: table, init_args: {path: t.csv}}\n"
+        "teacher: {name: mlp, init_args: {hidden: [8]}, train: {epochs: 1}}\n"
+        "student: {name: mlp, init_args: {hidden: [8]}}\ntrainer: {epochs: 1}\n"
+        "report: {latency_repeats: 1}\n"
+    )
+    monkeypatch.chdir(here)
+    assert cli(["run", "r.yaml", "--out", "run"]) == 0
+    saved = (here / "run" / "config.yaml").read_text()
+    assert f"path: {here / 't.csv'}" in saved and "# data.init_args.path: written as 't.csv'" in saved
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli(["eval", str(here / "run")]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)
+    (here / "t.csv").rename(here / "moved.csv")
+    assert cli(["eval", str(here / "run")]) == 2
+    assert f"{here / 't.csv'} does not exist" in capsys.readouterr().err
