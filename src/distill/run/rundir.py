@@ -213,11 +213,12 @@ class RunDir:
         atomic_write_text(self.path / MARKER, json.dumps(marker))
 
     def close(self, failed: bool = False) -> None:
-        """Releases the folder. After a failure (not an interrupt) in a folder this claim made,
-        with nothing worth keeping, what the run wrote is removed, so no half-made run folder is
-        left behind."""
+        """Releases the folder. After a failure (not an interrupt) before the run wrote anything but
+        its claim (a bad recipe, a failed check), in a folder this claim made, the claim is removed
+        too, so no half-made run folder is left behind; a run that logged a step keeps its log."""
         if self._lock_fd is not None:
-            if failed and self._made and not self._holds_results():
+            claim_only = all(c.name in (".lock", "config.yaml", MARKER) for c in self._ours())
+            if failed and self._made and claim_only:
                 for child in self._ours():
                     if child.name != ".lock":
                         shutil.rmtree(child) if child.is_dir() else child.unlink()
