@@ -339,3 +339,11 @@ def test_a_run_folder_replays_from_another_directory(tmp_path, monkeypatch, caps
     (here / "t.csv").rename(here / "moved.csv")
     assert cli(["eval", str(here / "run")]) == 2
     assert f"{here / 't.csv'} does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from distill.data.sources import table
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistillError, match=rf"table: gone.csv \(relative to {tmp_path}\) does not exist"):
+        table("gone.csv")

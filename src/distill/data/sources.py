@@ -79,6 +79,12 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def _where(path: Path) -> str:
+    """For a relative path that is not there: where it was looked for (a run folder's config.yaml
+    replayed from another directory)."""
+    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+
+
 def _load_image(path: str):
     """One RGB image; a file that cannot be decoded is named (the loop would name only its index)."""
     from PIL import Image
@@ -120,7 +126,9 @@ def image_folder(
         raise DistillError("image_folder needs torchvision: pip install 'distill[vision]'") from e
     base = Path(root)
     if not base.is_dir():
-        raise DistillError(f"image_folder: {base} is not a folder; set data.init_args.root to your images")
+        raise DistillError(
+            f"image_folder: {base}{_where(base)} is not a folder; set data.init_args.root to your images"
+        )
     folders = _split_folders(base)
     train_root = folders.get("train", base)
     if set(folders) - {"train"} and "train" not in folders:
@@ -179,7 +187,7 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
     whole into memory first."""
     if not path.is_file():
         raise DistillError(
-            f"table: {path} does not exist; set data.init_args.path to your CSV or Parquet file"
+            f"table: {path}{_where(path)} does not exist; set data.init_args.path to your CSV or Parquet file"
         )
     try:
         import pyarrow as pa
