@@ -87,7 +87,7 @@ class RunDir:
             )
         if self.path.exists() and any(self.path.iterdir()):
             marker = _read_marker(self.path)
-            if marker is None or not saved.exists():
+            if marker is None:
                 raise DistillError(
                     f"{self.path} exists and is not a distill run folder (no {MARKER} marker); "
                     "nothing in it was changed: choose another --out"
@@ -107,7 +107,7 @@ class RunDir:
                     )
                 marker = _new_marker()
             elif resume:
-                old_config = yaml.safe_load(saved.read_text())
+                old_config = yaml.safe_load(saved.read_text()) if saved.exists() else {}
                 diff = _first_difference(old_config, yaml.safe_load(config_yaml))
                 keep = self._reusable(old_config) if diff and self._reusable is not None else []
                 if diff and keep:
