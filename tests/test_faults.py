@@ -347,3 +347,15 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DistillError, match=rf"table: gone.csv \(relative to {tmp_path}\) does not exist"):
         table("gone.csv")
+
+
+def test_tables_without_pyarrow_say_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from distill.data.sources import table
+
+    f = _csv(tmp_path / "t.csv", "a,label\n1,x\n")
+    for name in ("pyarrow", "pyarrow.csv", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # as on a core install
+    with pytest.raises(DistillError, match=r"t\.csv needs pyarrow: pip install 'distill\[tables\]'"):
+        table(f)
