@@ -48,14 +48,17 @@ def test_a_run_that_failed_before_finishing_anything_is_reclaimed(tmp_path, caps
     )
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out)]) == 2
-    assert (out / "config.yaml").exists()
+    assert not out.exists()  # a failed start leaves no half-made run folder (issue 28 #4)
     capsys.readouterr()
     # the rerun meets the same error again, not "already holds a run"
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already holds" not in err and "nowhere" in err
 
-    # a folder with a finished stage is still protected
+    # the folder of a run killed before it finished anything is reclaimed; one with a finished
+    # stage is still protected
+    with RunDir(out, "name: killed\n"):
+        pass
     (out / "checkpoints" / "teacher").mkdir(parents=True)
     (out / "checkpoints" / "teacher" / "final.safetensors").write_bytes(b"x")
     with pytest.raises(DistillError, match="already holds a run"):
@@ -66,7 +69,7 @@ def test_a_run_that_failed_before_finishing_anything_is_reclaimed(tmp_path, caps
     (out / "tensorboard" / "teacher").mkdir(parents=True)
     (out / "tensorboard" / "teacher" / "events").write_text("x")
     with RunDir(out, "name: other\n"):
-        assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml"]
+        assert sorted(p.name for p in out.iterdir()) == [".distill-run", ".lock", "config.yaml"]
     assert yaml.safe_load((out / "config.yaml").read_text()) == {"name": "other"}
 
 

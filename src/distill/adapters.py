@@ -80,6 +80,9 @@ def auto_adapter(model: nn.Module, batch: Batch) -> Outputs:
 
 
 ADAPTERS.register("auto")(lambda: auto_adapter)
+ADAPTERS.accept(
+    methods=("__call__",), what="an adapter (a class whose instances are called as adapter(model, batch))"
+)
 # Hugging Face adapters live in distill.nlp (it needs transformers); registered by import path so
 # this module never imports it.
 ADAPTERS.add_lazy("hf", "distill.nlp.adapters.hf_adapter")

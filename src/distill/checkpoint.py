@@ -86,11 +86,22 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         _fsync_dir(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if _is_disk_full(e):
             raise CheckpointError(
                 f"disk full while writing {path}; free space and resume (the previous file is intact)"
             ) from e
         raise
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """An OSError with ENOSPC, or safetensors' own error type, which carries the OS error only in
+    its text (`IoError(Os { code: 28, kind: StorageFull, ... })`)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, SafetensorError):
+        text = str(e)
+        return "StorageFull" in text or f"code: {errno.ENOSPC}," in text or os.strerror(errno.ENOSPC) in text
+    return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -130,9 +141,26 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     return _unflatten(json.loads(meta[_META_KEY]), tensors)
 
 
+def _missing(path: Path) -> CheckpointError:
+    """The error for a checkpoint path that is not a file: a folder is said to be one, with the
+    weights files found in it (a run folder's `checkpoints/<stage>/final.safetensors`)."""
+    if not path.is_dir():
+        return CheckpointError(f"checkpoint {path} does not exist")
+    found = sorted(path.glob("checkpoints/*/final.safetensors")) or sorted(path.glob("*.safetensors"))
+    hint = (
+        f"e.g. {', '.join(str(f) for f in found[:3])}"
+        if found
+        else "a .safetensors file (a run folder keeps them in checkpoints/<stage>/final.safetensors)"
+    )
+    return CheckpointError(
+        f"checkpoint {path} is a folder, not a weights file: a checkpoint is one weights file, {hint}; "
+        "a Hugging Face model folder (student_hf/) is loaded with name: hf, init_args.path: FOLDER"
+    )
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise _missing(path)
     if not is_safetensors(path):
         raise CheckpointError(
             f"{path} is not a safetensors file (truncated, corrupted, or another "
@@ -179,7 +207,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise _missing(path)
     if is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         if _META_KEY in meta:

@@ -185,6 +185,9 @@ class Adaptive(Schedule):
         return self.start + (self.end - self.start) * m
 
 
+SCHEDULES.accept(Schedule, what="a schedule (a Schedule subclass)")
+
+
 def as_schedule(value: float | int | Schedule | dict) -> Schedule:
     """A number is a constant; a dict is `{name: ..., **kwargs}` or `{class_path: ..., init_args}`."""
     if isinstance(value, Schedule):

@@ -57,7 +57,7 @@ def _default_out(name: str, auto_increment: bool) -> Path:
     if not auto_increment:
         return out
     k = 1
-    while out.exists() and any(out.iterdir()):
+    while out.exists() and (not out.is_dir() or any(out.iterdir())):
         out = Path("runs") / f"{name}-{k}"
         k += 1
     return out

@@ -12,6 +12,10 @@ DESCRIPTION = """Searches the recipe's `search:` space with Optuna. Each trial i
 OUT/trials/<number>/ distilling from one teacher trained once (OUT/teacher.safetensors). The study is
 stored in SQLite (OUT/study.db): running the same command again continues it up to --trials finished
 trials (interrupted trials resume from their last checkpoint), and several processes may run it at once.
+A trial whose process died on this machine is resumed at once; a trial of another machine (a study on
+shared storage) is taken for dead when its heartbeat is older than the grace period: 120 s (heartbeat
+every 30 s), set by the environment variable DISTILL_TUNE_GRACE_S (seconds, at least 2; the heartbeat
+is then a quarter of it).
 Writes OUT/report.md, OUT/summary.json (one row per trial), history.png (pareto.png with two objectives)
 and OUT/best_recipe.yaml, runnable with `distill run`."""
 

@@ -47,6 +47,9 @@ class DataBundle:
         return self
 
 
+DATASETS.accept(DataBundle, what="a data builder (a function returning a DataBundle)")
+
+
 def build_data(
     name: str | None = None, class_path: str | None = None, init_args: dict | None = None, seed: int = 0
 ) -> DataBundle:

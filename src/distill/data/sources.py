@@ -8,7 +8,6 @@ stratified by class and fixed by `split_seed` (not by the run's seed, so seeds c
 
 from __future__ import annotations
 
-import csv
 import inspect
 import math
 from collections.abc import Sequence
@@ -80,6 +79,24 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def _where(path: Path) -> str:
+    """For a relative path that is not there: where it was looked for (a run folder's config.yaml
+    replayed from another directory)."""
+    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+
+
+def _load_image(path: str):
+    """One RGB image; a file that cannot be decoded is named (the loop would name only its index)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError (OSError), truncated
+        raise DistillError(f"image {path} cannot be read ({e}); replace or remove the file") from None
+
+
 def image_folder(
     root: str,
     image_size: int = 224,
@@ -109,7 +126,9 @@ def image_folder(
         raise DistillError("image_folder needs torchvision: pip install 'distill[vision]'") from e
     base = Path(root)
     if not base.is_dir():
-        raise DistillError(f"image_folder: {base} is not a folder; set data.init_args.root to your images")
+        raise DistillError(
+            f"image_folder: {base}{_where(base)} is not a folder; set data.init_args.root to your images"
+        )
     folders = _split_folders(base)
     train_root = folders.get("train", base)
     if set(folders) - {"train"} and "train" not in folders:
@@ -118,7 +137,7 @@ def image_folder(
 
     def load(folder: Path, transform) -> Any:
         try:
-            return ImageFolder(str(folder), transform=transform)
+            return ImageFolder(str(folder), transform=transform, loader=_load_image)
         except (FileNotFoundError, RuntimeError) as e:
             first = str(e).splitlines()[0]
             raise DistillError(
@@ -161,29 +180,54 @@ def image_folder(
 
 
 def _read_table(path: Path) -> dict[str, list[Any]]:
-    """Columns of a CSV (header row; values parsed as numbers where they are) or Parquet file."""
+    """Columns of a CSV (header row; values parsed as numbers where they are) or Parquet file.
+
+    Both are read with pyarrow (the `tables` extra): its CSV reader works in blocks, so a file that
+    is not a table (a huge field, binary data) fails at once, with the row, instead of being read
+    whole into memory first."""
     if not path.is_file():
         raise DistillError(
-            f"table: {path} does not exist; set data.init_args.path to your CSV or Parquet file"
+            f"table: {path}{_where(path)} does not exist; set data.init_args.path to your CSV or Parquet file"
         )
-    if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DistillError(f"table: reading {path} needs pyarrow: pip install pyarrow") from e
-        return {k: list(v) for k, v in pq.read_table(path).to_pydict().items()}
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DistillError(f"table: reading {path} needs pyarrow: pip install 'distill[tables]'") from e
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            t = pq.read_table(path)
+        else:
+            # one thread: the reader then numbers the row it stopped at
+            t = pcsv.read_csv(
+                path,
+                read_options=pcsv.ReadOptions(use_threads=False),
+                convert_options=pcsv.ConvertOptions(null_values=[""]),  # "NA", "nan" stay what they say
+            )
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DistillError(
+            f"table: {path} cannot be read as a CSV/Parquet table with a header row ({_row_words(first)})"
+        ) from None
+    names = [n.strip() for n in t.column_names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DistillError(f"table: {path} has the column '{twice[0]}' twice; give each column its own name")
+    if t.num_rows < 1:
         raise DistillError(f"table: {path} needs a header row and at least one data row")
-    header, body = rows[0], rows[1:]
-    cols: dict[str, list[Any]] = {h.strip(): [] for h in header}
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DistillError(f"table: {path} line {n} has {len(row)} fields, the header {len(header)}")
-        for h, v in zip(cols, row):
-            cols[h].append(_number(v.strip()))
+    cols: dict[str, list[Any]] = {}
+    for name, col in zip(names, t.columns, strict=True):
+        values = col.to_pylist()
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            values = [None if v is None else _number(v.strip()) for v in values]
+        cols[name] = values
     return cols
+
+
+def _row_words(msg: str) -> str:
+    """pyarrow's `CSV parse error: Row #3: ...` as `line 3: ...` (it counts the header as row 1)."""
+    return msg.replace("CSV parse error: Row #", "line ").replace("CSV parse error: ", "")
 
 
 def _number(v: str) -> Any:
@@ -193,13 +237,24 @@ def _number(v: str) -> Any:
         return v
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _features(cols: dict[str, list[Any]], names: list[str], source: str) -> torch.Tensor:
+    # every split is checked before standardising: one inf would spread to the whole column
     for name in names:
         for row, v in enumerate(cols[name]):
-            if not isinstance(v, int | float) or v is None or (isinstance(v, float) and math.isnan(v)):
+            if v is None or not isinstance(v, int | float) or isinstance(v, bool):
+                what = "nothing" if v is None else repr(v)
                 raise DistillError(
-                    f"table: {source} column '{name}' row {row + 1} holds {v!r}, not a number; "
+                    f"table: {source} column '{name}' row {row + 1} holds {what}, not a number; "
                     "fill it, or leave the column out with data.init_args.features"
+                )
+            if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:
+                raise DistillError(
+                    f"table: {source} column '{name}' row {row + 1} holds {v}, not a finite number; "
+                    "fix the value (a number too large for float32 reads as inf), or leave the column out "
+                    "with data.init_args.features"
                 )
     return torch.tensor([cols[n] for n in names], dtype=torch.float32).T.contiguous()  # (N, F)
 

@@ -24,6 +24,11 @@ class Evaluator(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
+EVALUATORS.accept(
+    methods=("reset", "update", "compute"), what="an evaluator (a class with reset, update and compute)"
+)
+
+
 @EVALUATORS.register("classification")
 class ClassificationEvaluator:
     """Top-1 accuracy, mean negative log-likelihood, macro-F1 (for (B, C) logits: the unweighted

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distill.engine.config import MixConfig
 from distill.errors import ConfigError
@@ -21,6 +21,7 @@ from distill.run.config import (
     apply_overrides,
     format_validation_error,
     load_yaml,
+    run_name,
 )
 
 STRATEGIES = ("fedavg", "feddf", "fedmd", "local")
@@ -95,6 +96,11 @@ class FederatedRecipe(Strict):
         description="inprocess: clients run one after another in this process (no Ray); "
         "ray: Flower's run_simulation",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        return run_name(v)
 
     @model_validator(mode="after")
     def _digest_unmixed(self):

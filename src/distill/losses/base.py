@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs
+from distill.registry import LOSSES
 
 
 class LossTerm(nn.Module):
@@ -95,3 +96,6 @@ def reduce(per_sample: Tensor, weights: Tensor | None, reduction: str) -> Tensor
     if weights is not None:
         return per_sample.sum() / weights.sum().clamp_min(1e-12)
     return per_sample.mean()
+
+
+LOSSES.accept(LossTerm, what="a loss term (a LossTerm subclass)")

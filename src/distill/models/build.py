@@ -10,12 +10,19 @@ from torch import nn
 
 from distill.data.bundle import DataBundle
 from distill.errors import ConfigError
-from distill.registry import MODELS, import_path
+from distill.registry import MODELS
+
+MODELS.accept(nn.Module, what="a model (an nn.Module subclass)")
+
+
+def _target(spec: dict[str, Any]):
+    """What `spec` names: a registered model or an import path resolved and checked to be a model."""
+    return MODELS.resolve(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
 
 
 def takes_teacher(spec: dict[str, Any]) -> bool:
     """Whether the builder of `spec` takes the teacher model (a student made from its layers)."""
-    target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    target = _target(spec)
     try:
         return "teacher" in inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -30,7 +37,7 @@ def build_model(
     they come from the data; a
     builder taking `teacher` (a student made from the teacher's layers) gets the teacher model,
     and one taking `calibration` the training split's first examples (`TrainingExamples`)."""
-    target = import_path(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    target = _target(spec)
     args = dict(spec.get("init_args") or {})
     try:
         params = inspect.signature(target).parameters

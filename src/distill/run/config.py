@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill.engine.config import OptimizerConfig, Strict, TrainerConfig
 from distill.errors import ConfigError
@@ -152,6 +152,17 @@ def _digits_objective() -> ObjectiveConfig:
     )
 
 
+def run_name(v: str) -> str:
+    """A recipe's `name` (it becomes the folder runs/<name>): a separator or '..' would write
+    outside runs/, so they are refused."""
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or os.sep in v:
+        raise ValueError(
+            f"{v!r} is not a name: a recipe name has no path separator and is not '.' or '..' "
+            "(it becomes the folder runs/<name>; choose the folder with --out)"
+        )
+    return v
+
+
 class RecipeConfig(Strict):
     """A whole run. The defaults are the demo: digits, a CNN teacher, an MLP student, Hinton KD."""
 
@@ -173,6 +184,13 @@ class RecipeConfig(Strict):
         "settings, mixing included) and scratch_unmixed (labels only, without trainer.mix)",
     )
     report: ReportConfig = Field(default_factory=ReportConfig)
+    # paths made absolute by `parse_recipe`, as the recipe wrote them (dotted key -> text)
+    _written_paths: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        return run_name(v)
 
     @model_validator(mode="after")
     def _one_teacher_section(self):
@@ -190,8 +208,14 @@ class RecipeConfig(Strict):
         return self
 
     def to_yaml(self) -> str:
+        """The config as YAML; paths that the recipe gave relative to where it ran are saved absolute
+        (so `distill eval RUN` works from anywhere) and, in comments, as written."""
         exclude = {"teacher"} if self.teachers else None  # so the saved config reloads as is
-        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
+        text = yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
+        notes = "".join(f"# {k}: written as {v!r} in the recipe\n" for k, v in self._written_paths.items())
+        if notes:
+            notes = f"# paths are absolute; relative ones were taken from {Path.cwd()}\n" + notes
+        return notes + text
 
 
 # --------------------------------------------------------------------------- loading and errors
@@ -210,7 +234,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): a recipe is a "
+            "YAML text file (see recipes/digits.yaml)"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -303,11 +333,56 @@ def _deepcopy(d: Any) -> Any:
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> RecipeConfig:
-    """Validates a recipe mapping; the first problem becomes a one-line ConfigError."""
+    """Validates a recipe mapping; the first problem becomes a one-line ConfigError. Relative
+    paths of files and folders that exist (data paths, checkpoints, stores) become absolute, so
+    the run folder's config.yaml replays from any directory (`absolute_paths`)."""
+    data, written = absolute_paths(data)
     try:
-        return RecipeConfig.model_validate(data)
+        cfg = RecipeConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {format_validation_error(e, RecipeConfig)}") from None
+    cfg._written_paths = written
+    return cfg
+
+
+_PATH_ARGS = ("path", "root", "directory", "folder")
+_PATH_SUFFIXES = ("_path", "_root", "_dir", "_file", "_folder")
+
+
+def absolute_paths(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`data` with the relative paths of files and folders that exist (under the current directory)
+    made absolute, and those paths as written (dotted key -> text). Read: every path-like argument
+    of the data section (`path`, `root`, `*_path`, `*_dir`, ..., nested specs too) and the models'
+    `checkpoint` and the teacher's `cache`. A path that does not exist (a hub id, a folder a
+    builder creates) is left as written."""
+    data = _deepcopy(data)
+    written: dict[str, str] = {}
+
+    def fix(node: dict[str, Any], key: str, dotted: str) -> None:
+        v = node.get(key)
+        if isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v and Path(v).exists():
+            node[key] = str(Path(v).resolve())
+            written[dotted] = v
+
+    def walk(node: Any, dotted: str) -> None:
+        if isinstance(node, dict):
+            for k in list(node):
+                if isinstance(k, str) and (k in _PATH_ARGS or k.endswith(_PATH_SUFFIXES)):
+                    fix(node, k, f"{dotted}.{k}")
+                walk(node[k], f"{dotted}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{dotted}.{i}")
+
+    if isinstance(data.get("data"), dict):
+        walk(data["data"], "data")
+    models = [("teacher", data.get("teacher")), ("student", data.get("student"))]
+    models += [(f"teachers.{i}", t) for i, t in enumerate(data.get("teachers") or [])]
+    for name, m in models:
+        if isinstance(m, dict):
+            for k in ("checkpoint", "cache"):
+                fix(m, k, f"{name}.{k}")
+    return data, written
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:

@@ -28,7 +28,10 @@ exactly from its index).
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -265,6 +268,73 @@ def _shard_file(path: Path, field: str, shard: int) -> Path:
     return path / f"{field}.{shard:05d}.npy"
 
 
+def _open_shards(path: Path, manifest: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """Memory-maps every shard file the manifest lists, checking that each is there with the rows,
+    shape and dtype the manifest says: a store missing files (two writers, a copy cut short) is
+    refused in one line instead of failing mid-training."""
+    rows, size = manifest["rows"], manifest["shard_size"]
+    n_shards = math.ceil(rows / size)
+    fields = manifest["fields"]
+    files = [(k, s) for s in range(n_shards) for k in fields]
+    missing = [_shard_file(path, k, s).name for k, s in files if not _shard_file(path, k, s).is_file()]
+    redo = f"write it again with `distill cache-teacher RECIPE --out {path} --overwrite`"
+    if missing:
+        raise DistillError(
+            f"the teacher store {path} is damaged: {len(missing)} of {len(files)} shard files missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {redo}"
+        )
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in fields}
+    for k, s in files:
+        f = _shard_file(path, k, s)
+        want = (min(size, rows - s * size), *fields[k]["shape"])
+        try:
+            a = np.load(f, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise DistillError(
+                f"the teacher store {path} is damaged: {f.name} is cut short or corrupt ({e}); {redo}"
+            ) from None
+        if a.shape != want or str(a.dtype) != fields[k]["dtype"]:
+            raise DistillError(
+                f"the teacher store {path} is damaged: {f.name} holds {a.dtype}{list(a.shape)}, the manifest "
+                f"says {fields[k]['dtype']}{list(want)}; {redo}"
+            )
+        arrays[k].append(a)
+    return arrays
+
+
+@contextmanager
+def store_lock(path: Path):
+    """Holds an exclusive lock on the store `path` (the file `PATH.lock` beside it: the store folder
+    itself is renamed into place) while it is written: a second writer is refused at once, as a
+    second process on a run folder is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DistillError(
+            f"another process is writing the teacher store {path}; wait for it to finish, or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _holding_store_lock(fn):
+    """Runs a store writer `fn(..., path, ...)` under `store_lock(path)`."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with store_lock(Path(sig.bind(*args, **kwargs).arguments["path"])):
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -293,6 +363,7 @@ def _encode(out: Outputs, topk: int | None, taps: Sequence[str], dtype: np.dtype
     return arrays
 
 
+@_holding_store_lock
 def write_store(
     teacher: Teacher | nn.Module,
     dataset: Any,
@@ -373,6 +444,7 @@ def write_store(
     if done_manifest is not None and not overwrite:
         diff = _differences(done_manifest["fingerprint"], fp)
         if done_manifest.get("complete") and not diff:
+            _open_shards(path, done_manifest)  # whole, or say to write it again
             info = store_info(path, done_manifest)
             say(f"{info.describe()} (already complete)")
             return info
@@ -632,12 +704,8 @@ class CachedTeacher:
         self.topk = manifest["topk"]
         self.taps = list(manifest["taps"])
         self.fallback = Teacher(fallback) if isinstance(fallback, nn.Module) else fallback
-        n_shards = math.ceil(self.rows / self.shard_size)
         # mmap: opening maps the files; pages are read only when rows are gathered.
-        self._arrays = {
-            k: [np.load(_shard_file(self.path, k, s), mmap_mode="r") for s in range(n_shards)]
-            for k in manifest["fields"]
-        }
+        self._arrays = _open_shards(self.path, manifest)
         self._device: torch.device | None = None
 
     def training_dataset(self, dataset: Any) -> Dataset:

@@ -16,7 +16,7 @@ from distill.errors import ConfigError, DistillError
 from distill.run.config import RecipeConfig
 from distill.tune.config import TuneConfig, TuneRecipe
 from distill.tune.report import write_outputs
-from distill.tune.trials import FileLock, make_objective, prepare_teachers
+from distill.tune.trials import FileLock, dead_owner, make_objective, prepare_teachers
 
 # --------------------------------------------------------------------------- the study
 
@@ -128,13 +128,17 @@ MAX_ATTEMPTS = 3  # a trial's values are run at most this often (the first try a
 
 
 def _requeue_interrupted(study) -> list[int]:
-    """Trials cut short by a crash, a kill or Ctrl-C (failed without an error of their own, or
-    running with a stale heartbeat) are queued again with the same values; they resume in the
-    folder of their first try. A resumption that is cut short too is queued again, up to
+    """Trials cut short by a crash, a kill or Ctrl-C (failed without an error of their own, running
+    with a process of this machine that no longer exists, or running with a stale heartbeat: the
+    grace period, for trials of other machines on shared storage) are queued again with the same
+    values; they resume in the folder of their first try. A resumption that is cut short too is queued again, up to
     `MAX_ATTEMPTS` tries in all (so a trial that kills its process every time does not loop)."""
     import optuna
     from optuna.trial import TrialState
 
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if dead_owner(t.user_attrs):  # killed on this machine: no need to wait for the grace period
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

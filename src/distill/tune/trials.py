@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,31 @@ def pin_teachers(data: dict[str, Any], out: Path, paths: list[str | None]) -> No
 # --------------------------------------------------------------------------- trials
 
 
+def claim_trial(trial: Any, pid: int | None = None) -> None:
+    """Records the machine and process that run `trial`, so that the next start on this machine
+    tells at once that the process died (see `study.dead_owner`) instead of waiting for the
+    heartbeat grace."""
+    trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": pid or os.getpid()})
+
+
+def dead_owner(user_attrs: dict[str, Any]) -> bool:
+    """True when the trial's recorded process ran on this machine and no longer exists. A trial of
+    another machine (shared storage) or without a record is left to the heartbeat grace."""
+    owner = user_attrs.get("owner")
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user holds that id now
+    return False
+
+
 class _TrialReporter:
     """Trainer callback: remembers the distilled student's last validation record and reports its
     first objective to Optuna each evaluation, raising `optuna.TrialPruned` when the pruner says so."""
@@ -182,6 +208,7 @@ def make_objective(cfg: TuneRecipe, out: Path, teacher_paths: list[str | None]):
     prune = not multi and cfg.tune.pruner != "none"
 
     def objective(trial: optuna.Trial):
+        claim_trial(trial)
         data, values = suggest(trial, cfg)
         pin_teachers(data, out, teacher_paths)
         data["baselines"] = list(cfg.tune.baselines)
