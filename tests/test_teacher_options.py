@@ -4,11 +4,17 @@ transfer sets."""
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
+from distill.checkpoint import load_weights
+from distill.data.bundle import build_data
 from distill.errors import ConfigError
+from distill.models.build import build_model
 from distill.run.config import RecipeConfig, parse_recipe
 from distill.run.pipeline import run_recipe
+from distill.teachers.calibration import fit_temperature
 from helpers import tiny_recipe
 
 SMALL_CNN = {"name": "cnn", "init_args": {"channels": [8, 16]}, "train": {"epochs": 2, "tensorboard": False}}
@@ -55,8 +61,23 @@ def test_teacher_use_epoch_best_and_calibration(tmp_path):
     cfg = tiny_recipe(tmp_path, **{"teacher.use": 1, "teacher.calibrate": True, "teacher.train.epochs": 3})
     summary = run_recipe(cfg, tmp_path / "run")
     teacher = summary["rows"][0]
-    assert teacher["use"] == 1 and teacher["temperature"] > 0
-    assert (tmp_path / "run" / "checkpoints" / "teacher" / "epoch1.safetensors").exists()
+    epoch1 = tmp_path / "run" / "checkpoints" / "teacher" / "epoch1.safetensors"
+    assert teacher["use"] == 1 and epoch1.exists()
+    # recomputed here: the temperature is the best-NLL one of the epoch-1 weights on the validation
+    # split, and the teacher the run measured (and distilled from) divides its logits by it
+    data = build_data("digits", None, cfg.data.init_args, seed=cfg.seed)
+    model = load_weights(build_model(cfg.teacher.spec(), data), epoch1).eval()
+
+    def logits(split):
+        xs, ys = zip(*(split[i] for i in range(len(split))))
+        with torch.no_grad():
+            return model(torch.stack(xs)), torch.as_tensor(ys)
+
+    z, y = logits(data.val)
+    assert teacher["temperature"] == pytest.approx(fit_temperature(z, y), rel=1e-6)
+    z, y = logits(data.test)
+    assert teacher["nll"] == pytest.approx(float(F.cross_entropy(z / teacher["temperature"], y)), rel=1e-6)
+    assert abs(teacher["nll"] - float(F.cross_entropy(z, y))) > 1e-5  # the temperature changed it
     best = tiny_recipe(tmp_path, **{"teacher.use": "best"})
     assert run_recipe(best, tmp_path / "best")["rows"][0]["use"] == "best"
 

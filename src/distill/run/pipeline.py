@@ -208,7 +208,12 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
     elif not getattr(model, "distill_pretrained", False):  # (an hf folder loads its own weights)
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
     if tc.calibrate:
-        from distill.teachers.calibration import TemperatureScaled, collect_logits, fit_temperature
+        from distill.teachers.calibration import (
+            TemperatureScaled,
+            collect_logits,
+            fit_temperature,
+            token_shift,
+        )
 
         if data.val is None:
             raise ConfigError(
@@ -217,7 +222,9 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
         loader, _ = make_loader(
             data.val, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn
         )
-        z, y = collect_logits(model, loader, adapter)
+        # a causal LM is fitted on next-token predictions, as its loss and perplexity count them
+        shift = token_shift(build_evaluator(_spec(cfg.evaluator)))
+        z, y = collect_logits(model, loader, adapter, shift=shift)
         keep = y != -100
         info["temperature"] = fit_temperature(z[keep], y[keep])
         adapter = TemperatureScaled(adapter, info["temperature"])
