@@ -381,7 +381,7 @@ def run_recipe(
                     "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
                     "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
                 )
-            from distill.teachers.store import CachedTeacher
+            from distill.teachers.store import CachedTeacher, outputs_fingerprint
 
             kd_teacher = CachedTeacher(
                 cfg.teacher.cache,
@@ -389,6 +389,9 @@ def run_recipe(
                 teacher=teacher_model,
                 fallback=teacher,
                 fill=cfg.teacher.cache_fill,
+                outputs=outputs_fingerprint(
+                    _spec(cfg.teacher.adapter), teacher_rows[0][3].get("temperature")
+                ),
             )
             kd_data = dataclasses.replace(data, train=kd_teacher.training_dataset(data.train))
 
