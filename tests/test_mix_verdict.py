@@ -200,6 +200,60 @@ def test_verdict_helped_and_not_helped_with_reasons():
     json.dumps(verdict([_summary(0, 0.9, 0.91)]), allow_nan=False)  # one seed: no NaN in JSON
 
 
+def _lm_summary(seed, scratch_ppl, kd_ppl, scratch_acc, kd_acc, teacher_ppl=20.0):
+    return {
+        "seed": seed,
+        "rows": [
+            {"name": "teacher", "perplexity": teacher_ppl, "accuracy": 0.5, "params": 400_000},
+            {
+                "name": "student_scratch",
+                "perplexity": scratch_ppl,
+                "accuracy": scratch_acc,
+                "params": 100_000,
+            },
+            {"name": "student_kd", "perplexity": kd_ppl, "accuracy": kd_acc, "params": 100_000},
+        ],
+    }
+
+
+def test_verdict_of_a_language_model_follows_perplexity_not_token_accuracy():
+    # distillation lowers perplexity by 2..2.4 while the token accuracy drops: it helped
+    runs = [_lm_summary(s, 40.0, 38.0 - 0.1 * s, 0.30, 0.29) for s in range(5)]
+    v = verdict(runs)
+    assert v["metric"] == "perplexity" and v["helped"]
+    assert v["rows"]["student_kd"]["gains"] == pytest.approx([2.0, 2.1, 2.2, 2.3, 2.4])  # scratch - kd
+    lo, hi = v["rows"]["student_kd"]["ci95"]
+    assert 1.9 < lo < 2.2 < hi < 2.5  # in perplexity, around the mean gain 2.2
+    assert v["line"].startswith("distillation helped here: student_kd lowers perplexity by 2.20 over")
+    assert "(student_scratch - distilled perplexity)" in v["line"]
+    assert "scratch - distilled: positive is better" in "\n".join(verdict_markdown(v))
+    # better token accuracy with a higher perplexity: it hurt
+    worse = verdict([_lm_summary(s, 40.0, 42.0 + 0.1 * s, 0.30, 0.35) for s in range(5)])
+    assert not worse["helped"] and worse["line"].startswith(
+        "distillation hurt here: student_kd raises perplexity"
+    )
+    # a teacher whose perplexity is within 1% of the scratch student's is named as the reason
+    flat = verdict([_lm_summary(s, 40.0, 40.0 + (0.1 if s % 2 else -0.1), 0.3, 0.3, 39.8) for s in range(4)])
+    assert "the teacher (39.8000) is no better than the scratch student (40.0000" in flat["reasons"][0]
+
+
+def test_report_plots_perplexity_for_language_models(tmp_path):
+    from distill.run.report import _plot_tradeoff, curves_figure
+
+    rows = [
+        {**r, "latency_ms_b1": 1.0 + i} for i, r in enumerate(_lm_summary(0, 40.0, 38.0, 0.3, 0.29)["rows"])
+    ]
+    assert _plot_tradeoff(rows, tmp_path / "t.png") == "perplexity" and (tmp_path / "t.png").exists()
+    val = [
+        {"stage": "student_kd", "split": "val", "epoch": e, "perplexity": 50 - e, "accuracy": 0.2}
+        for e in (1, 2)
+    ]
+    fig = curves_figure([val])
+    assert fig.axes[-1].get_ylabel() == "validation perplexity"
+    classification = [{"name": "a", "accuracy": 0.9, "latency_ms_b1": 1.0}]
+    assert _plot_tradeoff(classification, tmp_path / "c.png") == "accuracy"
+
+
 def test_verdict_also_judges_against_the_unmixed_scratch_student():
     def s(seed, twin, unmixed, kd):
         out = _summary(seed, twin, kd)
