@@ -437,3 +437,22 @@ def test_a_pretrained_classifier_keeps_its_class_names(named_classifier, capsys)
         task=task, config={"num_hidden_layers": 1}, teacher=same, num_classes=3, label_names=["0", "1", "2"]
     )
     assert student.config.id2label == dict(enumerate(LABELS))
+
+
+def test_mixing_token_inputs_is_refused_by_check_and_run_before_the_teacher_trains(tiny, tmp_path, capsys):
+    import yaml
+
+    from distill.cli import main
+    from distill.run.config import parse_recipe
+    from distill.run.pipeline import run_recipe
+
+    recipe = _recipe(tiny)
+    recipe["trainer"]["mix"] = {"name": "mixup"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if x.startswith("distill")]
+    assert len(said) == 1 and "trainer.mix: mixup interpolates floating-point inputs" in said[0], err
+    with pytest.raises(DistillError, match="mixup interpolates floating-point inputs .* not dict inputs"):
+        run_recipe(parse_recipe(recipe), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the teacher did not train first

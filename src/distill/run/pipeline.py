@@ -31,6 +31,7 @@ from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.preflight import check_teacher_config
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
 from distill.run.verdict import verdict
@@ -174,24 +175,16 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
     """One teacher: loaded from its checkpoint, or trained (stage `stage`) and then its last, best
     or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
     `teacher.calibrate`. Returns (model, adapter, facts for its summary row)."""
+    check_teacher_config(tc, "teacher", data)  # `distill run` made these refusals before training
     seed_everything(cfg.seed)
     model = build_model(tc.spec(), data)
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
-        if tc.use != "last":
-            raise ConfigError(
-                f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
-                "checkpoint: is used as given (point checkpoint: at the file you want)"
-            )
         load_weights(model, tc.checkpoint)
     elif tc.train is not None:
         train_cfg = tc.train
         if isinstance(tc.use, int):
-            if tc.use > train_cfg.epochs:
-                raise ConfigError(
-                    f"teacher.use: epoch {tc.use} is past the teacher's {train_cfg.epochs} training epochs"
-                )
             train_cfg = train_cfg.model_copy(update={"keep_epochs": sorted({*train_cfg.keep_epochs, tc.use})})
         train_stage(stage, model, scratch_objective(cfg), data, cfg, train_cfg, out, adapter=adapter)
         if tc.use != "last":
@@ -215,10 +208,6 @@ def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeCon
             token_shift,
         )
 
-        if data.val is None:
-            raise ConfigError(
-                "teacher.calibrate fits a temperature on the validation split, but the data has none"
-            )
         loader, _ = make_loader(
             data.val, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn
         )
@@ -286,13 +275,6 @@ class Unlabelled(Dataset):
         return x, torch.tensor(self.ignore)
 
 
-def _input_shape(bundle: DataBundle) -> tuple[int, ...] | None:
-    if bundle.input_shape is not None:
-        return tuple(bundle.input_shape)
-    x = example_input(bundle)
-    return tuple(x.shape[1:]) if x is not None else None
-
-
 def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> DataBundle:
     """`data.transfer`: the distilled student trains on the labelled set plus the transfer set's
     inputs, whose labels are replaced by the label terms' `ignore_index`, so only the teacher terms
@@ -300,22 +282,9 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
     spec = cfg.data.transfer
     if spec is None:
         return data
-    if cfg.teacher.cache and not cfg.teachers:
-        raise ConfigError(
-            "data.transfer with teacher.cache: the store covers the training set only; drop one"
-        )
     transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
-    got, want = _input_shape(transfer), _input_shape(data)
-    if got is not None and want is not None and got != want:
-        raise ConfigError(
-            f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
-            "give a transfer set of the same input shape"
-        )
+    # (its shape, and one ignore_index across the label terms, were checked by validate_recipe)
     ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
-    if len(ignores) > 1:
-        raise ConfigError(
-            f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
-        )
     ignore = ignores.pop() if ignores else -100
     merged = ConcatDataset([data.train, Unlabelled(transfer.train, ignore)])
     return dataclasses.replace(data, train=merged)
@@ -376,11 +345,6 @@ def run_recipe(
 
         kd_teacher, kd_data = teacher, data
         if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
-            if cfg.trainer.mix.name != "none":
-                raise ConfigError(
-                    "trainer.mix with teacher.cache: the store holds the teacher's outputs on unmixed "
-                    "inputs, so it cannot teach on mixed ones; drop teacher.cache or set trainer.mix.name: none"
-                )
             from distill.teachers.store import CachedTeacher, outputs_fingerprint
 
             kd_teacher = CachedTeacher(
@@ -616,15 +580,17 @@ def preflight_recipe(
         describe_objective,
         first_batch,
         run_stage,
+        validate_recipe,
     )
 
     cfg = resolve_recipe(cfg)  # what an hf teacher implies (tokenizer, task, evaluator)
-    if cfg.teachers:  # several teachers: each is built like the first, which is checked here
-        cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     if data is None:
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     device = resolve_device(cfg.trainer.device)
     batch = first_batch(data, cfg.data.batch_size, cfg.seed).to(device)
+    validate_recipe(cfg, data, batch, build_objective(cfg))  # every refusal the recipe decides
+    if cfg.teachers:  # several teachers: each is built like the first, which is checked here
+        cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     report: dict[str, Any] = {"data": describe_data(data, batch, cfg.data.name or cfg.data.class_path)}
     evaluator_spec = cfg.evaluator.spec() if cfg.evaluator is not None else None
     build_evaluator(evaluator_spec)  # a typo in the evaluator fails here, before anything else
@@ -660,6 +626,8 @@ def preflight_recipe(
             batch,
             device,
             evaluator_spec,
+            cfg.teacher.train.mix,
+            cfg.seed,
         )
     teacher = Teacher(teacher_model, adapter=teacher_adapter)
     try:
@@ -680,9 +648,20 @@ def preflight_recipe(
                 batch,
                 device,
                 evaluator_spec,
+                cfg.trainer.mix,
+                cfg.seed,
             )
         stages["student_kd"] = run_stage(
-            "student_kd", student, kd, teacher, student_adapter, batch, device, evaluator_spec
+            "student_kd",
+            student,
+            kd,
+            teacher,
+            student_adapter,
+            batch,
+            device,
+            evaluator_spec,
+            cfg.trainer.mix,
+            cfg.seed,
         )
     finally:
         teacher.tap.remove()  # the run's Teacher adds its own taps
