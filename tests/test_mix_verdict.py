@@ -277,13 +277,28 @@ def test_run_seeds_writes_the_verdict_to_summary_and_report(tmp_path):
     cfg = tiny_recipe(
         tmp_path, **{"trainer.mix": {"name": "cutmix"}, "baselines": ["scratch", "scratch_unmixed"]}
     )
-    summary = run_seeds(cfg, tmp_path / "run", seeds=2)
+    run_seeds(cfg, tmp_path / "run", seeds=2)
     v = json.loads((tmp_path / "run" / "summary.json").read_text())["verdict"]
-    assert v == json.loads(json.dumps(summary["verdict"]))
+    seeds = [json.loads((tmp_path / "run" / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    # the verdict is the paired one over the seeds' own rows, recomputed here from their summaries
+    assert v == json.loads(json.dumps(verdict(seeds)))
     assert set(v["rows"]) == {"student_kd", "student_kd vs student_scratch_unmixed"}
-    assert len(v["rows"]["student_kd"]["gains"]) == 2 and v["line"].startswith("distillation ")
-    seed0 = json.loads((tmp_path / "run" / "seed0" / "summary.json").read_text())
-    assert seed0["mix"] == "cutmix" and 0 < seed0["rows"][0]["train_confidence"] <= 1
+    acc = [{r["name"]: r["accuracy"] for r in s["rows"]} for s in seeds]
+    assert v["rows"]["student_kd"]["gains"] == pytest.approx(
+        [a["student_kd"] - a["student_scratch"] for a in acc]
+    )
+    unmixed = v["rows"]["student_kd vs student_scratch_unmixed"]["gains"]
+    assert unmixed == pytest.approx([a["student_kd"] - a["student_scratch_unmixed"] for a in acc])
+    assert v["line"].startswith("distillation ") and "over student_scratch_unmixed" in v["line"]
+    # the twin was mixed and the unmixed one was not: same initial weights and data order, yet
+    # their first training losses differ (cutmix changed the inputs and labels of the twin alone)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+
+    def first_loss(stage):
+        return next(r["loss"] for r in lines if r["stage"] == stage and r["split"] == "train")
+
+    assert first_loss("student_scratch") != pytest.approx(first_loss("student_scratch_unmixed"), rel=1e-3)
+    assert 0 < seeds[0]["rows"][0]["train_confidence"] <= 1
     assert "## Verdict" in (tmp_path / "run" / "report.md").read_text()
 
 
