@@ -456,3 +456,39 @@ def test_mixing_token_inputs_is_refused_by_check_and_run_before_the_teacher_trai
     with pytest.raises(DistillError, match="mixup interpolates floating-point inputs .* not dict inputs"):
         run_recipe(parse_recipe(recipe), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # the teacher did not train first
+
+
+def test_teacher_calibrate_of_a_causal_lm_fits_next_token_predictions(tiny, tmp_path):
+    import torch.nn.functional as F
+
+    from distill.data.bundle import build_data
+    from distill.run.config import parse_recipe
+    from distill.run.hf import resolve_recipe
+    from distill.run.pipeline import load_teacher
+    from distill.teachers.calibration import fit_temperature
+
+    cfg = resolve_recipe(
+        parse_recipe(
+            {
+                "data": {"name": "text", "init_args": {"path": str(tiny / "lm.txt"), "block_size": 16}},
+                "teacher": {
+                    "name": "hf",
+                    "init_args": {"path": str(tiny / "gpt2"), "task": "causal_lm"},
+                    "calibrate": True,
+                },
+                "student": {"name": "hf", "init_args": {"num_layers": 1}},
+                "objective": {"terms": {"ce": {"name": "lm_ce"}}},
+            }
+        )
+    )
+    data = build_data("text", None, cfg.data.init_args, seed=cfg.seed)
+    model, _, info = load_teacher(cfg.teacher, "teacher", data, cfg, tmp_path)
+    batch = data.collate_fn([data.val[i] for i in range(len(data.val))])
+    with torch.no_grad():
+        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nxt, y = z[:, :-1].reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1)  # t predicts t+1
+    keep = (y != -100) & (batch["attention_mask"][:, 1:].reshape(-1) > 0)
+    assert info["temperature"] == pytest.approx(fit_temperature(nxt[keep], y[keep]), rel=1e-6)
+    same = z.reshape(-1, z.shape[-1]), batch["labels"].reshape(-1)  # what it fitted before: t against t
+    assert fit_temperature(*same) != pytest.approx(info["temperature"], rel=1e-3)
+    assert F.cross_entropy(nxt[keep] / info["temperature"], y[keep]) <= F.cross_entropy(nxt[keep], y[keep])
