@@ -123,3 +123,19 @@ def test_transfer_set_of_another_shape_is_one_line(tmp_path):
         match=r"data.transfer: its inputs have shape \(3, 32, 32\) but the training data's have \(1, 8, 8\)",
     ):
         run_recipe(cfg, tmp_path / "run")
+
+
+def test_a_model_scored_by_perplexity_keeps_its_best_checkpoint_by_perplexity(tmp_path):
+    from distill.run.hf import resolve_recipe
+
+    def recipe(**trainer):
+        data = tiny_recipe(tmp_path, **{"evaluator": {"name": "perplexity"}}).model_dump(mode="json")
+        for section in (data["trainer"], data["teacher"]["train"]):  # as a YAML file leaves them out
+            del section["monitor"], section["monitor_mode"]
+        data["trainer"].update(trainer)
+        return resolve_recipe(parse_recipe(data))
+
+    cfg = recipe()
+    for tc in (cfg.trainer, cfg.teacher.train):  # teacher.use: best picks by perplexity, lower is better
+        assert (tc.monitor, tc.monitor_mode) == ("perplexity", "min")
+    assert recipe(monitor="nll").trainer.monitor == "nll"  # what the recipe says wins
