@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.data.bundle import DataBundle
+from distill.data.bundle import DataBundle, build_data
 from distill.engine.evaluate import build_evaluator
 from distill.engine.mix import check_mixable
 from distill.engine.trainer import DistillTask, build_mixer, class_count, make_loader, preflight_batch
@@ -203,8 +203,6 @@ def validate_recipe(cfg: Any, data: DataBundle, batch: Batch, objective: Objecti
             cfg.teacher.cache, data.train, outputs=outputs_fingerprint(spec, calibrated=cfg.teacher.calibrate)
         )
     if cfg.data.transfer is not None:
-        from distill.data.bundle import build_data
-
         spec = cfg.data.transfer
         transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
         got, want = input_shape(transfer), input_shape(data)
