@@ -309,3 +309,64 @@ def test_cli_cache_teacher_then_recipe_uses_the_store(tmp_path, capsys):
     bad.teacher.checkpoint = str(tmp_path / "t2.safetensors")
     with pytest.raises(DistillError, match="teacher weights"):
         run_recipe(bad, tmp_path / "run2")
+
+
+class Doubling:
+    """A teacher adapter that doubles the model's logits: shows whether the store applied it."""
+
+    def __call__(self, model, batch):
+        from distill.outputs import Outputs
+
+        return Outputs(logits=2 * model(batch.inputs))
+
+
+def test_cache_teacher_applies_the_adapter_and_calibration_and_fingerprints_them(tmp_path, capsys):
+    import yaml
+
+    from distill.checkpoint import save_weights
+    from distill.data.bundle import build_data
+    from distill.models.build import build_model
+    from distill.run.pipeline import run_recipe
+    from distill.teachers.calibration import fit_temperature
+    from distill.teachers.store import outputs_fingerprint
+    from helpers import tiny_recipe
+
+    spec = {"class_path": "test_cache.Doubling"}
+    over = {"teacher.calibrate": True, "teacher.adapter": spec, "data.init_args": {"train_limit": 64}}
+    cfg = tiny_recipe(tmp_path, **over)
+    data = build_data("digits", None, cfg.data.init_args)
+    torch.manual_seed(0)
+    model = build_model(cfg.teacher.spec(), data).eval()
+    save_weights(tmp_path / "t.safetensors", model.state_dict())
+    recipe = cfg.model_dump(mode="json")
+    recipe["teacher"].update(checkpoint=str(tmp_path / "t.safetensors"), train=None)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    store = tmp_path / "store"
+    argv = ["cache-teacher", str(tmp_path / "r.yaml"), "--out", str(store), "--dtype", "float32"]
+    assert _cli(argv) == 0, capsys.readouterr().err
+
+    def logits(split, idx):
+        with torch.no_grad():
+            return 2 * model(torch.stack([split[i][0] for i in idx])), torch.as_tensor(
+                [split[i][1] for i in idx]
+            )
+
+    z, y = logits(data.val, range(len(data.val)))
+    t = fit_temperature(z, y)  # of the adapter's (doubled) logits, on the validation split
+    fp = json.loads((store / "manifest.json").read_text())["fingerprint"]
+    assert fp["teacher_temperature"] == round(t, 4) and fp["teacher_calibrated"] and t != 1
+    assert fp["teacher_adapter"] == spec
+    served = CachedTeacher(store)(as_batch((None, None, torch.arange(5))))
+    assert torch.allclose(served.logits, logits(data.train, range(5))[0] / t, atol=1e-5)
+
+    # the same store is refused for the recipe without calibration, or with another adapter
+    plain = tmp_path / "plain.yaml"
+    recipe["teacher"].update(calibrate=False, cache=str(store))
+    plain.write_text(yaml.safe_dump(recipe))
+    from distill.run.config import load_recipe
+
+    with pytest.raises(DistillError, match="teacher calibrated .*: store has True, this run has False"):
+        run_recipe(load_recipe(plain), tmp_path / "run")
+    with pytest.raises(DistillError, match="teacher adapter"):
+        CachedTeacher(store, outputs=outputs_fingerprint(None, t))
+    CachedTeacher(store, outputs=outputs_fingerprint(spec, t))  # the recipe's own: accepted

@@ -28,11 +28,73 @@ def _overrides(path: Path) -> list[str]:
     return STANDIN_INDEXED if path.parent.name == "cifar100" else []
 
 
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def _pip_lacks(err: str) -> list[str]:
+    """The distributions that the error's `pip install ...` would add and that are not installed
+    (for `distill[extra]`, the extra's requirements; those the message names, when it names some)."""
+    import importlib.metadata as md
+    import re
+
+    wanted = []
+    for arg in re.findall(r"pip install ([^\s),;]+)", err):
+        arg = arg.strip("'\"")
+        extra = re.fullmatch(r"distill\[(\w+)\]", arg)
+        if extra:
+            reqs = md.requires("distill") or []
+            wanted += [r for r in reqs if re.search(rf"extra == .{extra.group(1)}.", r)]
+        else:
+            wanted.append(arg)
+    names = [re.match(r"[A-Za-z0-9_.-]+", w).group(0) for w in wanted]
+    named = [n for n in names if _norm(n) in _norm(err.split("pip install")[0])]
+
+    def installed(name: str) -> bool:
+        try:
+            md.version(name)
+            return True
+        except md.PackageNotFoundError:
+            return False
+
+    return [n for n in (named or names) if not installed(n)]
+
+
+def _apt_lacks(err: str) -> list[str]:
+    """The Debian packages the error's `apt-get install ...` names that dpkg does not list as installed."""
+    import re
+    import shutil
+    import subprocess
+
+    pkgs = [
+        p
+        for m in re.findall(r"apt-get install ((?:-\S+ )*[a-z0-9.+-]+)", err)
+        for p in m.split()
+        if p[0] != "-"
+    ]
+    if shutil.which("dpkg-query") is None:
+        return pkgs  # cannot tell: taken as missing
+
+    def installed(pkg: str) -> bool:
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        return (
+            status.returncode == 0
+            and status.stdout.endswith("installed")
+            and "not-installed" not in status.stdout
+        )
+
+    return [p for p in pkgs if not installed(p)]
+
+
 def _check(path: Path, capsys, *extra: str) -> str:
     code = main(["check", str(path), *_overrides(path), *extra])
     out, err = capsys.readouterr()
     if code == 2 and ("apt-get install" in err or "pip install" in err):
-        pytest.skip(f"needs what this machine lacks: {err.strip()}")
+        # a skip only for what this machine really lacks; an install that is there but fails is a
+        # broken install, and that fails the test
+        lacks = _apt_lacks(err) + _pip_lacks(err)
+        assert lacks, f"it asks for an install that is there (a broken install): {err.strip()}"
+        pytest.skip(f"needs {', '.join(lacks)}, which this machine lacks: {err.strip()}")
     if code == 2 and "folder runs/" in err:  # a recipe that starts from another recipe's run
         pytest.skip(f"needs another run's output first: {err.strip()}")
     if "benchmark:" in path.read_text():
@@ -107,3 +169,43 @@ def test_check_detects_each_commands_recipe():
     assert recipe_kind({"assistants": []}) == "chain"
     assert recipe_kind({"clients": 5, "rounds": 2}) == "federated"
     assert recipe_kind({"benchmark": "lm_fortunes"}) == "benchmark"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # the store holds outputs on unmixed inputs (refused by run only after the teacher trained)
+        (["trainer.mix={name: cutmix}", "teacher.cache=STORE"], "trainer.mix with teacher.cache"),
+        (["data.transfer={name: digits}", "teacher.cache=STORE"], "data.transfer with teacher.cache"),
+        # a term that needs class indices cannot learn from mixed labels (refused at the kd stage)
+        (
+            ["trainer.mix={name: mixup}", "objective.terms={dkd: {name: dkd}}"],
+            "student_kd (one-batch preflight, before any training): trainer.mix: a mixed batch carries mixed labels",
+        ),
+        (["teacher.use=5"], "teacher.use: epoch 5 is past the teacher's 2 training epochs"),
+        (
+            ["data.transfer={name: cifar100_standin, init_args: {n_train: 8, n_test: 4}}"],
+            "data.transfer: its inputs have shape (3, 32, 32) but the training data's have (1, 8, 8)",
+        ),
+    ],
+    ids=["mix_cache", "transfer_cache", "mix_dkd", "use_epoch", "transfer_shape"],
+)
+def test_check_refuses_what_run_refuses_before_anything_trains(tmp_path, capsys, overrides, message):
+    from distill.errors import DistillError
+    from distill.run.config import apply_overrides, parse_recipe
+    from distill.run.pipeline import run_recipe
+
+    overrides = [o.replace("STORE", str(tmp_path / "store")) for o in overrides]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(tmp_path).to_yaml())
+    assert main(["check", str(recipe), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    cfg = parse_recipe(apply_overrides(tiny_recipe(tmp_path).model_dump(mode="json"), overrides))
+    with pytest.raises(DistillError) as e:
+        run_recipe(cfg, tmp_path / "run")
+    assert message.split(": ", 1)[-1] in str(e.value)
+    # refused before any training: no stage wrote a checkpoint or a metrics line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()

@@ -366,3 +366,129 @@ def test_causal_lm_run_from_a_pretrained_teacher_without_training(tiny, tmp_path
     assert not (tmp_path / "run" / "checkpoints" / "teacher").exists()  # used as it is
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_hf")
     assert student.config.n_layer == 1
+
+
+def test_integer_labels_of_a_csv_are_ordered_as_numbers(tiny, tmp_path):
+    from distill.data.bundle import build_data
+
+    csv_path = tmp_path / "months.csv"
+    rows = [f"{WORDS[m - 1]} {WORDS[i]},{m}" for m in range(1, 13) for i in range(3)]  # month m's word first
+    csv_path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    data = build_data(
+        "text_classification", init_args={"path": str(csv_path), "tokenizer": str(tiny / "bert")}
+    )
+    # as JSON numbers are: ordered as numbers and their own ids (not '1', '10', '11', '12', '2', ...)
+    assert data.meta["label_names"] == [str(i) for i in range(13)] and data.num_classes == 13
+    tok = data.tokenizer
+    for split in (data.train, data.val, data.test):
+        for i in range(len(split)):
+            item = split[i]
+            first = tok.decode(item["input_ids"], skip_special_tokens=True).split()[0]
+            assert item["labels"] == WORDS.index(first) + 1
+    jsonl = tmp_path / "months.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": r.rsplit(",", 1)[0], "label": m}) + "\n"
+                             for r, m in zip(rows, [m for m in range(1, 13) for _ in range(3)])))  # fmt: skip
+    same = build_data("text_classification", init_args={"path": str(jsonl), "tokenizer": str(tiny / "bert")})
+    assert same.meta["label_names"] == data.meta["label_names"]
+    # negative whole numbers cannot be ids: ordered as numbers, numbered from 0
+    neg = tmp_path / "neg.csv"
+    neg.write_text(
+        "text,label\n" + "\n".join(f"text {i} here,{v}" for i, v in enumerate([-1, 10, 2, -1, 10, 2]))
+    )
+    assert build_data(
+        "text_classification", init_args={"path": str(neg), "tokenizer": str(tiny / "bert")}
+    ).meta["label_names"] == ["-1", "2", "10"]
+
+
+@pytest.fixture(scope="module")
+def named_classifier(tiny):
+    """A tiny BERT classifier folder whose config names its classes fruit, animal, color."""
+    import transformers
+
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        tiny / "bert",
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    folder = tiny / "named"
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny / "bert").save_pretrained(folder)
+    return folder
+
+
+def test_a_pretrained_classifier_keeps_its_class_names(named_classifier, capsys):
+    from distill.nlp.hf_models import hf
+
+    task = "sequence_classification"
+    same = hf(path=str(named_classifier), task=task, num_classes=3, label_names=LABELS)
+    assert same.config.id2label == dict(enumerate(LABELS)) and "warning" not in capsys.readouterr().err
+    # the data's names differ: the model's are kept, and one line says so
+    other = hf(path=str(named_classifier), task=task, num_classes=3, label_names=["0", "1", "2"])
+    assert other.config.id2label == dict(enumerate(LABELS))
+    said = [x for x in capsys.readouterr().err.splitlines() if "distill: warning" in x]
+    assert len(said) == 1 and "names its classes fruit, animal, color, the data 0, 1, 2" in said[0]
+    # the model's names in another order (sorted, as the data builder gives them): ids would not match
+    with pytest.raises(DistillError, match=r"set data.init_args.label_names: \[fruit, animal, color\]") as e:
+        hf(path=str(named_classifier), task=task, num_classes=3, label_names=sorted(LABELS))
+    assert "\n" not in str(e.value)
+    # a student from a config names its classes as its teacher does
+    student = hf(
+        task=task, config={"num_hidden_layers": 1}, teacher=same, num_classes=3, label_names=["0", "1", "2"]
+    )
+    assert student.config.id2label == dict(enumerate(LABELS))
+
+
+def test_mixing_token_inputs_is_refused_by_check_and_run_before_the_teacher_trains(tiny, tmp_path, capsys):
+    import yaml
+
+    from distill.cli import main
+    from distill.run.config import parse_recipe
+    from distill.run.pipeline import run_recipe
+
+    recipe = _recipe(tiny)
+    recipe["trainer"]["mix"] = {"name": "mixup"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if x.startswith("distill")]
+    assert len(said) == 1 and "trainer.mix: mixup interpolates floating-point inputs" in said[0], err
+    with pytest.raises(DistillError, match="mixup interpolates floating-point inputs .* not dict inputs"):
+        run_recipe(parse_recipe(recipe), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the teacher did not train first
+
+
+def test_teacher_calibrate_of_a_causal_lm_fits_next_token_predictions(tiny, tmp_path):
+    import torch.nn.functional as F
+
+    from distill.data.bundle import build_data
+    from distill.run.config import parse_recipe
+    from distill.run.hf import resolve_recipe
+    from distill.run.pipeline import load_teacher
+    from distill.teachers.calibration import fit_temperature
+
+    cfg = resolve_recipe(
+        parse_recipe(
+            {
+                "data": {"name": "text", "init_args": {"path": str(tiny / "lm.txt"), "block_size": 16}},
+                "teacher": {
+                    "name": "hf",
+                    "init_args": {"path": str(tiny / "gpt2"), "task": "causal_lm"},
+                    "calibrate": True,
+                },
+                "student": {"name": "hf", "init_args": {"num_layers": 1}},
+                "objective": {"terms": {"ce": {"name": "lm_ce"}}},
+            }
+        )
+    )
+    data = build_data("text", None, cfg.data.init_args, seed=cfg.seed)
+    model, _, info = load_teacher(cfg.teacher, "teacher", data, cfg, tmp_path)
+    batch = data.collate_fn([data.val[i] for i in range(len(data.val))])
+    with torch.no_grad():
+        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nxt, y = z[:, :-1].reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1)  # t predicts t+1
+    keep = (y != -100) & (batch["attention_mask"][:, 1:].reshape(-1) > 0)
+    assert info["temperature"] == pytest.approx(fit_temperature(nxt[keep], y[keep]), rel=1e-6)
+    same = z.reshape(-1, z.shape[-1]), batch["labels"].reshape(-1)  # what it fitted before: t against t
+    assert fit_temperature(*same) != pytest.approx(info["temperature"], rel=1e-3)
+    assert F.cross_entropy(nxt[keep] / info["temperature"], y[keep]) <= F.cross_entropy(nxt[keep], y[keep])

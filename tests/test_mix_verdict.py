@@ -200,6 +200,60 @@ def test_verdict_helped_and_not_helped_with_reasons():
     json.dumps(verdict([_summary(0, 0.9, 0.91)]), allow_nan=False)  # one seed: no NaN in JSON
 
 
+def _lm_summary(seed, scratch_ppl, kd_ppl, scratch_acc, kd_acc, teacher_ppl=20.0):
+    return {
+        "seed": seed,
+        "rows": [
+            {"name": "teacher", "perplexity": teacher_ppl, "accuracy": 0.5, "params": 400_000},
+            {
+                "name": "student_scratch",
+                "perplexity": scratch_ppl,
+                "accuracy": scratch_acc,
+                "params": 100_000,
+            },
+            {"name": "student_kd", "perplexity": kd_ppl, "accuracy": kd_acc, "params": 100_000},
+        ],
+    }
+
+
+def test_verdict_of_a_language_model_follows_perplexity_not_token_accuracy():
+    # distillation lowers perplexity by 2..2.4 while the token accuracy drops: it helped
+    runs = [_lm_summary(s, 40.0, 38.0 - 0.1 * s, 0.30, 0.29) for s in range(5)]
+    v = verdict(runs)
+    assert v["metric"] == "perplexity" and v["helped"]
+    assert v["rows"]["student_kd"]["gains"] == pytest.approx([2.0, 2.1, 2.2, 2.3, 2.4])  # scratch - kd
+    lo, hi = v["rows"]["student_kd"]["ci95"]
+    assert 1.9 < lo < 2.2 < hi < 2.5  # in perplexity, around the mean gain 2.2
+    assert v["line"].startswith("distillation helped here: student_kd lowers perplexity by 2.20 over")
+    assert "(student_scratch - distilled perplexity)" in v["line"]
+    assert "scratch - distilled: positive is better" in "\n".join(verdict_markdown(v))
+    # better token accuracy with a higher perplexity: it hurt
+    worse = verdict([_lm_summary(s, 40.0, 42.0 + 0.1 * s, 0.30, 0.35) for s in range(5)])
+    assert not worse["helped"] and worse["line"].startswith(
+        "distillation hurt here: student_kd raises perplexity"
+    )
+    # a teacher whose perplexity is within 1% of the scratch student's is named as the reason
+    flat = verdict([_lm_summary(s, 40.0, 40.0 + (0.1 if s % 2 else -0.1), 0.3, 0.3, 39.8) for s in range(4)])
+    assert "the teacher (39.8000) is no better than the scratch student (40.0000" in flat["reasons"][0]
+
+
+def test_report_plots_perplexity_for_language_models(tmp_path):
+    from distill.run.report import _plot_tradeoff, curves_figure
+
+    rows = [
+        {**r, "latency_ms_b1": 1.0 + i} for i, r in enumerate(_lm_summary(0, 40.0, 38.0, 0.3, 0.29)["rows"])
+    ]
+    assert _plot_tradeoff(rows, tmp_path / "t.png") == "perplexity" and (tmp_path / "t.png").exists()
+    val = [
+        {"stage": "student_kd", "split": "val", "epoch": e, "perplexity": 50 - e, "accuracy": 0.2}
+        for e in (1, 2)
+    ]
+    fig = curves_figure([val])
+    assert fig.axes[-1].get_ylabel() == "validation perplexity"
+    classification = [{"name": "a", "accuracy": 0.9, "latency_ms_b1": 1.0}]
+    assert _plot_tradeoff(classification, tmp_path / "c.png") == "accuracy"
+
+
 def test_verdict_also_judges_against_the_unmixed_scratch_student():
     def s(seed, twin, unmixed, kd):
         out = _summary(seed, twin, kd)
@@ -223,13 +277,28 @@ def test_run_seeds_writes_the_verdict_to_summary_and_report(tmp_path):
     cfg = tiny_recipe(
         tmp_path, **{"trainer.mix": {"name": "cutmix"}, "baselines": ["scratch", "scratch_unmixed"]}
     )
-    summary = run_seeds(cfg, tmp_path / "run", seeds=2)
+    run_seeds(cfg, tmp_path / "run", seeds=2)
     v = json.loads((tmp_path / "run" / "summary.json").read_text())["verdict"]
-    assert v == json.loads(json.dumps(summary["verdict"]))
+    seeds = [json.loads((tmp_path / "run" / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    # the verdict is the paired one over the seeds' own rows, recomputed here from their summaries
+    assert v == json.loads(json.dumps(verdict(seeds)))
     assert set(v["rows"]) == {"student_kd", "student_kd vs student_scratch_unmixed"}
-    assert len(v["rows"]["student_kd"]["gains"]) == 2 and v["line"].startswith("distillation ")
-    seed0 = json.loads((tmp_path / "run" / "seed0" / "summary.json").read_text())
-    assert seed0["mix"] == "cutmix" and 0 < seed0["rows"][0]["train_confidence"] <= 1
+    acc = [{r["name"]: r["accuracy"] for r in s["rows"]} for s in seeds]
+    assert v["rows"]["student_kd"]["gains"] == pytest.approx(
+        [a["student_kd"] - a["student_scratch"] for a in acc]
+    )
+    unmixed = v["rows"]["student_kd vs student_scratch_unmixed"]["gains"]
+    assert unmixed == pytest.approx([a["student_kd"] - a["student_scratch_unmixed"] for a in acc])
+    assert v["line"].startswith("distillation ") and "over student_scratch_unmixed" in v["line"]
+    # the twin was mixed and the unmixed one was not: same initial weights and data order, yet
+    # their first training losses differ (cutmix changed the inputs and labels of the twin alone)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+
+    def first_loss(stage):
+        return next(r["loss"] for r in lines if r["stage"] == stage and r["split"] == "train")
+
+    assert first_loss("student_scratch") != pytest.approx(first_loss("student_scratch_unmixed"), rel=1e-3)
+    assert 0 < seeds[0]["rows"][0]["train_confidence"] <= 1
     assert "## Verdict" in (tmp_path / "run" / "report.md").read_text()
 
 

@@ -4,11 +4,17 @@ transfer sets."""
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
+from distill.checkpoint import load_weights
+from distill.data.bundle import build_data
 from distill.errors import ConfigError
+from distill.models.build import build_model
 from distill.run.config import RecipeConfig, parse_recipe
 from distill.run.pipeline import run_recipe
+from distill.teachers.calibration import fit_temperature
 from helpers import tiny_recipe
 
 SMALL_CNN = {"name": "cnn", "init_args": {"channels": [8, 16]}, "train": {"epochs": 2, "tensorboard": False}}
@@ -55,8 +61,23 @@ def test_teacher_use_epoch_best_and_calibration(tmp_path):
     cfg = tiny_recipe(tmp_path, **{"teacher.use": 1, "teacher.calibrate": True, "teacher.train.epochs": 3})
     summary = run_recipe(cfg, tmp_path / "run")
     teacher = summary["rows"][0]
-    assert teacher["use"] == 1 and teacher["temperature"] > 0
-    assert (tmp_path / "run" / "checkpoints" / "teacher" / "epoch1.safetensors").exists()
+    epoch1 = tmp_path / "run" / "checkpoints" / "teacher" / "epoch1.safetensors"
+    assert teacher["use"] == 1 and epoch1.exists()
+    # recomputed here: the temperature is the best-NLL one of the epoch-1 weights on the validation
+    # split, and the teacher the run measured (and distilled from) divides its logits by it
+    data = build_data("digits", None, cfg.data.init_args, seed=cfg.seed)
+    model = load_weights(build_model(cfg.teacher.spec(), data), epoch1).eval()
+
+    def logits(split):
+        xs, ys = zip(*(split[i] for i in range(len(split))))
+        with torch.no_grad():
+            return model(torch.stack(xs)), torch.as_tensor(ys)
+
+    z, y = logits(data.val)
+    assert teacher["temperature"] == pytest.approx(fit_temperature(z, y), rel=1e-6)
+    z, y = logits(data.test)
+    assert teacher["nll"] == pytest.approx(float(F.cross_entropy(z / teacher["temperature"], y)), rel=1e-6)
+    assert abs(teacher["nll"] - float(F.cross_entropy(z, y))) > 1e-5  # the temperature changed it
     best = tiny_recipe(tmp_path, **{"teacher.use": "best"})
     assert run_recipe(best, tmp_path / "best")["rows"][0]["use"] == "best"
 
@@ -102,3 +123,19 @@ def test_transfer_set_of_another_shape_is_one_line(tmp_path):
         match=r"data.transfer: its inputs have shape \(3, 32, 32\) but the training data's have \(1, 8, 8\)",
     ):
         run_recipe(cfg, tmp_path / "run")
+
+
+def test_a_model_scored_by_perplexity_keeps_its_best_checkpoint_by_perplexity(tmp_path):
+    from distill.run.hf import resolve_recipe
+
+    def recipe(**trainer):
+        data = tiny_recipe(tmp_path, **{"evaluator": {"name": "perplexity"}}).model_dump(mode="json")
+        for section in (data["trainer"], data["teacher"]["train"]):  # as a YAML file leaves them out
+            del section["monitor"], section["monitor_mode"]
+        data["trainer"].update(trainer)
+        return resolve_recipe(parse_recipe(data))
+
+    cfg = recipe()
+    for tc in (cfg.trainer, cfg.teacher.train):  # teacher.use: best picks by perplexity, lower is better
+        assert (tc.monitor, tc.monitor_mode) == ("perplexity", "min")
+    assert recipe(monitor="nll").trainer.monitor == "nll"  # what the recipe says wins

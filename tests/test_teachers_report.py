@@ -41,6 +41,53 @@ def test_fit_temperature_recovers_a_known_scale():
     assert 2.5 < t < 3.6
 
 
+class _Bigram(nn.Module):
+    """A causal LM whose logits at position t are `scale` times the true log-probabilities of
+    token t+1 given token t (so its best temperature is `scale`)."""
+
+    def __init__(self, table, scale):
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+        self.scale = scale
+
+    def forward(self, input_ids):
+        return self.scale * self.table[input_ids]  # (B, T, V)
+
+
+def _bigram_batches(table, n=64, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(n, t, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, table.shape[0], (n,), generator=g)
+    for k in range(1, t):  # token k drawn from softmax(table[token k-1])
+        ids[:, k] = torch.multinomial(F.softmax(table[ids[:, k - 1]], -1), 1, generator=g)[:, 0]
+    labels, attn = ids.clone(), torch.ones_like(ids)
+    labels[::2, -5:] = -100  # padded tails: never counted
+    attn[::2, -5:] = 0
+    return [{"input_ids": ids[i : i + 16], "labels": labels[i : i + 16], "attention_mask": attn[i : i + 16]}
+            for i in range(0, n, 16)]  # fmt: skip
+
+
+def test_calibrating_a_causal_lm_pairs_position_t_with_token_t_plus_1():
+    from distill.engine.evaluate import PerplexityEvaluator
+    from distill.outputs import Outputs
+    from distill.teachers.calibration import collect_logits, token_shift
+
+    table = torch.randn(12, 12, generator=torch.Generator().manual_seed(1)) * 2
+    model = _Bigram(table, scale=3.0)
+    adapter = lambda m, b: Outputs(m(b.inputs["input_ids"]))  # noqa: E731
+    shift = token_shift(PerplexityEvaluator())  # what a causal LM recipe's evaluator says
+    assert shift and not token_shift(PerplexityEvaluator(shift=False)) and not token_shift(None)
+    z, y = collect_logits(model, _bigram_batches(table), adapter, shift=shift)
+    assert not z.requires_grad  # no autograd graph kept over the whole split
+    # 64 sequences of 24 tokens, 23 next-token pairs each, minus the 5 padded ones of every other
+    assert z.shape == (64 * 23 - 32 * 5, 12) and (y != -100).all()
+    t = fit_temperature(z, y)
+    assert 2.5 < t < 3.6  # logits 3x too sharp: T about 3, not the end of the grid (20)
+    ids = torch.cat([b["input_ids"] for b in _bigram_batches(table)])
+    best = float((table.argmax(-1)[ids[:, :-1]] == ids[:, 1:]).float().mean())  # the true bigram's argmax
+    assert abs(float((z.argmax(-1) == y).float().mean()) - best) < 0.05 and best > 0.3
+
+
 class _Linear(nn.Module):
     def __init__(self, w, scale=1.0):
         super().__init__()

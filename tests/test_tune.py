@@ -386,3 +386,21 @@ def test_teacher_checkpoint_choice_and_calibration_are_tunable(tmp_path):
         row = json.loads((out / "trials" / str(r["number"]) / "summary.json").read_text())["rows"][0]
         assert row["temperature"] > 0  # calibrated before distilling
     assert used <= {"best.safetensors", "epoch1.safetensors"} and used
+
+
+def test_a_language_model_study_minimises_perplexity_by_default():
+    from distill.tune.config import parse_tune_recipe
+
+    data = _recipe(TRAINED_TEACHER)
+    data["search"] = {"trainer.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    assert [(o.metric, o.direction) for o in parse_tune_recipe(data).tune.objectives] == [
+        ("accuracy", "maximize")
+    ]
+    data["evaluator"] = {"name": "perplexity"}  # a language model: its token accuracy is not the measure
+    assert [(o.metric, o.direction) for o in parse_tune_recipe(data).tune.objectives] == [
+        ("perplexity", "minimize")
+    ]
+    data["tune"] = {
+        "objectives": [{"metric": "accuracy", "direction": "maximize"}]
+    }  # what the user says wins
+    assert parse_tune_recipe(data).tune.objectives[0].metric == "accuracy"

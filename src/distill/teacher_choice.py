@@ -31,7 +31,7 @@ from distill.run.config import (
     format_validation_error,
     load_yaml,
 )
-from distill.teachers.calibration import collect_logits, plot_reliability, score_logits
+from distill.teachers.calibration import collect_logits, plot_reliability, score_logits, token_shift
 
 
 class TeacherThresholds(Strict):
@@ -103,11 +103,13 @@ def candidate_row(
     latency_batch_sizes=(1, 64),
     latency_repeats: int = 50,
     adapter: Adapter = auto_adapter,
+    evaluator: Any = None,
 ) -> dict[str, Any]:
-    """One summary row for a candidate teacher (the reliability bins under `reliability`)."""
+    """One summary row for a candidate teacher (the reliability bins under `reliability`);
+    `evaluator`: the recipe's, whose `shift` says whether token logits predict the next token."""
     from distill.run.measure import count_params, latency_ms, size_mb
 
-    logits, targets = collect_logits(model, loader, adapter)
+    logits, targets = collect_logits(model, loader, adapter, shift=token_shift(evaluator, model))
     row: dict[str, Any] = {"name": label, **score_logits(logits, targets, th.ece_bins)}
     row["params"] = count_params(model)
     row["size_mb"] = size_mb(model)
@@ -131,6 +133,7 @@ def run_teachers(
     and writes summary.json (one row per candidate; the scratch student under `student`),
     report.md and reliability.png to `out`."""
     from distill.data.bundle import build_data
+    from distill.engine.evaluate import build_evaluator
     from distill.engine.trainer import make_loader, seed_everything
     from distill.models.build import build_model
     from distill.run.measure import count_params
@@ -169,7 +172,8 @@ def run_teachers(
                 None,
                 s_adapter,
             )
-        logits, targets = collect_logits(student, loader, s_adapter)
+        ev = build_evaluator(cfg.evaluator.spec()) if cfg.evaluator is not None else None
+        logits, targets = collect_logits(student, loader, s_adapter, shift=token_shift(ev, student))
         s_row = {"name": "student_scratch", **score_logits(logits, targets, cfg.thresholds.ece_bins)}
         s_row["params"] = count_params(student)
 
@@ -205,6 +209,7 @@ def run_teachers(
                     cfg.report.latency_batch_sizes,
                     cfg.report.latency_repeats,
                     adapter,
+                    ev,
                 )
             )
         summary = {

@@ -12,7 +12,9 @@ from distill.errors import DistillError
 HELP = "run the recipe's teacher once over the training data and store its outputs"
 DESCRIPTION = (
     "Loads the recipe's teacher (teacher.checkpoint, or --teacher-checkpoint, e.g. a run's "
-    "checkpoints/teacher/final.safetensors), runs it over the training split and writes a store "
+    "checkpoints/teacher/final.safetensors; or a pretrained hf model's own weights) with its adapter "
+    "and, under teacher.calibrate, its temperature fitted on the validation split, runs it over the "
+    "training split and writes a store "
     "of its logits (all of them up to 1,000 classes, else the top-k in float16) and any tapped "
     "features. An interrupted write continues where it stopped when run again. Train from the "
     "store by setting teacher.cache: STORE in the recipe."
@@ -84,39 +86,42 @@ def _tokens_per_sample(dataset) -> int | None:
 def main(args) -> int:
     import torch
 
-    from distill.checkpoint import load_weights
     from distill.data.bundle import build_data
     from distill.engine.trainer import resolve_device, seed_everything
-    from distill.models.build import build_model
     from distill.run.config import apply_overrides, load_yaml, parse_recipe
     from distill.run.hf import resolve_recipe
-    from distill.run.pipeline import add_transfer, build_objective, store_rows
+    from distill.run.pipeline import add_transfer, build_objective, load_teacher, store_rows
     from distill.teachers import Teacher
-    from distill.teachers.store import write_store
+    from distill.teachers.store import outputs_fingerprint, write_store
 
     try:
         cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)
         cfg = resolve_recipe(cfg)  # what an hf teacher implies (the data's tokenizer, ...)
         checkpoint = args.teacher_checkpoint or cfg.teacher.checkpoint
-        if not checkpoint:
+        pretrained = cfg.teacher.name == "hf" and cfg.teacher.init_args.get("path")  # its own weights
+        if not checkpoint and (cfg.teacher.train is not None or not pretrained):
             raise DistillError(
                 "cache-teacher needs trained teacher weights: set teacher.checkpoint in the recipe or pass "
                 "--teacher-checkpoint (e.g. runs/<name>/checkpoints/teacher/final.safetensors)"
             )
-        if not Path(checkpoint).exists():
+        if checkpoint and not Path(checkpoint).exists():
             raise DistillError(f"teacher checkpoint {checkpoint} does not exist")
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
         seed_everything(cfg.seed)
-        model = load_weights(build_model(cfg.teacher.spec(), data), checkpoint)
+        out = Path(args.out) if args.out else Path("caches") / f"{cfg.name}-teacher"
+        # the teacher as `distill run` builds it: its weights, its adapter (teacher.adapter) and its
+        # calibration (teacher.calibrate), so the store holds what the live teacher would teach
+        tc = cfg.teacher.model_copy(update={"checkpoint": checkpoint})
+        model, adapter, info = load_teacher(tc, "teacher", data, cfg, out)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
-        teacher = Teacher(model, dtype=dtype, compile=cfg.teacher.compile)
+        teacher = Teacher(model, adapter=adapter, dtype=dtype, compile=cfg.teacher.compile)
         if args.mix_views is not None and args.augment_copies is not None:
             raise DistillError(
                 "--mix-views replays the augmentation of each view already; drop --augment-copies"
             )
         objective = build_objective(cfg)
         train, _ = store_rows(cfg, add_transfer(cfg, data, objective), objective, args.mix_views)
-        out = Path(args.out) if args.out else Path("caches") / f"{cfg.name}-teacher"
+        spec = cfg.teacher.adapter.spec() if cfg.teacher.adapter is not None else None
         info = write_store(
             teacher,
             train,
@@ -129,6 +134,7 @@ def main(args) -> int:
             dtype=args.dtype,
             augment_copies=args.augment_copies,
             augment_seed=cfg.seed,
+            outputs=outputs_fingerprint(spec, info.get("temperature")),
             num_workers=cfg.data.num_workers,
             collate_fn=data.collate_fn,
             overwrite=args.overwrite,

@@ -39,11 +39,7 @@ def soft_labels(
     if targets.is_floating_point() and targets.dim() == 2:
         return targets.float()  # already a distribution per sample
     t = targets.reshape(-1).long()
-    if t.numel() != batch_size:
-        raise ConfigError(
-            f"trainer.mix mixes one class label per sample, but the batch has {t.numel()} targets for "
-            f"{batch_size} samples (token or dense targets); set trainer.mix.name: none"
-        )
+    _one_label_per_sample(t, batch_size)
     valid = (t >= 0) & (t < num_classes)
     if t.device.type == "cpu":  # on CUDA the trainer already checked the host copy of the labels
         ignored = torch.zeros_like(valid)
@@ -60,9 +56,21 @@ def soft_labels(
     return onehot
 
 
-def check_mixable(inputs, name: str) -> None:
-    """Mixing interpolates inputs: only floating-point tensors (images, spectrograms, features)."""
+def _one_label_per_sample(t: Tensor, batch_size: int) -> None:
+    if t.numel() != batch_size:
+        raise ConfigError(
+            f"trainer.mix mixes one class label per sample, but the batch has {t.numel()} targets for "
+            f"{batch_size} samples (token or dense targets); set trainer.mix.name: none"
+        )
+
+
+def check_mixable(inputs, name: str, targets=None) -> None:
+    """Mixing interpolates inputs: only floating-point tensors (images, spectrograms, features);
+    and it mixes labels: one class label per sample (or a (B, C) distribution), when `targets` is
+    given."""
     if isinstance(inputs, Tensor) and inputs.is_floating_point() and inputs.dim() >= 2:
+        if isinstance(targets, Tensor) and not (targets.is_floating_point() and targets.dim() == 2):
+            _one_label_per_sample(targets.reshape(-1), inputs.shape[0])
         return
     if isinstance(inputs, Tensor):
         what = f"{inputs.dtype} inputs of shape {tuple(inputs.shape)}"

@@ -96,6 +96,46 @@ def preflight_batch(
     return losses, s_out, t_out
 
 
+def class_count(student: Outputs) -> int | None:
+    """The number of classes of the student's logits ((B, C) or (B, ..., C)); None without logits."""
+    logits = student.logits
+    return logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 2 else None
+
+
+def label_terms(objective) -> list[Any]:
+    """The label terms (those with `check_labels`, such as `ce`): they say which target they skip."""
+    return [t for t in objective.terms.values() if hasattr(t, "check_labels")]
+
+
+def build_mixer(mix, task: DistillTask, batch: Batch, num_classes: int | None, seed: int = 0) -> Mixer | None:
+    """The batch mixer of a `trainer.mix` setting, checked on one mixed `batch` before training:
+    outputs that are not class logits, inputs that cannot be interpolated (tokens) or a term that
+    cannot learn from mixed labels stop here with a one-line error. The Trainer builds its mixer
+    with it, and the preflight of `distill check` / `distill run` checks each stage with it."""
+    if mix.name == "none" or mix.prob == 0:
+        return None
+    if num_classes is None:
+        raise ConfigError(
+            f"trainer.mix: {mix.name} mixes class labels, but the student's outputs are not class "
+            "logits; set trainer.mix.name: none"
+        )
+    ignore = [t.ignore_index for t in label_terms(task.objective)] or (-100,)
+    mixer = Mixer(mix.name, mix.alpha, 1.0, num_classes, seed, ignore)
+    check_mixable(batch.inputs, mix.name)
+    batch = mixer(batch, 0, 0)
+    try:
+        with torch.no_grad():
+            s_out = task.student_outputs(batch)
+            task.objective(s_out, task.teacher_outputs(batch), batch)
+    except DistillError as e:
+        raise ConfigError(
+            f"trainer.mix: a mixed batch carries mixed labels (soft_targets), and the objective "
+            f"refused it: {str(e).splitlines()[0]}; set trainer.mix.name: none"
+        ) from None
+    mixer.prob = mix.prob
+    return mixer
+
+
 # --------------------------------------------------------------------------- data order
 
 
@@ -485,42 +525,15 @@ class Trainer:
             raise DistillError("the training data yields no batch: is the dataset empty?") from None
         batch = as_batch(raw).to(self.device)
         _, s_out, _ = preflight_batch(self.task, batch, self.device)
-        logits = s_out.logits
-        self._num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 2 else None
-        # Label terms (those with `check_labels`, such as `ce`) say which target value they skip.
-        label_terms = [t for t in self.task.objective.terms.values() if hasattr(t, "check_labels")]
-        self._ce_ignore = [t.ignore_index for t in label_terms]
+        self._num_classes = class_count(s_out)
+        self._ce_ignore = [t.ignore_index for t in label_terms(self.task.objective)]
         if self.device.type == "cuda" and self._num_classes is not None:
-            for t in label_terms:
+            for t in label_terms(self.task.objective):
                 t.check_labels = False  # the trainer checks each batch's labels on the host
 
     def _build_mixer(self) -> Mixer | None:
-        """The batch mixer of `trainer.mix`, checked on one mixed batch before training: inputs
-        that cannot be interpolated (tokens), or a term that cannot learn from mixed labels, stop
-        here with a one-line error."""
-        mix = self.cfg.mix
-        if mix.name == "none" or mix.prob == 0:
-            return None
-        if self._num_classes is None:
-            raise ConfigError(
-                f"trainer.mix: {mix.name} mixes class labels, but the student's outputs are not class "
-                "logits; set trainer.mix.name: none"
-            )
-        mixer = Mixer(mix.name, mix.alpha, 1.0, self._num_classes, self.seed, self._ce_ignore or (-100,))
         batch = as_batch(next(iter(self.train_loader))).to(self.device)
-        check_mixable(batch.inputs, mix.name)
-        batch = mixer(batch, 0, 0)
-        try:
-            with torch.no_grad():
-                s_out = self.task.student_outputs(batch)
-                self.task.objective(s_out, self.task.teacher_outputs(batch), batch)
-        except DistillError as e:
-            raise ConfigError(
-                f"trainer.mix: a mixed batch carries mixed labels (soft_targets), and the objective "
-                f"refused it: {str(e).splitlines()[0]}; set trainer.mix.name: none"
-            ) from None
-        mixer.prob = mix.prob
-        return mixer
+        return build_mixer(self.cfg.mix, self.task, batch, self._num_classes, self.seed)
 
     def _compile_student(self) -> bool:
         """`torch.compile` on the student in place (state-dict keys unchanged). Compilation

@@ -365,9 +365,7 @@ def token_cross_entropy(
         )
     batch = Batch(inputs={} if attention_mask is None else {"attention_mask": attention_mask}, targets=labels)
     mask = token_mask(batch, logits, shift, ignore_index)
-    target = labels.to(logits.device).long()
-    if shift:
-        target = torch.cat([target[:, 1:], torch.full_like(target[:, :1], ignore_index)], dim=1)
+    target = token_targets(labels.to(logits.device), shift, ignore_index)
     v = logits.shape[-1]
     bad = mask & ((target < 0) | (target >= v))
     if bad.any():
@@ -460,6 +458,15 @@ def token_mask(batch: Batch, logits: Tensor, shift: bool = True, ignore_index: i
     if shift:
         keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
     return keep
+
+
+def token_targets(labels: Tensor, shift: bool = True, ignore_index: int = -100) -> Tensor:
+    """(B, T) labels aligned with the logit positions: with `shift` (causal LMs) position t holds
+    token t+1 and the last position `ignore_index`; read it where `token_mask` is True."""
+    target = labels.long()
+    if shift:
+        target = torch.cat([target[:, 1:], torch.full_like(target[:, :1], ignore_index)], dim=1)
+    return target
 
 
 class TokenDivergence(LossTerm):

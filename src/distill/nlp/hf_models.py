@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +216,14 @@ def hf(
             labels["id2label"] = dict(enumerate(label_names))
             labels["label2id"] = {n: i for i, n in enumerate(label_names)}
 
+    names = _real_names(getattr(teacher, "config", None)) if teacher is not None else None
+    if "id2label" in labels and names is not None and len(names) == labels["num_labels"]:
+        labels = {"num_labels": labels["num_labels"]}  # a student names its classes as its teacher
     pretrained = False
     if path is not None:
         source = resolve_source(path)
+        if "id2label" in labels:
+            labels = _keep_model_labels(source, labels, path)
         if task == "sentence_embedding":
             model = _sentence_transformer(source, max_length)
         else:
@@ -281,6 +288,52 @@ def _calibration(select: str, calibration: Any, n: int, batch_size: int):
     import itertools
 
     return list(itertools.islice(calibration, n))
+
+
+_WARNED: set[str] = set()
+
+
+def _real_names(config: Any) -> list[str] | None:
+    """A config's class names in id order, or None when it has none of its own (`LABEL_0`, ...)."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
+
+
+def _keep_model_labels(source: str, labels: dict[str, Any], path: str) -> dict[str, Any]:
+    """The label settings for loading a pretrained classifier: the model's own class names win
+    when it has them (the data's are dropped). Names that are the model's in another order cannot
+    be used as they are (the data's id i would train the model's class i): an error naming the
+    order to give. Names that differ otherwise: one warning line, and the model's names are kept."""
+    from transformers import AutoConfig
+
+    try:
+        config = from_pretrained(AutoConfig, source, what="model config")
+    except DistillError:
+        return labels  # the model load that follows says what is wrong
+    model = _real_names(config)
+    data = [labels["id2label"][i] for i in range(len(labels["id2label"]))]
+    if model is None or len(model) != len(data):
+        return labels  # no names of its own, or another head size: the data's names
+    keep = {"num_labels": labels["num_labels"]}
+    if [n.lower() for n in model] == [n.lower() for n in data]:
+        return keep
+    if sorted(n.lower() for n in model) == sorted(n.lower() for n in data):
+        raise DistillError(
+            f"model {path} numbers its classes {', '.join(model)} but the data numbers them "
+            f"{', '.join(data)}: set data.init_args.label_names: [{', '.join(model)}] so each text "
+            "gets the model's class id"
+        )
+    msg = (
+        f"model {path} names its classes {', '.join(model)}, the data {', '.join(data)}: the model's "
+        "names are kept and the data's class i trains and scores as its class i"
+    )
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(f"distill: warning: {msg}", file=sys.stderr)
+    return keep
 
 
 def _is_sentence(model: nn.Module) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -214,6 +215,31 @@ def _folder_records(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _whole_number(v: Any) -> int | None:
+    """A label that is a whole number: an int (JSON), or text such as "12" (CSV has no types)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v):
+        return int(v)
+    return None
+
+
+def _label_ids(values: list[Any]) -> tuple[list[str], dict[Any, int]]:
+    """Label names in id order and each value's id. Whole-number labels (JSON numbers or CSV text)
+    are ordered as numbers, and when none is negative they are their own ids, as class ids are
+    (labels 1..12 give names '0'..'12', id 0 unused); other labels are sorted as text."""
+    numbers = {v: _whole_number(v) for v in values}
+    if all(n is not None for n in numbers.values()):
+        if min(numbers.values()) >= 0:
+            return [str(i) for i in range(max(numbers.values()) + 1)], dict(numbers)
+        order = sorted(set(numbers.values()))
+        return [str(n) for n in order], {v: order.index(n) for v, n in numbers.items()}
+    names = sorted({str(v) for v in values})
+    return names, {v: names.index(str(v)) for v in values}
+
+
 def text_classification(
     path: str,
     tokenizer: Any = None,
@@ -237,7 +263,8 @@ def text_classification(
 
     Args:
         path: CSV / TSV / JSONL, a `datasets` folder, or a folder of one file per label.
-        label_names: the labels in id order (default: sorted label values; integer labels as they are).
+        label_names: the labels in id order (default: sorted label values; whole-number labels,
+            JSON numbers or CSV text such as "12", are ordered as numbers and are their own ids).
         min_chars / max_chars: keep texts in this length range (whitespace is collapsed).
         min_per_class / max_per_class: drop labels with fewer texts; keep at most this many per label.
         max_train / max_val / max_test: cap each split (after the seeded split).
@@ -266,18 +293,13 @@ def text_classification(
         rng = random.Random(seed)
         by_label = {k: rng.sample(v, min(len(v), max_per_class)) for k, v in by_label.items()}
     if label_names is None:
-        values = list(by_label)
-        if all(isinstance(v, int) for v in values):
-            label_names = [str(i) for i in range(max(values) + 1)]
-            to_id = {v: v for v in values}
-        else:
-            label_names = sorted(str(v) for v in values)
-            to_id = {v: label_names.index(str(v)) for v in values}
+        label_names, to_id = _label_ids(list(by_label))
     else:
         to_id = {}
         for v in by_label:
-            if isinstance(v, int) and 0 <= v < len(label_names):
-                to_id[v] = v
+            n = _whole_number(v)  # a whole number is a class id, as without label_names
+            if n is not None and 0 <= n < len(label_names):
+                to_id[v] = n
             elif str(v) in label_names:
                 to_id[v] = label_names.index(str(v))
             else:

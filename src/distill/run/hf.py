@@ -45,23 +45,29 @@ def teacher_task(cfg) -> str | None:
 
 def resolve_recipe(cfg):
     """Fills what an `hf` teacher implies and the recipe left out: the data's tokenizer (the
-    teacher's), the student's task, the evaluator for the task and the metric to monitor. The
+    teacher's), the student's task, the evaluator for the task and the metric to monitor (for any
+    recipe scored by the perplexity evaluator: perplexity, lower is better). The
     result is what `config.yaml` records, so a rerun does not depend on these defaults."""
     task = teacher_task(cfg)
-    if task is None:
+    perplexity = cfg.evaluator is not None and cfg.evaluator.name == "perplexity"
+    if task is None and not perplexity:
         return cfg
     cfg = cfg.model_copy(deep=True)
-    t_args = cfg.teacher.init_args
-    if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):
-        cfg.data.init_args["tokenizer"] = t_args["path"]
-    if cfg.student.name == "hf":
-        cfg.student.init_args.setdefault("task", task)
-    if cfg.evaluator is None and task in TASK_EVALUATORS:
-        from distill.run.config import Component
+    if task is not None:
+        t_args = cfg.teacher.init_args
+        if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):
+            cfg.data.init_args["tokenizer"] = t_args["path"]
+        if cfg.student.name == "hf":
+            cfg.student.init_args.setdefault("task", task)
+        if cfg.evaluator is None and task in TASK_EVALUATORS:
+            from distill.run.config import Component
 
-        cfg.evaluator = Component(**copy.deepcopy(TASK_EVALUATORS[task]))
-    if task in TASK_MONITOR:
-        metric, mode = TASK_MONITOR[task]
+            cfg.evaluator = Component(**copy.deepcopy(TASK_EVALUATORS[task]))
+    # a language model (any model scored by the perplexity evaluator) keeps its best checkpoint by
+    # perplexity, not by its token accuracy
+    monitor = TASK_MONITOR.get(task) or (("perplexity", "min") if perplexity else None)
+    if monitor is not None:
+        metric, mode = monitor
         for tc in (cfg.trainer, cfg.teacher.train):
             if tc is not None and "monitor" not in tc.model_fields_set:
                 tc.monitor, tc.monitor_mode = metric, mode

@@ -33,6 +33,7 @@ from distill.run.chat import side_by_side
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.preflight import MIX_STORE, build_transfer, check_teacher_config
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
 from distill.run.verdict import verdict
@@ -226,6 +227,7 @@ def load_teacher(
     or epoch-N weights taken (`teacher.use`); temperature-calibrated on the validation split with
     `teacher.calibrate`. `model`: the teacher preflight built (`Built`), its checkpoint loaded
     already; None: built here. Returns (model, adapter, facts for its summary row)."""
+    check_teacher_config(tc, "teacher", data)  # `distill run` made these refusals before training
     seed_everything(cfg.seed)
     built = model is not None
     if model is None:
@@ -233,20 +235,11 @@ def load_teacher(
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
-        if tc.use != "last":
-            raise ConfigError(
-                f"teacher.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
-                "checkpoint: is used as given (point checkpoint: at the file you want)"
-            )
         if not built:
             load_weights(model, tc.checkpoint)
     elif tc.train is not None:
         train_cfg = tc.train
         if isinstance(tc.use, int):
-            if tc.use > train_cfg.epochs:
-                raise ConfigError(
-                    f"teacher.use: epoch {tc.use} is past the teacher's {train_cfg.epochs} training epochs"
-                )
             train_cfg = train_cfg.model_copy(update={"keep_epochs": sorted({*train_cfg.keep_epochs, tc.use})})
         train_stage(stage, model, scratch_objective(cfg), data, cfg, train_cfg, out, adapter=adapter)
         if tc.use != "last":
@@ -263,16 +256,19 @@ def load_teacher(
     elif not getattr(model, "distill_pretrained", False):  # (an hf folder loads its own weights)
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
     if tc.calibrate:
-        from distill.teachers.calibration import TemperatureScaled, collect_logits, fit_temperature
+        from distill.teachers.calibration import (
+            TemperatureScaled,
+            collect_logits,
+            fit_temperature,
+            token_shift,
+        )
 
-        if data.val is None:
-            raise ConfigError(
-                "teacher.calibrate fits a temperature on the validation split, but the data has none"
-            )
         loader, _ = make_loader(
             data.val, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn
         )
-        z, y = collect_logits(model, loader, adapter)
+        # a causal LM is fitted on next-token predictions, as its loss and perplexity count them
+        shift = token_shift(build_evaluator(_spec(cfg.evaluator)))
+        z, y = collect_logits(model, loader, adapter, shift=shift)
         keep = y != -100
         info["temperature"] = fit_temperature(z[keep], y[keep])
         adapter = TemperatureScaled(adapter, info["temperature"])
@@ -347,13 +343,6 @@ class Unlabelled(Dataset):
         return x, torch.tensor(self.ignore)
 
 
-def _input_shape(bundle: DataBundle) -> tuple[int, ...] | None:
-    if bundle.input_shape is not None:
-        return tuple(bundle.input_shape)
-    x = example_input(bundle)
-    return tuple(x.shape[1:]) if x is not None else None
-
-
 def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> DataBundle:
     """`data.transfer`: the distilled student trains on the labelled set plus the transfer set's
     inputs, whose labels are replaced by the label terms' `ignore_index`, so only the teacher terms
@@ -361,13 +350,8 @@ def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> D
     spec = cfg.data.transfer
     if spec is None:
         return data
-    transfer = build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
-    got, want = _input_shape(transfer), _input_shape(data)
-    if got is not None and want is not None and got != want:
-        raise ConfigError(
-            f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
-            "give a transfer set of the same input shape"
-        )
+    transfer = build_transfer(cfg)
+    # (its shape, and one ignore_index across the label terms, were checked by validate_recipe)
     merged = ConcatDataset([data.train, Unlabelled(transfer.train, label_ignore(objective, "data.transfer"))])
     return dataclasses.replace(data, train=merged)
 
@@ -378,13 +362,6 @@ def label_ignore(objective: Objective, key: str) -> int:
     if len(ignores) > 1:
         raise ConfigError(f"{key}: the label terms skip different values ({sorted(ignores)}); use one")
     return ignores.pop() if ignores else -100
-
-
-MIX_STORE = (
-    "a store of the teacher's outputs at unmixed inputs cannot give its view of a mixed input; write "
-    "K fixed mixed views of each input with `distill cache-teacher RECIPE --mix-views K` (epoch e "
-    "trains on view e mod K), or set trainer.mix.name: none"
-)
 
 
 def store_rows(
@@ -420,7 +397,12 @@ def store_rows(
 
 
 def serve_store(
-    cfg: RecipeConfig, data: DataBundle, objective: Objective, teacher: Any, teacher_model: nn.Module
+    cfg: RecipeConfig,
+    data: DataBundle,
+    objective: Objective,
+    teacher: Any,
+    teacher_model: nn.Module,
+    outputs: dict[str, Any] | None = None,
 ) -> tuple[Any, DataBundle, TrainerConfig]:
     """`teacher.cache`: the teacher served from its store for the distilled stage. Returns the
     `CachedTeacher` (the live teacher is its fallback for validation), the stage's data (sample
@@ -441,6 +423,7 @@ def serve_store(
         teacher=teacher_model,
         fallback=teacher,
         fill=cfg.teacher.cache_fill,
+        outputs=outputs,
     )
     train = mixed if mixed is not None else cached.training_dataset(rows_set)
     trainer_cfg = cfg.trainer.model_copy(update={"mix": MixConfig()}) if mixed is not None else cfg.trainer
@@ -505,7 +488,12 @@ def run_recipe(
         kd_data = add_transfer(cfg, data, kd_objective)
         kd_teacher, kd_trainer = teacher, cfg.trainer
         if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
-            kd_teacher, kd_data, kd_trainer = serve_store(cfg, kd_data, kd_objective, teacher, teacher_model)
+            from distill.teachers.store import outputs_fingerprint
+
+            outputs = outputs_fingerprint(_spec(cfg.teacher.adapter), teacher_rows[0][3].get("temperature"))
+            kd_teacher, kd_data, kd_trainer = serve_store(
+                cfg, kd_data, kd_objective, teacher, teacher_model, outputs
+            )
 
         students: dict[str, nn.Module] = {}
         stages = (
@@ -754,15 +742,17 @@ def preflight_recipe(
         describe_objective,
         first_batch,
         run_stage,
+        validate_recipe,
     )
 
     cfg = resolve_recipe(cfg)  # what an hf teacher implies (tokenizer, task, evaluator)
-    if cfg.teachers:  # several teachers: each is built like the first, which is checked here
-        cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     if data is None:
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     device = resolve_device(cfg.trainer.device)
     batch = first_batch(data, cfg.data.batch_size, cfg.seed).to(device)
+    validate_recipe(cfg, data, batch, build_objective(cfg))  # every refusal the recipe decides
+    if cfg.teachers:  # several teachers: each is built like the first, which is checked here
+        cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     report: dict[str, Any] = {"data": describe_data(data, batch, cfg.data.name or cfg.data.class_path)}
     evaluator_spec = cfg.evaluator.spec() if cfg.evaluator is not None else None
     build_evaluator(evaluator_spec)  # a typo in the evaluator fails here, before anything else
@@ -797,6 +787,8 @@ def preflight_recipe(
             batch,
             device,
             evaluator_spec,
+            cfg.teacher.train.mix,
+            cfg.seed,
         )
     teacher = Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
     try:
@@ -820,9 +812,20 @@ def preflight_recipe(
                 batch,
                 device,
                 evaluator_spec,
+                cfg.trainer.mix,
+                cfg.seed,
             )
         stages["student_kd"] = run_stage(
-            "student_kd", student, kd, teacher, student_adapter, batch, device, evaluator_spec
+            "student_kd",
+            student,
+            kd,
+            teacher,
+            student_adapter,
+            batch,
+            device,
+            evaluator_spec,
+            cfg.trainer.mix,
+            cfg.seed,
         )
     finally:
         teacher.tap.remove()  # the run's Teacher adds its own taps

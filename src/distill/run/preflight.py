@@ -16,14 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.data.bundle import DataBundle
+from distill.data.bundle import DataBundle, build_data
 from distill.engine.evaluate import build_evaluator
-from distill.engine.trainer import DistillTask, make_loader, preflight_batch
-from distill.errors import DistillError
+from distill.engine.mix import check_mixable
+from distill.engine.trainer import DistillTask, build_mixer, class_count, make_loader, preflight_batch
+from distill.errors import ConfigError, DistillError
 from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.run.measure import count_params
 from distill.teachers import Teacher
+from distill.teachers.store import check_store, outputs_fingerprint
 
 
 def first_batch(data: DataBundle, batch_size: int, seed: int = 0) -> Batch:
@@ -97,13 +99,18 @@ def run_stage(
     batch: Batch,
     device: torch.device,
     evaluator_spec: dict | None = None,
+    mix: Any = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """The Trainer's preflight for one stage (and the evaluator on the same batch); a failure
-    becomes a one-line DistillError naming the stage."""
+    """The Trainer's preflight for one stage (and the evaluator on the same batch; with the stage's
+    `trainer.mix`, the Trainer's mixer check on it); a failure becomes a one-line DistillError
+    naming the stage."""
     task = None
     try:
         task = DistillTask(student, objective.to(device), teacher, adapter)
         losses, s_out, t_out = preflight_batch(task, batch, device)
+        if mix is not None:
+            build_mixer(mix, task, batch, class_count(s_out), seed)
         metrics: dict[str, float] = {}
         # the evaluator sees what it sees after each epoch: the student in eval mode
         evaluator = build_evaluator(evaluator_spec)
@@ -128,3 +135,95 @@ def run_stage(
         if task is not None:
             task.tap.remove()
     return {"losses": {k: float(v) for k, v in losses.items()}, "metrics": metrics}
+
+
+# --------------------------------------------------------------------------- refusals before training
+
+
+def check_teacher_config(tc: Any, who: str, data: DataBundle) -> None:
+    """The refusals one teacher section decides: which weights `use` picks, calibration without a
+    validation split. `validate_recipe` makes them before training; `load_teacher` again for its
+    other callers (`distill cache-teacher`)."""
+    if tc.checkpoint and tc.use != "last":
+        raise ConfigError(
+            f"{who}.use: {tc.use} picks among the weights of a teacher trained here; a teacher "
+            "checkpoint: is used as given (point checkpoint: at the file you want)"
+        )
+    if not tc.checkpoint and tc.train is not None and isinstance(tc.use, int) and tc.use > tc.train.epochs:
+        raise ConfigError(
+            f"{who}.use: epoch {tc.use} is past the teacher's {tc.train.epochs} training epochs"
+        )
+    if tc.calibrate and data.val is None:
+        raise ConfigError(
+            f"{who}.calibrate fits a temperature on the validation split, but the data has none"
+        )
+
+
+def input_shape(bundle: DataBundle) -> tuple[int, ...] | None:
+    """The shape of one input sample: the bundle's `input_shape`, else its first training input's."""
+    if bundle.input_shape is not None:
+        return tuple(bundle.input_shape)
+    first = bundle.train[0] if bundle.train is not None and len(bundle.train) else None
+    x = first[0] if isinstance(first, tuple | list) else None
+    return tuple(x.shape) if isinstance(x, Tensor) else None
+
+
+def build_transfer(cfg: Any) -> DataBundle:
+    """The recipe's `data.transfer` set."""
+    spec = cfg.data.transfer
+    return build_data(spec.name, spec.class_path, spec.init_args, seed=cfg.seed)
+
+
+MIX_STORE = (
+    "a store of the teacher's outputs at unmixed inputs cannot give its view of a mixed input; write "
+    "K fixed mixed views of each input with `distill cache-teacher RECIPE --mix-views K` (epoch e "
+    "trains on view e mod K), or set trainer.mix.name: none"
+)
+
+
+def validate_recipe(cfg: Any, data: DataBundle, batch: Batch, objective: Objective) -> None:
+    """Every refusal that a `distill run` recipe, its data and its first batch decide, made before
+    anything trains. `distill check` and `distill run` both call it (through `preflight_recipe`),
+    so a recipe that check passes is not refused by run after its teacher has trained.
+
+    Refused: a teacher section that cannot hold (`check_teacher_config`); mixing (`trainer.mix`,
+    or a teacher's `train.mix`) of token inputs or per-token labels; a teacher store
+    (`teacher.cache`) that does not match the training data or the recipe's teacher adapter and
+    calibration, or a plain one (no mixed views) with mixing; a transfer set of another input shape, or
+    label terms that skip different values. What needs a stage's models (a mixed batch through the
+    student and the objective) is checked in that stage's `run_stage` with the Trainer's own
+    `build_mixer`; `objective` is the distillation objective (its label terms' `ignore_index`).
+    """
+    teachers = cfg.teachers or [cfg.teacher]
+    for i, tc in enumerate(teachers):
+        check_teacher_config(tc, f"teachers[{i}]" if cfg.teachers else "teacher", data)
+    mixes = [cfg.trainer.mix] + [
+        tc.train.mix for tc in teachers if tc.train is not None and not tc.checkpoint
+    ]
+    for mix in mixes:
+        if mix.name != "none" and mix.prob > 0:
+            check_mixable(batch.inputs, mix.name, batch.targets)
+    mixing = cfg.trainer.mix.name != "none" and cfg.trainer.mix.prob > 0
+    if cfg.teacher.cache and not cfg.teachers:
+        spec = cfg.teacher.adapter.spec() if cfg.teacher.adapter is not None else None
+        outputs = outputs_fingerprint(spec, calibrated=cfg.teacher.calibrate)
+        if not mixing and cfg.data.transfer is None:
+            check_store(cfg.teacher.cache, data.train, outputs=outputs)
+        else:  # its rows (transfer inputs, mixed views) are checked when the run opens it, before training
+            manifest = check_store(cfg.teacher.cache, outputs=outputs)
+            samples = len(data.train) + (len(build_transfer(cfg).train) if cfg.data.transfer else 0)
+            if mixing and manifest["rows"] <= samples:  # one row per sample: outputs at unmixed inputs
+                raise ConfigError(f"trainer.mix with teacher.cache {cfg.teacher.cache}: {MIX_STORE}")
+    if cfg.data.transfer is not None:
+        transfer = build_transfer(cfg)
+        got, want = input_shape(transfer), input_shape(data)
+        if got is not None and want is not None and got != want:
+            raise ConfigError(
+                f"data.transfer: its inputs have shape {got} but the training data's have {want}; "
+                "give a transfer set of the same input shape"
+            )
+        ignores = {t.ignore_index for t in objective.terms.values() if hasattr(t, "ignore_index")}
+        if len(ignores) > 1:
+            raise ConfigError(
+                f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
+            )

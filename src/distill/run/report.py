@@ -8,6 +8,7 @@ from typing import Any
 
 from distill.checkpoint import atomic_write, atomic_write_text
 from distill.errors import DistillError
+from distill.run.verdict import LOWER_IS_BETTER, headline_metric, verdict_markdown
 
 _COLUMNS = [
     ("params", "params", "{:,.0f}"),
@@ -127,7 +128,7 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
     if not val and not train:
         return None
     loss_stages = list(dict.fromkeys(m["stage"] for m in train))
-    key = next((k for k in ("accuracy", "map", "perplexity", "cosine") if any(k in m for m in val)), None)
+    key = headline_metric(val)  # a language model's perplexity before its token accuracy
     n = len(loss_stages) + (1 if key else 0)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), squeeze=False)
     axes = list(axes[0])
@@ -164,16 +165,18 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
     return fig
 
 
-def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
+def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> str | None:
+    """The test metric (perplexity for language models, else accuracy or mAP) against latency;
+    returns the metric plotted (None: no plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lat_key = next((k for k in ("latency_ms_b64", "latency_ms_b1") if all(k in r for r in rows)), None)
-    acc_key = next((k for k in ("accuracy", "map") if all(k in r for r in rows)), None)
-    if not lat_key or not acc_key:
-        return False
+    acc_key = headline_metric(rows, every=True)
+    if not lat_key or acc_key not in ("perplexity", "accuracy", "map"):
+        return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
         ax.errorbar(r[lat_key], r[acc_key], yerr=r.get(f"{acc_key}_std", 0), fmt="o", capsize=3)
@@ -184,13 +187,18 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
             xytext=(5, -12),
             textcoords="offset points",
         )
-    ax.set(xlabel=f"CPU {lat_key.replace('_', ' ')}", ylabel=f"test {acc_key}", title=f"{acc_key} vs latency")
+    lower = " (lower is better)" if acc_key in LOWER_IS_BETTER else ""
+    ax.set(
+        xlabel=f"CPU {lat_key.replace('_', ' ')}",
+        ylabel=f"test {acc_key}{lower}",
+        title=f"{acc_key} vs latency",
+    )
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    return True
+    return acc_key
 
 
 def _explain(rows: list[dict[str, Any]]) -> str:
@@ -240,8 +248,6 @@ def write_report(run_dir: str | Path) -> Path:
     )
     lines += [f"Wall time: {summary.get('wall_seconds', 0)} s. {_explain(rows)}", "", table(rows), ""]
     if summary.get("verdict"):
-        from distill.run.verdict import verdict_markdown
-
         lines += verdict_markdown(summary["verdict"])
     if summary.get("student_cut"):
         from distill.nlp.students import cut_markdown
@@ -253,7 +259,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += answers_markdown(summary["answers"])
     if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
-    if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
-        lines += ["![accuracy vs latency](tradeoff.png)", ""]
+    plotted = _plot_tradeoff(rows, run_dir / "tradeoff.png")
+    if plotted:
+        lines += [f"![{plotted} vs latency](tradeoff.png)", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     return run_dir / "report.md"

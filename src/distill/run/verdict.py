@@ -16,8 +16,20 @@ from typing import Any
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042]  # fmt: skip
-METRICS = ("accuracy", "map", "cosine", "perplexity")  # the first one a row has is the verdict's
+# The first one a row has is the verdict's (and the report's curves and trade-off plot). Perplexity
+# comes first: a row that has it is a language model's (causal or masked LM), whose per-token
+# accuracy is not the measure; its gain is scratch perplexity - distilled perplexity (positive =
+# lower = better), its interval in perplexity.
+METRICS = ("perplexity", "accuracy", "map", "cosine")
 LOWER_IS_BETTER = {"perplexity"}
+
+
+def headline_metric(records: list[dict[str, Any]], every: bool = False) -> str | None:
+    """The first of `METRICS` that any (`every=False`) or every record has; None if none."""
+    has = all if every else any
+    return next((m for m in METRICS if records and has(m in r for r in records)), None)
+
+
 BASELINE = "student_scratch"
 
 # Thresholds of the reasons; each names a measured quantity.
@@ -25,6 +37,7 @@ NEAR_ONE_HOT = 0.98  # teacher's mean top-1 probability on its own training inpu
 FOLLOW_MIN = 0.95  # distilled student's top-1 agreement with the teacher on the training inputs
 CAPACITY_RATIO = 10.0  # teacher params / student params
 TEACHER_MARGIN = 0.005  # teacher metric - scratch metric below this: no better than scratch
+TEACHER_MARGIN_PPL = 0.01  # perplexity (no fixed scale): the teacher less than 1% lower than scratch
 
 
 def t975(df: int) -> float:
@@ -56,8 +69,7 @@ def verdict(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The verdict over per-seed summaries (each with a `student_scratch` row); None without one."""
     if not summaries or _row(summaries[0], BASELINE) is None:
         return None
-    base0 = _row(summaries[0], BASELINE)
-    metric = next((m for m in METRICS if m in base0), None)
+    metric = headline_metric([_row(summaries[0], BASELINE)])
     if metric is None:
         return None
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -90,21 +102,28 @@ def verdict(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     others = [r for r in rows.values() if r["row"] == best and r["baseline"] != BASELINE]
     r = rows[best]
 
-    def said(r: dict[str, Any]) -> str:
+    def said(r: dict[str, Any]) -> tuple[str, str, str]:
+        """(what it did, the same without the metric's name, its interval)."""
         n = len(r["gains"])
+        amount = f"{abs(r['mean']) * scale:.2f}{unit}"
+        if metric in LOWER_IS_BETTER:  # gains are scratch - distilled: positive means lower
+            verb = f"{'lowers' if r['mean'] >= 0 else 'raises'} {metric} by {amount}"
+            short, of = verb, f" ({BASELINE} - distilled {metric})"
+        else:
+            verb = f"{'gains' if r['mean'] >= 0 else 'loses'} {amount} of {metric}"
+            short, of = verb.split(" of ")[0], ""
         interval = (
-            f"95% interval {r['ci95'][0] * scale:+.2f} to {r['ci95'][1] * scale:+.2f}{unit}, {n} seeds"
+            f"95% interval {r['ci95'][0] * scale:+.2f} to {r['ci95'][1] * scale:+.2f}{unit}{of}, {n} seeds"
             if n > 1
             else "one seed: run --seeds 5 for an interval"
         )
-        verb = "gains" if r["mean"] >= 0 else "loses"
-        return f"{verb} {abs(r['mean']) * scale:.2f}{unit} of {metric}", interval
+        return verb, short, interval
 
-    verb, interval = said(r)
+    verb, _, interval = said(r)
     line = f"{best} {verb} over its scratch twin ({interval})"
     for o in others:  # the scratch student without mixing: what a user would train alone
-        verb2, interval2 = said(o)
-        line += f" and {verb2.split(' of ')[0]} over {o['baseline']} ({interval2})"
+        _, short2, interval2 = said(o)
+        line += f" and {short2} over {o['baseline']} ({interval2})"
     helped = r["helped"] and all(o["helped"] for o in others)
     reasons: list[str] = []
     if helped:
@@ -136,7 +155,8 @@ def reasons_for(summaries: list[dict[str, Any]], student: str, metric: str) -> l
     scratch = _mean(summaries, BASELINE, metric)
     if teacher is not None and scratch is not None:
         gap = (scratch - teacher) if metric in LOWER_IS_BETTER else (teacher - scratch)
-        if gap < TEACHER_MARGIN:
+        margin = TEACHER_MARGIN_PPL * scratch if metric in LOWER_IS_BETTER else TEACHER_MARGIN
+        if gap < margin:
             out.append(
                 f"the teacher ({teacher:.4f}) is no better than the scratch student ({scratch:.4f}, "
                 f"{gap * scale:+.2f}{unit}): distil from a stronger teacher (more epochs, a bigger model)"
@@ -180,8 +200,11 @@ def verdict_markdown(v: dict[str, Any]) -> list[str]:
     """report.md's verdict section."""
     scale, unit = _scale(v["metric"])
     lines = ["## Verdict", "", f"**{v['line'][0].upper()}{v['line'][1:]}.**", ""]
+    what = f"{v['metric']}{unit}"
+    if v["metric"] in LOWER_IS_BETTER:
+        what = f"{v['metric']}, scratch - distilled: positive is better"
     lines += [
-        f"| row | paired gain per seed ({v['metric']}{unit}) | mean | 95% interval |",
+        f"| row | paired gain per seed ({what}) | mean | 95% interval |",
         "|---|---|---:|---|",
     ]
     for r in v["rows"].values():

@@ -81,21 +81,52 @@ class TemperatureScaled:
 # --------------------------------------------------------------------------- recipe
 
 
+@torch.inference_mode()
 def collect_logits(
-    model: nn.Module, loader, adapter: Adapter = auto_adapter, device: torch.device | None = None
+    model: nn.Module,
+    loader,
+    adapter: Adapter = auto_adapter,
+    device: torch.device | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
 ) -> tuple[Tensor, Tensor]:
-    """(N, C) logits and (N,) labels of `model` over `loader`, in eval mode."""
+    """(N, C) logits and (N,) labels of `model` over `loader`, in eval mode, without autograd.
+
+    Token logits (B, T, V) give one row per position the token losses count, with the same mask
+    and shift (`distill.losses.sequence.token_mask` / `token_targets`): labels equal to
+    `ignore_index` and attention-mask zeros are left out, and with `shift` (causal LMs) the logits
+    at position t are paired with token t+1. Class logits (B, C) give one row per sample.
+    """
+    from distill.losses.sequence import token_mask, token_targets
+
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
     zs, ys = [], []
-    for raw in loader:
-        batch = as_batch(raw).to(device)
-        z = adapter(model, batch).require_logits("teacher").float()
-        zs.append(z.reshape(-1, z.shape[-1]).cpu())
-        ys.append(batch.targets.reshape(-1).cpu())
-    model.train(was)
+    try:
+        for raw in loader:
+            batch = as_batch(raw).to(device)
+            z = adapter(model, batch).require_logits("teacher").float()
+            y = batch.targets
+            if z.dim() == 3 and isinstance(y, Tensor) and y.shape == z.shape[:2]:  # (B, T, V) tokens
+                keep = token_mask(batch, z, shift, ignore_index)
+                zs.append(z[keep].cpu())
+                ys.append(token_targets(y.to(z.device), shift, ignore_index)[keep].cpu())
+            else:
+                zs.append(z.reshape(-1, z.shape[-1]).cpu())
+                ys.append(y.reshape(-1).cpu())
+    finally:
+        model.train(was)
     return torch.cat(zs), torch.cat(ys)
+
+
+def token_shift(evaluator: Any = None, model: nn.Module | None = None) -> bool:
+    """Whether token logits predict the next token (causal LMs): the recipe evaluator's `shift`
+    (the perplexity evaluator shifts for a causal LM, not for a masked LM), else whether the model
+    is an `hf` causal LM. Class logits: False."""
+    if hasattr(evaluator, "shift"):
+        return bool(evaluator.shift)
+    return getattr(model, "distill_task", None) == "causal_lm"
 
 
 def score_logits(logits: Tensor, targets: Tensor, bins: int = 15) -> dict[str, Any]:

@@ -148,6 +148,29 @@ def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
     }
 
 
+def outputs_fingerprint(
+    adapter: dict[str, Any] | None, temperature: float | None = None, calibrated: bool | None = None
+) -> dict[str, Any]:
+    """How the teacher's outputs are made from its weights, for the store's fingerprint: the
+    recipe's adapter (`teacher.adapter` as a spec; None or `auto`: the automatic one) and the
+    calibration (`teacher.calibrate`: the fitted temperature, to 4 decimals). Give `calibrated`
+    without `temperature` to compare only whether the store is calibrated (before it is fitted)."""
+    spec = {k: v for k, v in (adapter or {}).items() if v not in (None, {})}
+    if spec in ({}, {"name": "auto"}):
+        spec = None
+    if calibrated is not None:  # before the temperature is fitted: whether there is one
+        return {"teacher_adapter": spec, "teacher_calibrated": bool(calibrated)}
+    return {
+        "teacher_adapter": spec,
+        "teacher_calibrated": temperature is not None,
+        "teacher_temperature": None if temperature is None else round(float(temperature), 4),
+    }
+
+
+# What a store written before these keys existed was: the automatic adapter, not calibrated.
+_OUTPUTS_DEFAULT = {"teacher_adapter": None, "teacher_calibrated": False, "teacher_temperature": None}
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
@@ -256,6 +279,9 @@ def _differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
         "transform": "input transform",
         "augment_copies": "augment_copies",
         "augment_seed": "augmentation seed",
+        "teacher_adapter": "teacher adapter (teacher.adapter)",
+        "teacher_calibrated": "teacher calibrated (teacher.calibrate)",
+        "teacher_temperature": "teacher temperature (teacher.calibrate)",
     }
     out = []
     for k, label in names.items():
@@ -377,6 +403,7 @@ def write_store(
     augment_copies: int | None = None,
     augment_seed: int = 0,
     adapter: Adapter | None = None,
+    outputs: dict[str, Any] | None = None,
     num_workers: int = 0,
     collate_fn: Callable | None = None,
     overwrite: bool = False,
@@ -397,6 +424,9 @@ def write_store(
         dtype: "float16" (default) or "float32" for stored logits and features.
         augment_copies: when the dataset augments randomly, store this many seeded views of each
             sample (train on `AugmentedCopies(dataset, augment_copies, augment_seed)`).
+        outputs: how the teacher's outputs are made beyond its weights (`outputs_fingerprint`:
+            its adapter and calibration), part of the fingerprint; None: the automatic adapter,
+            uncalibrated.
         overwrite: replace a complete store at `path` (or an unrelated partial one).
         max_shards: stop after this many new shards (the store stays partial; call again to go on).
         log: where progress and the size report go (None: silent).
@@ -419,7 +449,11 @@ def write_store(
         teacher.to(device)
     dev = teacher.device
 
-    fp: dict[str, Any] = {"teacher_weights": weights_hash(teacher.model), **dataset_fingerprint(dataset)}
+    fp: dict[str, Any] = {
+        "teacher_weights": weights_hash(teacher.model),
+        **dataset_fingerprint(dataset),
+        **(outputs or outputs_fingerprint(None)),
+    }
     if augment_copies is None:
         if is_random(dataset):
             raise DistillError(
@@ -442,7 +476,7 @@ def write_store(
 
     done_manifest = _read_manifest(path) if path.exists() else None
     if done_manifest is not None and not overwrite:
-        diff = _differences(done_manifest["fingerprint"], fp)
+        diff = _differences({**_OUTPUTS_DEFAULT, **done_manifest["fingerprint"]}, fp)
         if done_manifest.get("complete") and not diff:
             _open_shards(path, done_manifest)  # whole, or say to write it again
             info = store_info(path, done_manifest)
@@ -459,7 +493,7 @@ def write_store(
     partial = path.with_name(path.name + ".partial")
     manifest = _read_manifest(partial) if partial.exists() else None
     if manifest is not None:
-        diff = _differences(manifest["fingerprint"], fp)
+        diff = _differences({**_OUTPUTS_DEFAULT, **manifest["fingerprint"]}, fp)
         same_params = (
             manifest["params"]["topk_request"] == (topk if topk != "auto" else "auto")
             and manifest["params"]["taps"] == taps
@@ -637,6 +671,53 @@ def reconstruct_logits(
     return out
 
 
+def check_store(
+    path: str | Path,
+    dataset: Any = None,
+    teacher: Teacher | nn.Module | None = None,
+    outputs: dict[str, Any] | None = None,
+    augment_copies: int | None = None,
+    augment_seed: int = 0,
+) -> dict[str, Any]:
+    """The manifest of the complete store at `path`, refused (one line naming what differs) when
+    it does not match what is given: the training dataset, the teacher's weights, how its outputs
+    are made (`outputs_fingerprint`), the augmented views. What is not given is not compared."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        partial = path.with_name(path.name + ".partial")
+        hint = (
+            f"; {partial} holds an interrupted write: run cache-teacher again to finish it"
+            if partial.exists()
+            else "; write it with `distill cache-teacher RECIPE.yaml --out PATH`"
+        )
+        raise DistillError(f"{path} is not a teacher store{hint}")
+    if not manifest.get("complete"):
+        raise DistillError(f"{path} is incomplete; run cache-teacher again to finish it")
+    if manifest.get("version") != STORE_VERSION:
+        raise DistillError(f"{path} is a version {manifest.get('version')} store; write it again")
+    given: dict[str, Any] = dict(outputs or {})
+    if teacher is not None:
+        model = teacher.model if isinstance(teacher, Teacher) else teacher
+        given["teacher_weights"] = weights_hash(model)
+    if isinstance(dataset, AugmentedCopies):
+        dataset, augment_copies, augment_seed = dataset.dataset, dataset.copies, dataset.seed
+    elif isinstance(dataset, IndexedDataset):
+        dataset = dataset.dataset
+    if dataset is not None:
+        given.update(dataset_fingerprint(dataset))
+    stored = {"augment_copies": None, "augment_seed": None, **_OUTPUTS_DEFAULT, **manifest["fingerprint"]}
+    if augment_copies is not None:  # the caller says which views it trains on: they must match
+        given.update(augment_copies=augment_copies, augment_seed=augment_seed)
+    diff = _differences(stored, given)
+    if diff:
+        raise DistillError(
+            f"the teacher store {path} does not match this run ({'; '.join(diff)}); write it "
+            "again with cache-teacher for this teacher and data"
+        )
+    return manifest
+
+
 class CachedTeacher:
     """Serves a teacher's `Outputs` from a store instead of running it.
 
@@ -648,6 +729,8 @@ class CachedTeacher:
         fallback: a `Teacher` for batches without sample indices (validation, test), which the
             store does not cover. Without one such batches are an error.
         fill: how top-k stores fill the missing logits (see `reconstruct_logits`).
+        outputs: how the run's teacher makes its outputs (`outputs_fingerprint`: adapter and
+            calibration); they must match the store's. None: not checked.
         device: where served tensors go (default: the device of each batch's index).
     """
 
@@ -660,41 +743,13 @@ class CachedTeacher:
         fill: str = "tail",
         augment_copies: int | None = None,
         augment_seed: int = 0,
+        outputs: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
-        manifest = _read_manifest(self.path)
-        if manifest is None:
-            partial = self.path.with_name(self.path.name + ".partial")
-            hint = (
-                f"; {partial} holds an interrupted write: run cache-teacher again to finish it"
-                if partial.exists()
-                else "; write it with `distill cache-teacher RECIPE.yaml --out PATH`"
-            )
-            raise DistillError(f"{self.path} is not a teacher store{hint}")
-        if not manifest.get("complete"):
-            raise DistillError(f"{self.path} is incomplete; run cache-teacher again to finish it")
-        if manifest.get("version") != STORE_VERSION:
-            raise DistillError(f"{self.path} is a version {manifest.get('version')} store; write it again")
+        manifest = check_store(
+            self.path, dataset, teacher, outputs, augment_copies=augment_copies, augment_seed=augment_seed
+        )
         self.manifest = manifest
-        given: dict[str, Any] = {}
-        if teacher is not None:
-            model = teacher.model if isinstance(teacher, Teacher) else teacher
-            given["teacher_weights"] = weights_hash(model)
-        if isinstance(dataset, AugmentedCopies):
-            dataset, augment_copies, augment_seed = dataset.dataset, dataset.copies, dataset.seed
-        elif isinstance(dataset, IndexedDataset):
-            dataset = dataset.dataset
-        if dataset is not None:
-            given.update(dataset_fingerprint(dataset))
-        stored = {"augment_copies": None, "augment_seed": None, **manifest["fingerprint"]}
-        if augment_copies is not None:  # the caller says which views it trains on: they must match
-            given.update(augment_copies=augment_copies, augment_seed=augment_seed)
-        diff = _differences(stored, given)
-        if diff:
-            raise DistillError(
-                f"the teacher store {self.path} does not match this run ({'; '.join(diff)}); write it "
-                "again with cache-teacher for this teacher and data"
-            )
         if fill not in ("tail", "min", "renorm"):
             raise DistillError(f"fill: '{fill}' is not one of tail, min, renorm")
         self.fill = fill

@@ -16,6 +16,9 @@ from distill.tune.space import SearchParam, validate_search
 
 
 class TuneObjective(Strict):
+    """What the study optimises; without `objectives`, accuracy (maximize), or perplexity
+    (minimize) for a language model recipe."""
+
     metric: str = "accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
 
@@ -93,7 +96,18 @@ def parse_tune_recipe(data: dict[str, Any], source: str = "recipe") -> TuneRecip
             ) from None
         raise ConfigError(f"{source}: {format_validation_error(e, TuneRecipe)}") from None
     validate_search(cfg, source)
+    if "objectives" not in cfg.tune.model_fields_set and _language_model(cfg):
+        # a language model is judged on held-out perplexity, not on its token accuracy
+        cfg.tune.objectives = [TuneObjective(metric="perplexity", direction="minimize")]
     return cfg
+
+
+def _language_model(cfg: RecipeConfig) -> bool:
+    """A causal or masked LM recipe: an `hf` teacher of that task, or the perplexity evaluator."""
+    from distill.run.hf import teacher_task
+
+    evaluator = cfg.evaluator.name if cfg.evaluator is not None else None
+    return teacher_task(cfg) in ("causal_lm", "masked_lm") or evaluator == "perplexity"
 
 
 def load_tune_recipe(path: str | Path, overrides: list[str] | None = None) -> TuneRecipe:
