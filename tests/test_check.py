@@ -174,9 +174,10 @@ def test_check_detects_each_commands_recipe():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        # the store holds outputs on unmixed inputs (refused by run only after the teacher trained)
+        # mixing needs a store of mixed views (refused by run only after the teacher trained)
         (["trainer.mix={name: cutmix}", "teacher.cache=STORE"], "trainer.mix with teacher.cache"),
-        (["data.transfer={name: digits}", "teacher.cache=STORE"], "data.transfer with teacher.cache"),
+        # a store with a transfer set is allowed, but it must exist (cache-teacher writes both sets)
+        (["data.transfer={name: digits}", "teacher.cache=STORE"], "store is not a teacher store"),
         # a term that needs class indices cannot learn from mixed labels (refused at the kd stage)
         (
             ["trainer.mix={name: mixup}", "objective.terms={dkd: {name: dkd}}"],

@@ -210,7 +210,12 @@ def validate_recipe(cfg: Any, data: DataBundle, batch: Batch, objective: Objecti
         if not mixing and cfg.data.transfer is None:
             check_store(cfg.teacher.cache, data.train, outputs=outputs)
         else:  # its rows (transfer inputs, mixed views) are checked when the run opens it, before training
-            manifest = check_store(cfg.teacher.cache, outputs=outputs)
+            try:
+                manifest = check_store(cfg.teacher.cache, outputs=outputs)
+            except DistillError as e:
+                if not mixing:
+                    raise
+                raise ConfigError(f"trainer.mix with teacher.cache: {e} (with --mix-views K)") from None
             samples = len(data.train) + (len(build_transfer(cfg).train) if cfg.data.transfer else 0)
             if mixing and manifest["rows"] <= samples:  # one row per sample: outputs at unmixed inputs
                 raise ConfigError(f"trainer.mix with teacher.cache {cfg.teacher.cache}: {MIX_STORE}")
