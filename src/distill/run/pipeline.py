@@ -31,6 +31,7 @@ from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.preflight import check_init_args
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
 from distill.run.verdict import verdict
@@ -360,6 +361,7 @@ def run_recipe(
     out = Path(out)
     t0 = time.perf_counter()
     cfg = resolve_recipe(cfg)  # defaults an hf teacher implies (tokenizer, task, evaluator)
+    check_init_args(cfg)  # a typo in any init_args, before the run folder or anything is built
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
@@ -609,6 +611,7 @@ def preflight_recipe(
     )
 
     cfg = resolve_recipe(cfg)  # what an hf teacher implies (tokenizer, task, evaluator)
+    check_init_args(cfg)
     if cfg.teachers:  # several teachers: each is built like the first, which is checked here
         cfg = cfg.model_copy(update={"teacher": cfg.teachers[0]})
     if data is None:
