@@ -30,7 +30,7 @@ from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
-from distill.run.measure import count_params, latency_ms, size_mb
+from distill.run.measure import count_params, interleaved_latency, latency_ms, noise_groups, size_mb
 from distill.run.preflight import check_init_args
 from distill.run.report import write_report
 from distill.run.rundir import RunDir
@@ -140,8 +140,10 @@ def measure(
     teacher: Teacher | None,
     split: str = "test",
     adapter: Any = None,
+    latency: bool = True,
 ) -> dict[str, Any]:
-    """One summary row: the recipe's evaluator on `split`, parameters, size and CPU latency."""
+    """One summary row: the recipe's evaluator on `split`, parameters, size and CPU latency
+    (`latency=False`: none for tensor inputs, which `add_latency` measures for all rows in turns)."""
     ds = getattr(data, split) or data.val
     loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
     evaluator = build_evaluator(_spec(cfg.evaluator))
@@ -150,7 +152,9 @@ def measure(
     if teacher is None:
         row["agreement"] = 1.0
     example = example_input(data)
-    if example is not None:
+    if example is not None and not latency:
+        pass
+    elif example is not None:
         model_cpu = copy.deepcopy(model).to("cpu")
         for b in cfg.report.latency_batch_sizes:
             lat = latency_ms(
@@ -169,6 +173,28 @@ def measure(
             )
         )
     return row
+
+
+def add_latency(
+    rows: list[dict[str, Any]], models: dict[str, nn.Module], data: DataBundle, cfg: RecipeConfig
+) -> None:
+    """CPU latency of every row's model, measured in turns (`interleaved_latency`): the median
+    (`latency_ms_b<N>`), the spread (`latency_ms_b<N>_iqr`, the middle half of the runs) and, for
+    rows whose spreads overlap, the same letter (`latency_b<N>_within_noise`): their difference is noise."""
+    example = example_input(data)
+    if example is None:
+        return  # token inputs: measured per row by text_speed
+    on_cpu = {name: copy.deepcopy(m).to("cpu") for name, m in models.items()}
+    by_name = {r["name"]: r for r in rows}
+    for b in cfg.report.latency_batch_sizes:
+        lat = interleaved_latency(
+            on_cpu, example, b, repeats=cfg.report.latency_repeats, threads=cfg.report.latency_threads
+        )
+        for name, q in lat.items():
+            by_name[name][f"latency_ms_b{b}"] = q["p50"]
+            by_name[name][f"latency_ms_b{b}_iqr"] = q["p75"] - q["p25"]
+        for name, letters in noise_groups({n: (q["p25"], q["p75"]) for n, q in lat.items()}).items():
+            by_name[name][f"latency_b{b}_within_noise"] = letters
 
 
 def load_teacher(tc: TeacherConfig, stage: str, data: DataBundle, cfg: RecipeConfig, out: Path):
@@ -414,8 +440,15 @@ def run_recipe(
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
         judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
-        rows = [{**measure(n, m, data, cfg, None, adapter=a), **info} for n, m, a, info in teacher_rows]
-        rows += [measure(n, m, data, cfg, judge, adapter=student_adapter) for n, m in students.items()]
+        rows = [
+            {**measure(n, m, data, cfg, None, adapter=a, latency=False), **info}
+            for n, m, a, info in teacher_rows
+        ]
+        rows += [
+            measure(n, m, data, cfg, judge, adapter=student_adapter, latency=False)
+            for n, m in students.items()
+        ]
+        add_latency(rows, {n: m for n, m, _, _ in teacher_rows} | students, data, cfg)
         add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
             "command": command,

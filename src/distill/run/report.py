@@ -41,7 +41,7 @@ def table(rows: list[dict[str, Any]], columns=None) -> str:
             for r in rows
             for k, v in r.items()
             if isinstance(v, int | float)
-            and not k.endswith("_std")
+            and not k.endswith(("_std", "_iqr"))
             and k not in {c[0] for c in columns}
             and k not in ("nll",)
         }
@@ -60,9 +60,18 @@ def table(rows: list[dict[str, Any]], columns=None) -> str:
             cell = fmt.format(v)
             if f"{key}_std" in r:
                 cell += " ± " + fmt.format(r[f"{key}_std"]).strip()
-            cells.append(cell)
+            cells.append(cell + _latency_noise(r, key, fmt))
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _latency_noise(row: dict[str, Any], key: str, fmt: str) -> str:
+    """After a latency median: its spread (the interquartile range of the runs) and the letter it
+    shares with rows whose spreads overlap (`~a`: their difference is within noise)."""
+    if not key.startswith("latency_ms_b") or f"{key}_std" in row or f"{key}_iqr" not in row:
+        return ""
+    letters = row.get(key.replace("latency_ms_b", "latency_b") + "_within_noise")
+    return f" (iqr {fmt.format(row[f'{key}_iqr']).strip()})" + (f" ~{letters}" if letters else "")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -197,7 +206,12 @@ def _explain(rows: list[dict[str, Any]]) -> str:
         joined = ", ".join(scores[:-1]) + (" and " if len(scores) > 1 else "") + scores[-1]
         parts.append(f"{joined[0].upper()}{joined[1:]} on the test split.")
     if has & {"latency_ms_b1", "latency_ms_b64"}:
-        parts.append("Latency is CPU forward time (median, fixed threads).")
+        parts.append(
+            "Latency is CPU forward time (median, fixed threads; the models measured in turns, with the "
+            "interquartile range of the runs; rows sharing a letter, ~a, differ by less than that noise)."
+            if any(k.endswith("_iqr") for k in has)
+            else "Latency is CPU forward time (median, fixed threads)."
+        )
     return " ".join(parts)
 
 
