@@ -146,10 +146,12 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
             ax.fill_between(xs, mean - std, mean + std, color=color[stage], alpha=0.2, linewidth=0)
 
     for ax, stage in zip(axes, loss_stages):
-        draw(ax, *_series(runs, stage, "train", "step", "loss"), stage)
+        xs, mean, std = _series(runs, stage, "train", "step", "loss")
+        draw(ax, xs, mean, std, stage, marker="." if len(xs) < 10 else None)
         ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{stage}: training loss")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(xs) >= 8 and _spans_decade(mean):  # a short run's few points read better on a linear axis
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # few labels: they never touch
     if key:
         ax = axes[-1]
         for stage in dict.fromkeys(m["stage"] for m in val):
@@ -157,7 +159,7 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
             if len(xs):
                 draw(ax, xs, mean, std, stage, marker=".")
         ax.set(xlabel="epoch", ylabel=f"validation {key}", title=f"validation {key}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))  # epochs are whole numbers
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     for ax in axes:
@@ -169,6 +171,20 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
+    fig = tradeoff_figure(rows)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return True
+
+
+def tradeoff_figure(rows: list[dict[str, Any]]):
+    """Accuracy (or mAP) against CPU latency, one point per row (None without both columns). Points
+    that coincide share one label; the others' labels are moved until none overlaps a label or a
+    point. The latency axis is logarithmic only when the rows span a factor of 10 or more."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,24 +193,111 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
     lat_key = next((k for k in ("latency_ms_b64", "latency_ms_b1") if all(k in r for r in rows)), None)
     acc_key = next((k for k in ("accuracy", "map") if all(k in r for r in rows)), None)
     if not lat_key or not acc_key:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [float(r[lat_key]) for r in rows]
+    ys = [float(r[acc_key]) for r in rows]
+    log_x = _spans_decade(xs)  # a log axis only when latencies span a factor of 10 or more
     for r in rows:
         ax.errorbar(r[lat_key], r[acc_key], yerr=r.get(f"{acc_key}_std", 0), fmt="o", capsize=3)
-        ax.annotate(
-            f"{r['name']}\n{r.get('params', 0):,.0f} params",
-            (r[lat_key], r[acc_key]),
-            fontsize=8,
-            xytext=(5, -12),
-            textcoords="offset points",
+    if log_x:
+        ax.set_xscale("log")
+    labels = []
+    for group in _nearby(xs, ys, log_x):  # points on top of each other: one label naming them all
+        params = {rows[i].get("params", 0) for i in group}
+        names = [
+            rows[i]["name"] + ("" if len(params) == 1 else f" ({rows[i].get('params', 0):,.0f})")
+            for i in group
+        ]
+        if len(params) == 1:
+            names.append(f"{params.pop():,.0f} params" + (" each" if len(group) > 1 else ""))
+        i = group[0]
+        right = _position(xs[i], xs, log_x) > 0.7  # near the right edge: the label goes left of the point
+        labels.append(
+            ax.annotate(
+                "\n".join(names),
+                (xs[i], ys[i]),
+                fontsize=8,
+                xytext=(-7 if right else 7, 0),
+                textcoords="offset points",
+                ha="right" if right else "left",
+                va="center",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 4},
+            )
         )
     ax.set(xlabel=f"CPU {lat_key.replace('_', ' ')}", ylabel=f"test {acc_key}", title=f"{acc_key} vs latency")
-    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.15)
     ax.grid(alpha=0.3)
+    fig.set_dpi(110)  # the saved resolution, so labels are placed in the pixels they are drawn in
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return True
+    _separate(fig, ax, labels)
+    return fig
+
+
+def _separate(fig, ax, labels: list) -> None:
+    """Moves each label up or down, the least it can, until it covers no other label and no point
+    and stays inside the axes (a thin line still joins it to its point)."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    to_points = 72 / fig.dpi
+
+    def text_box(label):  # the text alone (an annotation's own extent includes its line)
+        label.update_positions(renderer)
+        return Text.get_window_extent(label, renderer).expanded(1.0, 1.1)
+
+    inside = ax.get_window_extent(renderer)
+    r = 6  # pixels around each marker
+    placed = [
+        Bbox.from_extents(x - r, y - r, x + r, y + r)
+        for x, y in (ax.transData.transform(a.xy) for a in labels)
+    ]
+    for label in sorted(labels, key=lambda a: -ax.transData.transform(a.xy)[1]):  # top to bottom
+        dx, dy0 = label.xyann
+        step = text_box(label).height / 3
+        for k in range(61):  # 0, -1, +1, -2, +2, ... thirds of the label's height
+            shift = (k + 1) // 2 * (-1 if k % 2 else 1) * step
+            label.xyann = (dx, dy0 + shift * to_points)
+            box = text_box(label)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(b) for b in placed):
+                break
+        else:
+            label.xyann = (dx, dy0)  # nowhere free: leave it beside its point
+        placed.append(text_box(label))
+
+
+def _spans_decade(values) -> bool:
+    """Positive values spanning a factor of 10 or more: what a log axis is for."""
+    vals = [float(v) for v in values]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 10
+
+
+def _position(v: float, values: list[float], log: bool) -> float:
+    """Where `v` sits between the smallest and largest of `values`, from 0 to 1 (log or linear)."""
+    import math
+
+    f = math.log10 if log else float
+    lo, hi = f(min(values)), f(max(values))
+    return 0.5 if hi == lo else (f(v) - lo) / (hi - lo)
+
+
+def _nearby(xs: list[float], ys: list[float], log_x: bool, within: float = 0.015) -> list[list[int]]:
+    """Indices of points grouped when they lie within `within` of the axis span of the group's
+    first point in both directions: points on top of each other get one label, not several."""
+    px = [_position(x, xs, log_x) for x in xs]
+    py = [_position(y, ys, False) for y in ys]
+    groups: list[list[int]] = []
+    for i in range(len(xs)):
+        home = next(
+            (g for g in groups if abs(px[i] - px[g[0]]) < within and abs(py[i] - py[g[0]]) < within), None
+        )
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return groups
 
 
 def _explain(rows: list[dict[str, Any]]) -> str:
