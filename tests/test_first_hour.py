@@ -379,6 +379,35 @@ def test_teacher_warnings_rules():
     assert len(teacher_warnings(lm, 2000)) == 1 and "perplexity" in teacher_warnings(lm, 2000)[0]
 
 
+def test_students_at_chance_are_named_with_the_likely_cause(capsys):
+    """issue 28.6: the docs' image-folder example gave a teacher at 0.69 and both students at 0.25
+    (chance for 4 classes) without a word."""
+    from distill.run.pipeline import note_teacher_warnings
+
+    def losses(stage, first, last):
+        return [
+            {"stage": stage, "split": "train", "step": s, "loss": v} for s, v in ((10, first), (80, last))
+        ]
+
+    rows = [
+        {"name": "teacher", "accuracy": 0.69},
+        {"name": "student_scratch", "accuracy": 0.25},
+        {"name": "student_kd", "accuracy": 0.2667},
+    ]
+    summary = {"rows": rows}
+    note_teacher_warnings(summary, 4, losses("student_scratch", 1.4, 0.3) + losses("student_kd", 1.4, 1.35))
+    scratch, kd = summary["warnings"]
+    assert scratch.startswith(
+        "student_scratch's accuracy 0.2500 is at chance (0.2500 for 4 classes) although"
+    )
+    assert "fell from 1.4 to 0.3 in 80 steps" in scratch and "BatchNorm" in scratch
+    assert kd.startswith("student_kd's accuracy 0.2667 is at chance") and "hardly fell" in kd
+    assert capsys.readouterr().err.count("distill: warning: student_") == 2
+    fine = {"rows": [{"name": "teacher", "accuracy": 0.69}, {"name": "student_kd", "accuracy": 0.5}]}
+    note_teacher_warnings(fine, 4, [])
+    assert "warnings" not in fine
+
+
 def test_reuse_keeps_only_the_named_stages_and_nested_seed_folders(tmp_path):
     out = tmp_path / "run"
     with RunDir(out, "a: 1\n"):

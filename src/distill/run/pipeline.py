@@ -32,7 +32,7 @@ from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, interleaved_latency, latency_ms, noise_groups, size_mb
 from distill.run.preflight import check_init_args
-from distill.run.report import write_report
+from distill.run.report import read_metrics, write_report
 from distill.run.rundir import RunDir
 from distill.run.verdict import verdict
 from distill.teachers import Teacher
@@ -458,7 +458,7 @@ def run_recipe(
             "mix": cfg.trainer.mix.name,
             "rows": rows,
         }
-        note_teacher_warnings(summary, data.num_classes)
+        note_teacher_warnings(summary, data.num_classes, read_metrics(out / "metrics.jsonl"))
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
             summary["texts_truncated"] = data.meta["truncated"]
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -500,9 +500,52 @@ def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> lis
     return out
 
 
-def note_teacher_warnings(summary: dict[str, Any], num_classes: int | None) -> None:
-    """Adds the teacher warnings to `summary["warnings"]` (report.md shows them) and to the log."""
+def student_warnings(
+    rows: list[dict[str, Any]], num_classes: int | None, metrics: list[dict[str, Any]]
+) -> list[str]:
+    """Students at chance on the test split, each with the likely cause read from its training
+    losses (`metrics`: the run's metrics.jsonl records): a loss that fell points at evaluation
+    (BatchNorm statistics, too little data), one that did not at the training budget."""
+    if not num_classes:
+        return []
+    chance = 1 / num_classes
+    out = []
+    for row in rows:
+        name, acc = row["name"], row.get("accuracy")
+        if not name.startswith("student") or not isinstance(acc, float) or acc >= chance + 0.05:
+            continue
+        train = [m for m in metrics if m.get("stage") == name and m.get("split") == "train" and "loss" in m]
+        at = f"{name}'s accuracy {acc:.4f} is at chance ({chance:.4f} for {num_classes} classes)"
+        if len(train) < 2:
+            out.append(
+                f"{at}: it learned nothing that shows on the test split; train it longer (trainer.epochs)"
+            )
+            continue
+        first, last, steps = train[0]["loss"], train[-1]["loss"], train[-1].get("step", len(train))
+        if last < 0.7 * first:
+            out.append(
+                f"{at} although its training loss fell from {first:.3g} to {last:.3g} in {steps} steps: "
+                "it fits its training batches but not held-out data in eval mode. Likely causes: BatchNorm "
+                "running statistics not yet settled after so few steps (torchvision's mobilenet_v3_* use "
+                "momentum 0.01), or too few training images; train longer (trainer.epochs) or use a "
+                "student without BatchNorm, or more data"
+            )
+        else:
+            out.append(
+                f"{at} and its training loss hardly fell ({first:.3g} to {last:.3g} in {steps} steps): "
+                "too short a schedule for a network trained from scratch, or a learning rate that does "
+                "not suit it; train longer (trainer.epochs) or change trainer.optimizer.lr"
+            )
+    return out
+
+
+def note_teacher_warnings(
+    summary: dict[str, Any], num_classes: int | None, metrics: list[dict[str, Any]] | None = None
+) -> None:
+    """Adds the teacher's and the students' warnings to `summary["warnings"]` (report.md shows
+    them) and to the log; `metrics` are the run's metrics.jsonl records (the students' losses)."""
     warnings = teacher_warnings(summary["rows"], num_classes)
+    warnings += student_warnings(summary["rows"], num_classes, metrics or [])
     if warnings:
         summary["warnings"] = warnings
         for w in warnings:
