@@ -92,18 +92,26 @@ def tiny_recipe(tmp_path, **over):
 
 
 def start_cli(args: list[str], env=None) -> subprocess.Popen:
-    """`python -m distill ARGS` in the background."""
-    return subprocess.Popen(
+    """`python -m distill ARGS` in the background; its stderr goes to a file (`p.err`), never to
+    a pipe nobody reads while it runs (a run off a terminal logs a line per epoch)."""
+    import tempfile
+
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open while the process runs; closed with it
+    p = subprocess.Popen(
         [sys.executable, "-m", "distill", *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         env=env or CLI_ENV,
     )
+    p.err = err
+    return p
 
 
 def finish(p: subprocess.Popen) -> None:
-    assert p.wait() == 0, p.stderr.read()
+    code = p.wait()
+    p.err.seek(0)
+    assert code == 0, p.err.read()[-4000:]
 
 
 def kill_when(p: subprocess.Popen, progress, target: int) -> bool:
