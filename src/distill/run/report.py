@@ -151,6 +151,8 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
         ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{stage}: training loss")
         if len(xs) >= 8 and _spans_decade(mean):  # a short run's few points read better on a linear axis
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain_log())  # 0.1, 1, 2: not 10^-1, 2 x 10^0
+            ax.yaxis.set_minor_formatter(_plain_log(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # few labels: they never touch
     if key:
         ax = axes[-1]
@@ -168,6 +170,17 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
         fig.suptitle(f"mean over {len(runs)} seeds, band: ± one standard deviation", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _plain_log(**kwargs):
+    """matplotlib's choice of labelled ticks on a log axis, written as plain numbers (0.06, 2)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return Plain(**kwargs)
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> bool:
