@@ -29,6 +29,41 @@ def skip_without_system_package(fn, *args, **kwargs):
         pytest.skip(f"needs a Debian package: {e}")
 
 
+DEBIAN_FORTUNES = "/usr/share/games/fortunes"
+
+
+def hide_debian_packages(monkeypatch) -> None:
+    """This process sees a fresh machine: no espeak-ng on PATH, no /usr/share/games/fortunes.
+
+    What the README's test command meets without Debian's packages, wherever they are installed
+    (`.ci/run` sets DISTILL_TEST_HIDE_DEBIAN=1 for a step of the suite: conftest.py)."""
+    import pathlib
+    import shutil
+
+    def hidden(p) -> bool:
+        p = os.fspath(p)
+        return isinstance(p, str) and (p == DEBIAN_FORTUNES or p.startswith(DEBIAN_FORTUNES + "/"))
+
+    real_stat, real_isdir, real_exists, real_which = (
+        pathlib.Path.stat,
+        os.path.isdir,
+        os.path.exists,
+        shutil.which,
+    )
+
+    def stat(self, *a, **k):
+        if hidden(self):
+            raise FileNotFoundError(2, "hidden: a fresh machine has no Debian fortunes", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(os.path, "isdir", lambda p: not hidden(p) and real_isdir(p))
+    monkeypatch.setattr(os.path, "exists", lambda p: not hidden(p) and real_exists(p))
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if name == "espeak-ng" else real_which(name, *a, **k)
+    )
+
+
 def blobs(n: int = 96, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorDataset:
     """Separable Gaussian blobs (fixed centres; `seed` draws the samples): learnt in a few steps."""
     centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234)) * 3
@@ -57,18 +92,26 @@ def tiny_recipe(tmp_path, **over):
 
 
 def start_cli(args: list[str], env=None) -> subprocess.Popen:
-    """`python -m distill ARGS` in the background."""
-    return subprocess.Popen(
+    """`python -m distill ARGS` in the background; its stderr goes to a file (`p.err`), never to
+    a pipe nobody reads while it runs (a run off a terminal logs a line per epoch)."""
+    import tempfile
+
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open while the process runs; closed with it
+    p = subprocess.Popen(
         [sys.executable, "-m", "distill", *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         env=env or CLI_ENV,
     )
+    p.err = err
+    return p
 
 
 def finish(p: subprocess.Popen) -> None:
-    assert p.wait() == 0, p.stderr.read()
+    code = p.wait()
+    p.err.seek(0)
+    assert code == 0, p.err.read()[-4000:]
 
 
 def kill_when(p: subprocess.Popen, progress, target: int) -> bool:

@@ -345,10 +345,6 @@ def test_benchmark_end_to_end_store_rows_match_online_rows(tmp_path, monkeypatch
     import json
     from pathlib import Path
 
-    from distill.data.text import FORTUNES_DIR
-
-    if not Path(FORTUNES_DIR).is_dir():
-        pytest.skip("needs Debian's fortunes: apt-get install -y fortunes")
     root = Path(__file__).resolve().parents[1]
     monkeypatch.syspath_prepend(str(root / "benchmarks"))
     spec = importlib.util.spec_from_file_location(

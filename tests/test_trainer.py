@@ -213,3 +213,30 @@ def test_used_out_dir_is_refused_unless_resume_or_overwrite(tmp_path):
     )
     with pytest.raises(DistillError, match="not both"):
         make(resume=True, overwrite=True)
+
+
+def test_progress_off_a_terminal_is_a_plain_line_per_epoch(capsys):
+    """issue 28.9: a run redirected to a log printed nothing until its final table."""
+    tr = Trainer(
+        _student(), _kd(), blobs(), teacher=_teacher(), val_data=blobs(seed=1), epochs=3, batch_size=32
+    )
+    capsys.readouterr()
+    tr.fit()  # progress "auto"; pytest's captured stderr is not a terminal
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" step ")[0] for line in lines] == [f"student: epoch {e}/3," for e in (1, 2, 3)]
+    assert all("loss=" in line and "accuracy=" in line and line.endswith(" s)") for line in lines)
+
+
+def test_progress_lines_inside_a_long_epoch(capsys):
+    from distill.engine.progress import ProgressBar
+
+    with ProgressBar("teacher", total=3, every_s=0.0) as bar:
+        for _ in range(3):
+            bar.advance(0.5)
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
+        f"teacher: step {i}/3, loss=0.5000" for i in (1, 2, 3)
+    ]
+    with ProgressBar("teacher", total=3, enabled="off", every_s=0.0) as bar:
+        bar.advance(0.5)
+        bar.note({"accuracy": 1.0}, epoch=1, epochs=1)
+    assert capsys.readouterr().err == ""

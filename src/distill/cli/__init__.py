@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from distill.errors import DistillError
+from distill.errors import DistillError, missing_extra
 
 # One module per command group, each with `add_parser(subparsers)` and `main(args)`; a module's heavy
 # imports (torch, its workflow, optional extras) happen inside `main`, so `distill --help` stays fast.
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return args._main(args)
     except DistillError as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a builder's import of an optional extra that is not installed
+        if (hint := missing_extra(e)) is None:
+            raise
+        print(f"distill {args.command}: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted; continue with --resume", file=sys.stderr)

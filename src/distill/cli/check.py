@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from distill.errors import DistillError
+from distill.errors import DistillError, missing_extra
 
 DESCRIPTION = """Builds every component of RECIPE (data, teacher and student with their adapters and
 checkpoints, objective terms and feature taps, evaluator; a chain's assistants, a teachers recipe's
@@ -70,6 +70,8 @@ def main(args) -> int:
     except (DistillError, KeyboardInterrupt):
         raise  # `distill` prints a DistillError as one line, exit 2
     except Exception as e:  # noqa: BLE001 - checking is the point: any failure is one line, exit 2
+        if (hint := missing_extra(e)) is not None:
+            raise hint from e
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         print(f"distill check: error: {type(e).__name__}: {first}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Text data: a user's JSONL / CSV / TXT file or a `datasets` dataset, and Debian's fortunes.
+"""Text data: a user's JSONL / CSV / TXT file or a `datasets` dataset, and the fortunes corpus.
 
 Everything here returns plain lists of strings; tokenization happens in a collate function
 (`distill.nlp.collate`), so the same texts serve the teacher, the students and the embedding
@@ -17,15 +17,31 @@ from pathlib import Path
 
 from distill.errors import DistillError
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# The text of Debian's fortunes package that the showcase recipes read, shipped with distill so that
+# no machine needs the package (source, filter and licence: fortunes/README.md).
+FORTUNES_DIR = Path(__file__).resolve().parent / "fortunes"
+BUNDLED_PREFIX = "bundled:"
+BUNDLED = {"fortunes": FORTUNES_DIR}
 _TEXT_FIELDS = ("text", "sentence", "content", "body", "document")
+
+
+def data_path(path: str | os.PathLike) -> Path:
+    """A data path as a recipe writes it: a file or folder, or `bundled:<name>` for a corpus that
+    ships with distill (`bundled:fortunes`)."""
+    text = str(path)
+    if not text.startswith(BUNDLED_PREFIX):
+        return Path(path)
+    name = text[len(BUNDLED_PREFIX) :]
+    if name not in BUNDLED:
+        raise DistillError(f"unknown bundled corpus '{text}'; the bundled corpora are: bundled:fortunes")
+    return BUNDLED[name]
 
 
 def load_texts(source, field: str | None = None, limit: int | None = None) -> list[str]:
     """Texts from a file, a directory of fortune files, a list, or a `datasets` dataset.
 
     Args:
-        source: a path to `.jsonl` (one object per line), `.json` (a list of strings or
+        source: `bundled:fortunes`, a path to `.jsonl` (one object per line), `.json` (a list of strings or
             objects), `.csv` (with a header), `.txt` (one text per line; blank-line separated
             paragraphs when the file has blank lines, and fortune files separated by `%` lines),
             a directory of such files; or a `datasets.Dataset` / list of strings / list of dicts.
@@ -37,7 +53,7 @@ def load_texts(source, field: str | None = None, limit: int | None = None) -> li
         Non-empty, stripped texts, in order.
     """
     if isinstance(source, str | os.PathLike):
-        texts = _load_path(Path(source), field)
+        texts = _load_path(data_path(source), field)
     elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
         col = field or _pick_field(source.column_names, "the dataset")
         texts = list(source[col])
@@ -143,7 +159,8 @@ def fortunes(
     max_chars: int = 400,
     one_line: bool = True,
 ) -> list[str]:
-    """The fortune cookies of Debian's `fortunes` package (`apt-get install fortunes`), as texts.
+    """The fortune cookies of Debian's `fortunes` package, as texts (by default the copy that ships
+    with distill; give the folder of an installed package to read that instead).
 
     Args:
         min_chars / max_chars: keep passages in this length range (drops ASCII art and essays).
@@ -152,12 +169,9 @@ def fortunes(
     Returns:
         Deduplicated passages in a fixed order (files sorted by name).
     """
-    directory = Path(directory)
+    directory = data_path(directory)
     if not directory.is_dir():
-        raise DistillError(
-            f"{directory} does not exist: install Debian's fortunes package "
-            "(apt-get install -y fortunes), or give your own texts"
-        )
+        raise DistillError(f"{directory} is not a folder of fortune files; give one, or bundled:fortunes")
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix)
     out, seen = [], set()
     for p in files:
@@ -172,16 +186,14 @@ def fortunes(
 
 
 def fortune_dialogues(directory: str | os.PathLike = FORTUNES_DIR, max_chars: int = 300) -> list[list[dict]]:
-    """Question/answer exchanges from the fortunes package, as chat messages.
+    """Question/answer exchanges from the fortunes corpus (as `fortunes`), as chat messages.
 
     `riddles` passages with `Q:` and `A:` lines become "Q" (user) -> "A" (assistant); `definitions`
     passages that start with "Term:" become "What is Term?" (user) -> the definition (assistant).
     """
-    directory = Path(directory)
+    directory = data_path(directory)
     if not directory.is_dir():
-        raise DistillError(
-            f"{directory} does not exist: install Debian's fortunes package (apt-get install -y fortunes)"
-        )
+        raise DistillError(f"{directory} is not a folder of fortune files; give one, or bundled:fortunes")
     out = []
     for name in ("riddles", "definitions"):
         path = directory / name

@@ -726,7 +726,7 @@ class Trainer:
                         last_eval = self._evaluate_and_checkpoint()
                     else:
                         self.save_checkpoint("last")
-                    bar.note(last_eval)
+                    bar.note(last_eval, epoch=self.epoch, epochs=cfg.epochs)
         finally:
             if self._tb is not None:
                 self._tb.close()
@@ -802,7 +802,7 @@ class Trainer:
             self.progress.step += 1
             self.batch_in_epoch = i + 1
             values = self.task.objective.update(self.progress)
-            bar.advance()
+            logged = None
             if self.progress.step % cfg.log_every == 0 or self.batch_in_epoch == n_batches:
                 self._check_pending()
                 rec = {k: float(v) / count for k, v in running.items()}
@@ -820,7 +820,9 @@ class Trainer:
                     / max(time.perf_counter() - t0, 1e-9),
                 )
                 self._log(rec)
+                logged = rec.get("loss")
                 running, count, t0 = {}, 0, time.perf_counter()
+            bar.advance(logged)
             if cfg.checkpoint_every and self.progress.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint("last")
             if self.progress.step >= self.total_steps and self.batch_in_epoch < n_batches:

@@ -9,7 +9,8 @@ truncated and counted (`bundle.meta["truncated"]`, printed once).
 Sources:
   - `text_classification`: CSV / TSV (header row), JSONL, a folder saved by `datasets`'
     `save_to_disk`, or a folder of plain files, one per label (the file name is the label;
-    passages separated by `%` lines or blank lines: Debian's fortunes is one such folder).
+    passages separated by `%` lines or blank lines: `bundled:fortunes`, the text of Debian's
+    fortunes package that ships with distill, is one such folder).
   - `text`: plain text, JSONL, CSV or a folder of them (`distill.data.text.load_texts`); packed
     into blocks of `block_size` tokens for causal LMs, or one text per item (`pack: false`).
   - `chat`: JSONL of `{"messages": [{"role", "content"}, ...]}`, rendered with the tokenizer's
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data.bundle import DataBundle
-from distill.data.text import load_texts, train_tokenizer
+from distill.data.text import data_path, load_texts, train_tokenizer
 from distill.errors import ConfigError, DistillError
 
 # A minimal chat template for tokenizers that ship none (those trained here).
@@ -262,14 +263,15 @@ def text_classification(
     """Texts (or text pairs) with a label each; `num_classes` and the label names go to the model.
 
     Args:
-        path: CSV / TSV / JSONL, a `datasets` folder, or a folder of one file per label.
+        path: CSV / TSV / JSONL, a `datasets` folder, or a folder of one file per label
+            (`bundled:fortunes`: the fortunes corpus, one file per category).
         label_names: the labels in id order (default: sorted label values; whole-number labels,
             JSON numbers or CSV text such as "12", are ordered as numbers and are their own ids).
         min_chars / max_chars: keep texts in this length range (whitespace is collapsed).
         min_per_class / max_per_class: drop labels with fewer texts; keep at most this many per label.
         max_train / max_val / max_test: cap each split (after the seeded split).
     """
-    records, columns = _read_records(Path(path))
+    records, columns = _read_records(data_path(path))
     for col in (text_column, label_column, text_pair_column):
         if col is not None and col not in columns:
             raise DistillError(f"{path} has no column '{col}' (columns: {', '.join(columns)})")
@@ -499,7 +501,7 @@ def chat_conversations(
 
 def fortune_chat(
     tokenizer: Any = None,
-    directory: str = "/usr/share/games/fortunes",
+    directory: str = "bundled:fortunes",
     max_length: int = 128,
     chat_template: str | None = None,
     val_fraction: float = 0.1,
@@ -509,7 +511,7 @@ def fortune_chat(
     max_test: int | None = None,
     seed: int = 0,
 ) -> DataBundle:
-    """`chat` data built offline from Debian's fortunes (apt-get install -y fortunes): the
+    """`chat` data built offline from the fortunes corpus (`bundled:fortunes`, shipped with distill): the
     Q/A riddles and the definitions ("Term:" then its meaning) as user/assistant exchanges
     (`distill.data.text.fortune_dialogues`)."""
     from distill.data.text import fortune_dialogues

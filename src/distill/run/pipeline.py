@@ -32,9 +32,9 @@ from distill.registry import ADAPTERS, LOSSES
 from distill.run.chat import side_by_side
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
-from distill.run.measure import count_params, latency_ms, size_mb
-from distill.run.preflight import MIX_STORE, build_transfer, check_teacher_config
-from distill.run.report import write_report
+from distill.run.measure import count_params, interleaved_latency, latency_ms, noise_groups, size_mb
+from distill.run.preflight import MIX_STORE, build_transfer, check_init_args, check_teacher_config
+from distill.run.report import read_metrics, write_report
 from distill.run.rundir import RunDir
 from distill.run.verdict import verdict
 from distill.teachers import Teacher
@@ -142,8 +142,10 @@ def measure(
     teacher: Teacher | None,
     split: str = "test",
     adapter: Any = None,
+    latency: bool = True,
 ) -> dict[str, Any]:
-    """One summary row: the recipe's evaluator on `split`, parameters, size and CPU latency."""
+    """One summary row: the recipe's evaluator on `split`, parameters, size and CPU latency
+    (`latency=False`: none for tensor inputs, which `add_latency` measures for all rows in turns)."""
     ds = getattr(data, split) or data.val
     loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
     evaluator = build_evaluator(_spec(cfg.evaluator))
@@ -155,7 +157,9 @@ def measure(
         judge = model if teacher is None else getattr(teacher, "model", None)  # a teacher judges itself
         row.update(evaluator.measure_model(model, data, judge, threads=cfg.report.latency_threads))
     example = example_input(data)
-    if example is not None:
+    if example is not None and not latency:
+        pass
+    elif example is not None:
         model_cpu = copy.deepcopy(model).to("cpu")
         for b in cfg.report.latency_batch_sizes:
             lat = latency_ms(
@@ -213,6 +217,28 @@ def _restore(module: nn.Module, snapshot: tuple[dict[str, torch.Tensor], dict[st
     for n, p in module.named_parameters():
         p.requires_grad_(grad.get(n, p.requires_grad))
     module.train(training)
+
+
+def add_latency(
+    rows: list[dict[str, Any]], models: dict[str, nn.Module], data: DataBundle, cfg: RecipeConfig
+) -> None:
+    """CPU latency of every row's model, measured in turns (`interleaved_latency`): the median
+    (`latency_ms_b<N>`), the spread (`latency_ms_b<N>_iqr`, the middle half of the runs) and, for
+    rows whose spreads overlap, the same letter (`latency_b<N>_within_noise`): their difference is noise."""
+    example = example_input(data)
+    if example is None:
+        return  # token inputs: measured per row by text_speed
+    on_cpu = {name: copy.deepcopy(m).to("cpu") for name, m in models.items()}
+    by_name = {r["name"]: r for r in rows}
+    for b in cfg.report.latency_batch_sizes:
+        lat = interleaved_latency(
+            on_cpu, example, b, repeats=cfg.report.latency_repeats, threads=cfg.report.latency_threads
+        )
+        for name, q in lat.items():
+            by_name[name][f"latency_ms_b{b}"] = q["p50"]
+            by_name[name][f"latency_ms_b{b}_iqr"] = q["p75"] - q["p25"]
+        for name, letters in noise_groups({n: (q["p25"], q["p75"]) for n, q in lat.items()}).items():
+            by_name[name][f"latency_b{b}_within_noise"] = letters
 
 
 def load_teacher(
@@ -476,6 +502,7 @@ def run_recipe(
     out = Path(out)
     t0 = time.perf_counter()
     cfg = resolve_recipe(cfg)  # defaults an hf teacher implies (tokenizer, task, evaluator)
+    check_init_args(cfg)  # a typo in any init_args, before the run folder or anything is built
     with RunDir(out, cfg.to_yaml(), resume=resume, overwrite=overwrite, reusable=reusable_teacher(cfg)):
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
 
@@ -524,8 +551,15 @@ def run_recipe(
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
         judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
-        rows = [{**measure(n, m, data, cfg, None, adapter=a), **info} for n, m, a, info in teacher_rows]
-        rows += [measure(n, m, data, cfg, judge, adapter=student_adapter) for n, m in students.items()]
+        rows = [
+            {**measure(n, m, data, cfg, None, adapter=a, latency=False), **info}
+            for n, m, a, info in teacher_rows
+        ]
+        rows += [
+            measure(n, m, data, cfg, judge, adapter=student_adapter, latency=False)
+            for n, m in students.items()
+        ]
+        add_latency(rows, {n: m for n, m, _, _ in teacher_rows} | students, data, cfg)
         add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
             "command": command,
@@ -538,7 +572,7 @@ def run_recipe(
         answers = side_by_side(rows)  # the chat evaluator's answers, out of the rows
         if answers:
             summary["answers"] = answers
-        note_teacher_warnings(summary, data.num_classes)
+        note_teacher_warnings(summary, data.num_classes, read_metrics(out / "metrics.jsonl"))
         add_student_cut(summary, students)
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
             summary["texts_truncated"] = data.meta["truncated"]
@@ -597,9 +631,52 @@ def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> lis
     return out
 
 
-def note_teacher_warnings(summary: dict[str, Any], num_classes: int | None) -> None:
-    """Adds the teacher warnings to `summary["warnings"]` (report.md shows them) and to the log."""
+def student_warnings(
+    rows: list[dict[str, Any]], num_classes: int | None, metrics: list[dict[str, Any]]
+) -> list[str]:
+    """Students at chance on the test split, each with the likely cause read from its training
+    losses (`metrics`: the run's metrics.jsonl records): a loss that fell points at evaluation
+    (BatchNorm statistics, too little data), one that did not at the training budget."""
+    if not num_classes:
+        return []
+    chance = 1 / num_classes
+    out = []
+    for row in rows:
+        name, acc = row["name"], row.get("accuracy")
+        if not name.startswith("student") or not isinstance(acc, float) or acc >= chance + 0.05:
+            continue
+        train = [m for m in metrics if m.get("stage") == name and m.get("split") == "train" and "loss" in m]
+        at = f"{name}'s accuracy {acc:.4f} is at chance ({chance:.4f} for {num_classes} classes)"
+        if len(train) < 2:
+            out.append(
+                f"{at}: it learned nothing that shows on the test split; train it longer (trainer.epochs)"
+            )
+            continue
+        first, last, steps = train[0]["loss"], train[-1]["loss"], train[-1].get("step", len(train))
+        if last < 0.7 * first:
+            out.append(
+                f"{at} although its training loss fell from {first:.3g} to {last:.3g} in {steps} steps: "
+                "it fits its training batches but not held-out data in eval mode. Likely causes: BatchNorm "
+                "running statistics not yet settled after so few steps (torchvision's mobilenet_v3_* use "
+                "momentum 0.01), or too few training images; train longer (trainer.epochs) or use a "
+                "student without BatchNorm, or more data"
+            )
+        else:
+            out.append(
+                f"{at} and its training loss hardly fell ({first:.3g} to {last:.3g} in {steps} steps): "
+                "too short a schedule for a network trained from scratch, or a learning rate that does "
+                "not suit it; train longer (trainer.epochs) or change trainer.optimizer.lr"
+            )
+    return out
+
+
+def note_teacher_warnings(
+    summary: dict[str, Any], num_classes: int | None, metrics: list[dict[str, Any]] | None = None
+) -> None:
+    """Adds the teacher's and the students' warnings to `summary["warnings"]` (report.md shows
+    them) and to the log; `metrics` are the run's metrics.jsonl records (the students' losses)."""
     warnings = teacher_warnings(summary["rows"], num_classes)
+    warnings += student_warnings(summary["rows"], num_classes, metrics or [])
     if warnings:
         summary["warnings"] = warnings
         for w in warnings:
@@ -746,6 +823,7 @@ def preflight_recipe(
     )
 
     cfg = resolve_recipe(cfg)  # what an hf teacher implies (tokenizer, task, evaluator)
+    check_init_args(cfg)
     if data is None:
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
     device = resolve_device(cfg.trainer.device)

@@ -20,7 +20,7 @@ from distill.data.bundle import DataBundle, build_data
 from distill.engine.evaluate import build_evaluator
 from distill.engine.mix import check_mixable
 from distill.engine.trainer import DistillTask, build_mixer, class_count, make_loader, preflight_batch
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, missing_extra
 from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.run.measure import count_params
@@ -128,6 +128,8 @@ def run_stage(
     except DistillError as e:
         raise type(e)(f"{stage} (one-batch preflight, before any training): {_first_line(e)}") from e
     except Exception as e:  # noqa: BLE001 - a model's or a loss's own error, made one line
+        if (hint := missing_extra(e)) is not None:
+            raise hint from e
         raise DistillError(
             f"{stage} (one-batch preflight, before any training): {type(e).__name__}: {_first_line(e)}"
         ) from e
@@ -232,3 +234,52 @@ def validate_recipe(cfg: Any, data: DataBundle, batch: Batch, objective: Objecti
             raise ConfigError(
                 f"data.transfer: the label terms skip different values ({sorted(ignores)}); use one"
             )
+
+
+def _components(cfg) -> list[tuple[str, Any, Any]]:
+    """(key, component, registry) for every `name | class_path` + `init_args` section of a recipe."""
+    from distill.registry import ADAPTERS, DATASETS, EVALUATORS, LOSSES, MODELS
+
+    found = [("data", cfg.data, DATASETS)]
+    if cfg.data.transfer is not None:
+        found.append(("data.transfer", cfg.data.transfer, DATASETS))
+    models = [("teacher", cfg.teacher)] if not cfg.teachers else []
+    models += [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)] + [("student", cfg.student)]
+    for key, model in models:
+        found.append((key, model, MODELS))
+        if model.adapter is not None:
+            found.append((f"{key}.adapter", model.adapter, ADAPTERS))
+    found += [(f"objective.terms.{n}", t, LOSSES) for n, t in cfg.objective.terms.items()]
+    if cfg.evaluator is not None:
+        found.append(("evaluator", cfg.evaluator, EVALUATORS))
+    return found
+
+
+def check_init_args(cfg) -> None:
+    """Every `init_args` key of the recipe is an argument of what its section builds, checked
+    against the builder's signature before anything is built: `kd: {init_args: {temprature: 2}}`
+    fails at once with "did you mean", not after the teacher has trained. Builders taking
+    `**kwargs` accept anything and are not checked; one that cannot be resolved is left to the
+    build, which says why."""
+    import difflib
+    import inspect
+
+    for key, comp, registry in _components(cfg):
+        if not comp.init_args:
+            continue
+        try:
+            target = registry.resolve(comp.class_path) if comp.class_path else registry.get(comp.name)
+            params = inspect.signature(target).parameters.values()
+        except Exception:  # noqa: BLE001 - unknown names, missing extras, C builders: the build reports them
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            continue
+        known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for arg in comp.init_args:
+            if arg not in known:
+                near = difflib.get_close_matches(arg, known, n=1, cutoff=0.5)
+                hint = f" (did you mean '{key}.init_args.{near[0]}'?)" if near else ""
+                label = comp.class_path or f"{comp.name} ({getattr(target, '__name__', target)})"
+                raise ConfigError(
+                    f"unknown key '{key}.init_args.{arg}'{hint}; {label} takes: {', '.join(known) or 'nothing'}"
+                )

@@ -47,7 +47,7 @@ def table(rows: list[dict[str, Any]], columns=None) -> str:
             for r in rows
             for k, v in r.items()
             if isinstance(v, int | float)
-            and not k.endswith("_std")
+            and not k.endswith(("_std", "_iqr"))
             and k not in {c[0] for c in columns}
             and k not in ("nll",)
         }
@@ -66,9 +66,18 @@ def table(rows: list[dict[str, Any]], columns=None) -> str:
             cell = fmt.format(v)
             if f"{key}_std" in r:
                 cell += " ± " + fmt.format(r[f"{key}_std"]).strip()
-            cells.append(cell)
+            cells.append(cell + _latency_noise(r, key, fmt))
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _latency_noise(row: dict[str, Any], key: str, fmt: str) -> str:
+    """After a latency median: its spread (the interquartile range of the runs) and the letter it
+    shares with rows whose spreads overlap (`~a`: their difference is within noise)."""
+    if not key.startswith("latency_ms_b") or f"{key}_std" in row or f"{key}_iqr" not in row:
+        return ""
+    letters = row.get(key.replace("latency_ms_b", "latency_b") + "_within_noise")
+    return f" (iqr {fmt.format(row[f'{key}_iqr']).strip()})" + (f" ~{letters}" if letters else "")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -143,10 +152,14 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
             ax.fill_between(xs, mean - std, mean + std, color=color[stage], alpha=0.2, linewidth=0)
 
     for ax, stage in zip(axes, loss_stages):
-        draw(ax, *_series(runs, stage, "train", "step", "loss"), stage)
+        xs, mean, std = _series(runs, stage, "train", "step", "loss")
+        draw(ax, xs, mean, std, stage, marker="." if len(xs) < 10 else None)
         ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{stage}: training loss")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(xs) >= 8 and _spans_decade(mean):  # a short run's few points read better on a linear axis
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain_log())  # 0.1, 1, 2: not 10^-1, 2 x 10^0
+            ax.yaxis.set_minor_formatter(_plain_log(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # few labels: they never touch
     if key:
         ax = axes[-1]
         for stage in dict.fromkeys(m["stage"] for m in val):
@@ -154,7 +167,7 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
             if len(xs):
                 draw(ax, xs, mean, std, stage, marker=".")
         ax.set(xlabel="epoch", ylabel=f"validation {key}", title=f"validation {key}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))  # epochs are whole numbers
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     for ax in axes:
@@ -165,9 +178,33 @@ def curves_figure(runs: list[list[dict[str, Any]]]):
     return fig
 
 
+def _plain_log(**kwargs):
+    """matplotlib's choice of labelled ticks on a log axis, written as plain numbers (0.06, 2)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return Plain(**kwargs)
+
+
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> str | None:
-    """The test metric (perplexity for language models, else accuracy or mAP) against latency;
-    returns the metric plotted (None: no plot)."""
+    """`tradeoff_figure` saved to `path`; returns the metric plotted (None: no plot)."""
+    fig = tradeoff_figure(rows)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return headline_metric(rows, every=True)
+
+
+def tradeoff_figure(rows: list[dict[str, Any]]):
+    """The test metric (perplexity for language models, else accuracy or mAP) against CPU latency, one point per row (None without both columns). Points
+    that coincide share one label; the others' labels are moved until none overlaps a label or a
+    point. The latency axis is logarithmic only when the rows span a factor of 10 or more."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,14 +215,35 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> str | None:
     if not lat_key or acc_key not in ("perplexity", "accuracy", "map"):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [float(r[lat_key]) for r in rows]
+    ys = [float(r[acc_key]) for r in rows]
+    log_x = _spans_decade(xs)  # a log axis only when latencies span a factor of 10 or more
     for r in rows:
         ax.errorbar(r[lat_key], r[acc_key], yerr=r.get(f"{acc_key}_std", 0), fmt="o", capsize=3)
-        ax.annotate(
-            f"{r['name']}\n{r.get('params', 0):,.0f} params",
-            (r[lat_key], r[acc_key]),
-            fontsize=8,
-            xytext=(5, -12),
-            textcoords="offset points",
+    if log_x:
+        ax.set_xscale("log")
+    labels = []
+    for group in _nearby(xs, ys, log_x):  # points on top of each other: one label naming them all
+        params = {rows[i].get("params", 0) for i in group}
+        names = [
+            rows[i]["name"] + ("" if len(params) == 1 else f" ({rows[i].get('params', 0):,.0f})")
+            for i in group
+        ]
+        if len(params) == 1:
+            names.append(f"{params.pop():,.0f} params" + (" each" if len(group) > 1 else ""))
+        i = group[0]
+        right = _position(xs[i], xs, log_x) > 0.7  # near the right edge: the label goes left of the point
+        labels.append(
+            ax.annotate(
+                "\n".join(names),
+                (xs[i], ys[i]),
+                fontsize=8,
+                xytext=(-7 if right else 7, 0),
+                textcoords="offset points",
+                ha="right" if right else "left",
+                va="center",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 4},
+            )
         )
     lower = " (lower is better)" if acc_key in LOWER_IS_BETTER else ""
     ax.set(
@@ -193,12 +251,78 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> str | None:
         ylabel=f"test {acc_key}{lower}",
         title=f"{acc_key} vs latency",
     )
-    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.15)
     ax.grid(alpha=0.3)
+    fig.set_dpi(110)  # the saved resolution, so labels are placed in the pixels they are drawn in
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return acc_key
+    _separate(fig, ax, labels)
+    return fig
+
+
+def _separate(fig, ax, labels: list) -> None:
+    """Moves each label up or down, the least it can, until it covers no other label and no point
+    and stays inside the axes (a thin line still joins it to its point)."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    to_points = 72 / fig.dpi
+
+    def text_box(label):  # the text alone (an annotation's own extent includes its line)
+        label.update_positions(renderer)
+        return Text.get_window_extent(label, renderer).expanded(1.0, 1.1)
+
+    inside = ax.get_window_extent(renderer)
+    r = 6  # pixels around each marker
+    placed = [
+        Bbox.from_extents(x - r, y - r, x + r, y + r)
+        for x, y in (ax.transData.transform(a.xy) for a in labels)
+    ]
+    for label in sorted(labels, key=lambda a: -ax.transData.transform(a.xy)[1]):  # top to bottom
+        dx, dy0 = label.xyann
+        step = text_box(label).height / 3
+        for k in range(61):  # 0, -1, +1, -2, +2, ... thirds of the label's height
+            shift = (k + 1) // 2 * (-1 if k % 2 else 1) * step
+            label.xyann = (dx, dy0 + shift * to_points)
+            box = text_box(label)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(b) for b in placed):
+                break
+        else:
+            label.xyann = (dx, dy0)  # nowhere free: leave it beside its point
+        placed.append(text_box(label))
+
+
+def _spans_decade(values) -> bool:
+    """Positive values spanning a factor of 10 or more: what a log axis is for."""
+    vals = [float(v) for v in values]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 10
+
+
+def _position(v: float, values: list[float], log: bool) -> float:
+    """Where `v` sits between the smallest and largest of `values`, from 0 to 1 (log or linear)."""
+    import math
+
+    f = math.log10 if log else float
+    lo, hi = f(min(values)), f(max(values))
+    return 0.5 if hi == lo else (f(v) - lo) / (hi - lo)
+
+
+def _nearby(xs: list[float], ys: list[float], log_x: bool, within: float = 0.015) -> list[list[int]]:
+    """Indices of points grouped when they lie within `within` of the axis span of the group's
+    first point in both directions: points on top of each other get one label, not several."""
+    px = [_position(x, xs, log_x) for x in xs]
+    py = [_position(y, ys, False) for y in ys]
+    groups: list[list[int]] = []
+    for i in range(len(xs)):
+        home = next(
+            (g for g in groups if abs(px[i] - px[g[0]]) < within and abs(py[i] - py[g[0]]) < within), None
+        )
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return groups
 
 
 def _explain(rows: list[dict[str, Any]]) -> str:
@@ -217,7 +341,12 @@ def _explain(rows: list[dict[str, Any]]) -> str:
             "tokens per second generating with the KV cache (docs/nlp.md)."
         )
     if has & {"latency_ms_b1", "latency_ms_b64"}:
-        parts.append("Latency is CPU forward time (median, fixed threads).")
+        parts.append(
+            "Latency is CPU forward time (median, fixed threads; the models measured in turns, with the "
+            "interquartile range of the runs; rows sharing a letter, ~a, differ by less than that noise)."
+            if any(k.endswith("_iqr") for k in has)
+            else "Latency is CPU forward time (median, fixed threads)."
+        )
     return " ".join(parts)
 
 
