@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from distill.losses.sequence import LMCrossEntropy
     from distill.nlp import DistillationTrainer
     from distill.nlp.align import CrossTokenizerCollator
-    from distill.nlp.served import format_mass_kept, record_model, served_teacher
+    from distill.nlp.served import format_mass_kept, record_model
+    from distill.run.served import served_teacher
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

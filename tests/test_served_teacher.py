@@ -311,7 +311,7 @@ def test_cross_store_records_the_teacher_mass_kept_at_each_k(toks, tmp_path, cap
 
 def test_recipe_spec_validates_in_one_line_and_fetches_once(toks, tmp_path, recorded):
     from distill.errors import ConfigError
-    from distill.nlp.served import served_teacher
+    from distill.run.served import served_teacher
 
     tok, _ = toks
     f = str(tmp_path / "spec.jsonl")

@@ -17,7 +17,9 @@ MODELS.accept(nn.Module, what="a model (an nn.Module subclass)")
 
 def _target(spec: dict[str, Any]):
     """What `spec` names: a registered model or an import path resolved and checked to be a model."""
-    return MODELS.resolve(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    return (
+        MODELS.resolve(spec["class_path"]) if spec.get("class_path") else MODELS.get(spec.get("name") or "")
+    )
 
 
 def takes_teacher(spec: dict[str, Any]) -> bool:

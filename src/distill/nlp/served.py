@@ -48,23 +48,17 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field as PydField
-from pydantic import ValidationError, model_validator
 
-from distill.engine.config import Strict
-from distill.errors import ConfigError, DistillError
+from distill.errors import DistillError
 from distill.nlp.align import vocab_map
 from distill.nlp.cross import _texts_and_ends, _xt_entry, format_mass_kept, text_key
 from distill.outputs import Batch, Outputs
 
 __all__ = [
     "Response",
-    "ServedConfig",
     "ServedTeacher",
-    "served_teacher",
     "fetch_responses",
     "parse_response",
     "read_responses",
@@ -487,80 +481,3 @@ def record_model(
         own = logp.gather(-1, torch.tensor(body, device=device)[:, None])[:, 0].tolist()
         out.append(record_line(prompt, response, [piece(i) for i in body], top, own))
     return out
-
-
-class ServedConfig(Strict):
-    """A served teacher in a recipe: `teacher: {served: {file: responses.jsonl}}`, or with an
-    endpoint to fetch the file from once: `{file: ..., endpoint: URL, model: NAME, top_logprobs: 20}`."""
-
-    file: str = PydField(description="the responses file (JSON Lines); fetched into when endpoint is set")
-    endpoint: str | None = PydField(None, description="an OpenAI-compatible server (http://host:8000/v1)")
-    model: str | None = PydField(None, description="the model name the endpoint serves")
-    top_logprobs: int = PydField(
-        20, ge=1, le=20, description="alternatives asked per token (the API allows 20)"
-    )
-    k: int | None = PydField(None, ge=1, description="alternatives used per token (default: top_logprobs)")
-    prompt_template: str = PydField(
-        "", description="the student's text before each answer ({prompt} replaced)"
-    )
-    max_tokens: int = PydField(128, ge=1)
-    temperature: float = PydField(
-        1.0, ge=0, description="sampling temperature of the answers (logprobs: see docs)"
-    )
-    mode: Literal["exact", "prefix"] = "exact"
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.endpoint and not self.model:
-            raise ValueError("endpoint needs model: (the name the server serves)")
-        if self.k is not None and self.k > self.top_logprobs:
-            raise ValueError(f"k ({self.k}) is more than the top_logprobs ({self.top_logprobs}) asked for")
-        return self
-
-
-def served_teacher(
-    spec: Mapping | ServedConfig,
-    student_tokenizer,
-    prompts: Iterable | None = None,
-    where: str = "teacher.served",
-    name: str = "teacher",
-) -> ServedTeacher:
-    """The `ServedTeacher` a recipe's `served:` section describes; with an endpoint, its answers
-    are fetched first (once: a file already holding them is only completed).
-
-    Args:
-        prompts: what to ask the endpoint (user messages or message lists); needed with `endpoint`.
-        where: the section's key path, for errors (`teacher.served.k: ...`).
-    """
-    from distill.run.config import format_validation_error
-
-    if not isinstance(spec, ServedConfig):
-        try:
-            spec = ServedConfig.model_validate(dict(spec))
-        except ValidationError as e:
-            msg = format_validation_error(e, ServedConfig)
-            unknown = "unknown key '"
-            msg = unknown + f"{where}." + msg[len(unknown) :] if msg.startswith(unknown) else f"{where}.{msg}"
-            raise ConfigError(msg) from None
-    if spec.endpoint:
-        if prompts is None:
-            raise ConfigError(
-                f"{where}.endpoint: give the prompts to ask it (a prompts file or the data's prompts)"
-            )
-        fetch_responses(
-            spec.file,
-            spec.endpoint,
-            spec.model or "",
-            prompts,
-            top_logprobs=spec.top_logprobs,
-            max_tokens=spec.max_tokens,
-            temperature=spec.temperature,
-        )
-    return ServedTeacher(
-        spec.file,
-        student_tokenizer,
-        k=spec.k or spec.top_logprobs,
-        prompt_template=spec.prompt_template,
-        name=name,
-        mode=spec.mode,
-    )
