@@ -19,6 +19,8 @@ from distill.data.bundle import DataBundle
 from distill.outputs import as_batch
 
 TEXT_DATA = ("text_classification", "text", "chat", "prompt_response")
+# Data a teacher makes (it answers prompts): the recipe's hf teacher is filled in as the answerer.
+ANSWERED_DATA = ("chat_prompts",)
 # The evaluator each task gets when the recipe names none.
 TASK_EVALUATORS: dict[str, dict[str, Any]] = {
     "sequence_classification": {"name": "classification"},
@@ -50,7 +52,10 @@ def resolve_recipe(cfg):
     cfg = cfg.model_copy(deep=True)
     t_args = cfg.teacher.init_args
     if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):
-        cfg.data.init_args["tokenizer"] = t_args["path"]
+        path, gguf = str(t_args["path"]), t_args.get("gguf_file")
+        cfg.data.init_args["tokenizer"] = f"{path.rstrip('/')}/{gguf}" if gguf else path
+    if cfg.data.name in ANSWERED_DATA and "teacher" not in cfg.data.init_args and t_args.get("path"):
+        cfg.data.init_args["teacher"] = {k: t_args[k] for k in ("path", "gguf_file") if t_args.get(k)}
     if cfg.student.name == "hf":
         cfg.student.init_args.setdefault("task", task)
     if cfg.evaluator is None and task in TASK_EVALUATORS:
