@@ -111,7 +111,9 @@ def main() -> None:
     rng.shuffle(prompts)
     with open(args.out, "w", encoding="utf-8") as f:
         for i, (p, s) in enumerate(prompts):
-            f.write(json.dumps({"prompt": p, "source": s, "split": "test" if i < args.test else "train"}) + "\n")
+            f.write(
+                json.dumps({"prompt": p, "source": s, "split": "test" if i < args.test else "train"}) + "\n"
+            )
     counts: dict[str, int] = {}
     for _, s in prompts:
         counts[s] = counts.get(s, 0) + 1

@@ -90,16 +90,19 @@ def main(args) -> int:
         cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)
         cfg = resolve_recipe(cfg)  # what an hf teacher implies (the data's tokenizer, ...)
         checkpoint = args.teacher_checkpoint or cfg.teacher.checkpoint
-        if not checkpoint:
+        pretrained = cfg.teacher.name == "hf" and bool(cfg.teacher.init_args.get("path"))
+        if not checkpoint and not pretrained:
             raise DistillError(
                 "cache-teacher needs trained teacher weights: set teacher.checkpoint in the recipe or pass "
                 "--teacher-checkpoint (e.g. runs/<name>/checkpoints/teacher/final.safetensors)"
             )
-        if not Path(checkpoint).exists():
+        if checkpoint and not Path(checkpoint).exists():
             raise DistillError(f"teacher checkpoint {checkpoint} does not exist")
         data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=cfg.seed)
         seed_everything(cfg.seed)
-        model = load_weights(build_model(cfg.teacher.spec(), data), checkpoint)
+        model = build_model(cfg.teacher.spec(), data)  # an hf path loads its own pretrained weights
+        if checkpoint:
+            load_weights(model, checkpoint)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(model, dtype=dtype, compile=cfg.teacher.compile)
         train = data.train.dataset if isinstance(data.train, IndexedDataset) else data.train

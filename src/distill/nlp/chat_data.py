@@ -100,7 +100,9 @@ def read_prompts(
                 f'{path} line {n}: messages must be [{{"role": ..., "content": ...}}, ...] ending with a user turn'
             )
         split = r.get(split_column) if split_column else None
-        rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "split": split})
+        rows.append(
+            {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "split": split}
+        )
     return rows
 
 
@@ -135,7 +137,9 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def answers_fingerprint(teacher_fp: str, chat_template: str, prompts: list[list[dict]], settings: dict) -> str:
+def answers_fingerprint(
+    teacher_fp: str, chat_template: str, prompts: list[list[dict]], settings: dict
+) -> str:
     """What the answers depend on: the teacher's weights, its chat template, the prompts and the
     generation settings."""
     return _sha({"teacher": teacher_fp, "template": chat_template, "prompts": _sha(prompts), "gen": settings})
@@ -160,8 +164,7 @@ def _writer_lock(folder: Path):
     """Refuses a second process writing the same answers folder."""
     import fcntl
 
-    f = open(folder / ".lock", "w")
-    try:
+    with open(folder / ".lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -170,8 +173,6 @@ def _writer_lock(folder: Path):
                 "or point data.init_args.answers elsewhere"
             ) from None
         yield
-    finally:
-        f.close()
 
 
 def read_answers(folder: Path) -> dict[int, dict[str, Any]]:
@@ -192,6 +193,13 @@ def read_answers(folder: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+def too_long(i: int, n: int, max_length: int) -> str:
+    return (
+        f"row {i + 1}: the prompt is {n} tokens with the chat template, which leaves no room for an answer "
+        f"within max_length {max_length}; shorten it or raise max_length (within the student's context)"
+    )
+
+
 def answer_prompts(
     teacher,
     tok,
@@ -201,13 +209,15 @@ def answer_prompts(
     batch_size: int = 16,
     progress: bool = True,
     needed: list[int] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Has `teacher` answer the prompts once (those already in `folder` are kept) and returns the
     answers by index: `{"i", "answer", "answer_ids", "prompt_ids", "finish": "eos" | "length"}`.
 
     `needed`: the indices to answer, in order of priority (default: all); each group of
     `batch_size` is answered shortest first within a window, so held-out prompts put first are
-    answered first.
+    answered first. A prompt longer than `max_prompt_tokens` (rendered) is refused before any
+    answer is generated.
 
     `settings`: `max_new_tokens`, `do_sample`, `temperature`, `top_p`, `seed` (sampling draws from
     a generator seeded by the seed and the batch's first index, so a resumed run draws the same).
@@ -224,9 +234,16 @@ def answer_prompts(
         if not todo:
             return done
         ids = {i: prompt_ids(tok, prompts[i]) for i in todo}
+        for i in todo:
+            if max_prompt_tokens is not None and len(ids[i]) > max_prompt_tokens:
+                raise DistillError(too_long(i, len(ids[i]), max_prompt_tokens + 1))
         # shortest first within windows of 8 batches: less padding, priorities kept
         window = batch_size * 8
-        todo = [i for w in range(0, len(todo), window) for i in sorted(todo[w : w + window], key=lambda i: len(ids[i]))]
+        todo = [
+            i
+            for w in range(0, len(todo), window)
+            for i in sorted(todo[w : w + window], key=lambda i: len(ids[i]))
+        ]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
         gen = {"max_new_tokens": int(settings["max_new_tokens"]), "do_sample": bool(settings["do_sample"])}
@@ -244,7 +261,9 @@ def answer_prompts(
                 width = max(len(ids[i]) for i in chunk)
                 batch = {
                     "input_ids": torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in chunk]),
-                    "attention_mask": torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk]),
+                    "attention_mask": torch.tensor(
+                        [[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk]
+                    ),
                 }
                 with torch.random.fork_rng():
                     torch.manual_seed(int(settings.get("seed", 0)) * 1_000_003 + chunk[0])
@@ -282,6 +301,7 @@ def build_answers(
     seed: int = 0,
     rows: list[dict[str, Any]] | None = None,
     needed: list[int] | None = None,
+    max_length: int | None = None,
 ) -> tuple[dict[int, dict[str, Any]], Any, Path]:
     """Loads the teacher and has it answer the prompts of `path` (or `rows` read from it; only
     `needed`, in that order, when given), resuming; returns (answers by index, the teacher's
@@ -320,6 +340,7 @@ def build_answers(
 
         atomic_write_text(folder / SETTINGS, json.dumps(record, indent=2))
     done = answer_prompts(
-        model, tok, prompts, folder, {**settings, "seed": seed}, batch_size=batch_size, needed=needed
-    )
+        model, tok, prompts, folder, {**settings, "seed": seed}, batch_size=batch_size, needed=needed,
+        max_prompt_tokens=max_length - 1 if max_length else None,
+    )  # fmt: skip
     return done, tok, folder

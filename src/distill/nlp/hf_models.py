@@ -15,7 +15,6 @@ rest of distill reads: `distill_adapter` (how to call it on a batch: the `hf` ad
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,9 @@ def _package_folder(path: str) -> Path:
         ) from None
     folder = mod.get_model_path() if hasattr(mod, "get_model_path") else getattr(mod, "MODEL_DIR", None)
     if folder is None or not Path(folder).is_dir():
-        raise DistillError(f"model '{path}': package {mod_name} has no model folder (get_model_path/MODEL_DIR)")
+        raise DistillError(
+            f"model '{path}': package {mod_name} has no model folder (get_model_path/MODEL_DIR)"
+        )
     return Path(folder)
 
 
@@ -287,7 +288,9 @@ def hf(
             "(cut from the teacher) or config (a fresh model)"
         )
     if gguf_file and path is None:
-        raise ConfigError("hf model: gguf_file names a file in `path` (a folder or pkg:<module>); give path too")
+        raise ConfigError(
+            "hf model: gguf_file names a file in `path` (a folder or pkg:<module>); give path too"
+        )
     if dtype not in _DTYPES:
         raise ConfigError(f"hf model: dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
     if task not in TASKS:

@@ -633,7 +633,7 @@ def chat_prompts(
         max_new_tokens / do_sample / temperature / top_p: the teacher's generation settings.
         generate_batch_size: prompts answered per `generate` call.
     """
-    from distill.nlp.chat_data import build_answers, read_prompts, split_prompts
+    from distill.nlp.chat_data import build_answers, read_prompts, split_prompts, too_long
 
     if teacher is None:
         raise ConfigError(
@@ -647,7 +647,7 @@ def chat_prompts(
     needed = parts[2] + parts[1] + parts[0]
     done, tok, folder = build_answers(
         path, teacher, answers, prompt_column, split_column, max_new_tokens, do_sample, temperature,
-        top_p, generate_batch_size, seed, rows=rows, needed=needed,
+        top_p, generate_batch_size, seed, rows=rows, needed=needed, max_length=max_length,
     )  # fmt: skip
     if tokenizer is not None and not isinstance(tokenizer, dict):
         other = get_tokenizer(tokenizer)
@@ -660,12 +660,8 @@ def chat_prompts(
     for i in needed:
         a = done[i]
         p = a["prompt_ids"]
-        if len(p) >= max_length:
-            raise DistillError(
-                f"{path} row {i + 1}: the prompt is {len(p)} tokens with the chat template, which leaves no "
-                f"room for an answer within max_length {max_length}; shorten it or raise max_length "
-                "(within the student's context)"
-            )
+        if len(p) >= max_length:  # answered earlier under a larger max_length
+            raise DistillError(f"{path} {too_long(i, len(p), max_length)}")
         ans = a["answer_ids"][: max_length - len(p)]
         items[i] = {"input_ids": p + ans, "labels": [-100] * len(p) + ans}
     finish = [done[i]["finish"] for i in needed]
