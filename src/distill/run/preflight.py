@@ -59,12 +59,16 @@ def describe_data(data: DataBundle, batch: Batch, name: str) -> dict[str, Any]:
 
 
 def describe_model(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    return {
+    out = {
         "spec": spec.get("name") or spec.get("class_path"),
         "class": type(model).__name__,
         "params": count_params(model),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    cut = getattr(getattr(model, "config", None), "distill_cut", None)  # a student cut from its teacher
+    if isinstance(cut, dict):
+        out["cut"] = {k: cut[k] for k in ("select", "importance", "blocks", "teacher_blocks") if k in cut}
+    return out
 
 
 def describe_objective(objective: Objective, weights: dict[str, Any]) -> dict[str, Any]:

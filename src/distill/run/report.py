@@ -231,6 +231,10 @@ def write_report(run_dir: str | Path) -> Path:
         from distill.run.verdict import verdict_markdown
 
         lines += verdict_markdown(summary["verdict"])
+    if summary.get("student_cut"):
+        from distill.nlp.students import cut_markdown
+
+        lines += cut_markdown(summary["student_cut"])
     if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
