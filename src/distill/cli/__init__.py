@@ -14,7 +14,9 @@ from distill.errors import DistillError
 
 # One module per command group, each with `add_parser(subparsers)` and `main(args)`; a module's heavy
 # imports (torch, its workflow, optional extras) happen inside `main`, so `distill --help` stays fast.
-COMMANDS = ["run", "check", "eval", "report", "cache", "teachers", "chain", "compress", "tune", "federated"]
+COMMANDS = [
+    "run", "check", "eval", "report", "cache", "teachers", "chain", "compress", "tune", "federated", "chat",
+]  # fmt: skip
 
 
 def add_folder_options(
@@ -38,6 +40,7 @@ EPILOG = """examples:
   distill cache-teacher recipes/digits.yaml      run the teacher once, reuse its outputs for every student
   distill federated recipes/federated_digits.yaml --seeds 3   FedAvg vs FedDF vs FedMD on Flower
   distill compress recipes/compress_digits.yaml  prune -> distil -> INT8 -> export, one row per stage
+  distill chat runs/chat --teacher              talk to a distilled chat model, its teacher beside it
 """
 
 

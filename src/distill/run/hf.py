@@ -17,10 +17,13 @@ from distill.adapters import Adapter, auto_adapter
 from distill.checkpoint import atomic_write_text
 from distill.data.bundle import DataBundle
 from distill.outputs import as_batch
+from distill.registry import EVALUATORS
 
 TEXT_DATA = ("text_classification", "text", "chat", "prompt_response")
 # Data a teacher makes (it answers prompts): the recipe's hf teacher is filled in as the answerer.
 ANSWERED_DATA = ("chat_prompts",)
+# Chat measures on held-out prompts (generation): a recipe asks for it by name.
+EVALUATORS.add_lazy("chat", "distill.run.chat.ChatEvaluator")
 # The evaluator each task gets when the recipe names none.
 TASK_EVALUATORS: dict[str, dict[str, Any]] = {
     "sequence_classification": {"name": "classification"},

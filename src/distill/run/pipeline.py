@@ -28,6 +28,7 @@ from distill.models.build import build_model
 from distill.objective import Objective
 from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
+from distill.run.chat import side_by_side
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, latency_ms, size_mb
@@ -170,6 +171,9 @@ def measure(
     row: dict[str, Any] = {"name": name, **metrics, "params": count_params(model), "size_mb": size_mb(model)}
     if teacher is None:
         row["agreement"] = 1.0
+    if hasattr(evaluator, "measure_model"):  # generation-based measures (the chat evaluator)
+        judge = model if teacher is None else getattr(teacher, "model", None)  # a teacher judges itself
+        row.update(evaluator.measure_model(model, data, judge, threads=cfg.report.latency_threads))
     example = example_input(data)
     if example is not None:
         model_cpu = copy.deepcopy(model).to("cpu")
@@ -446,6 +450,9 @@ def run_recipe(
             "mix": cfg.trainer.mix.name,
             "rows": rows,
         }
+        answers = side_by_side(rows)  # the chat evaluator's answers, out of the rows
+        if answers:
+            summary["answers"] = answers
         note_teacher_warnings(summary, data.num_classes)
         add_student_cut(summary, students)
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
@@ -568,6 +575,8 @@ def run_seeds(
         warnings = [w for s in summaries for w in s.get("warnings", [])]
         if warnings:
             summary["warnings"] = list(dict.fromkeys(w for w in warnings))
+        if summaries[0].get("answers"):  # answers side by side: the first seed's
+            summary["answers"] = summaries[0]["answers"]
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
@@ -619,12 +628,13 @@ def evaluate_checkpoint(
     if ds is None:
         raise ConfigError(f"the dataset has no {split} split")
     loader, _ = make_loader(ds, cfg.data.eval_batch_size, False, cfg.seed, collate_fn=data.collate_fn)
-    return {
-        "checkpoint": checkpoint,
-        "split": split,
-        **evaluate(model, loader, build_evaluator(_spec(cfg.evaluator)), adapter, teacher=teacher),
-        "params": count_params(model),
-    }
+    evaluator = build_evaluator(_spec(cfg.evaluator))
+    scores = evaluate(model, loader, evaluator, adapter, teacher=teacher)
+    if hasattr(evaluator, "measure_model"):  # the chat evaluator's measures, on the test split
+        judge = model if which == "teacher" else getattr(teacher, "model", None)
+        scores.update(evaluator.measure_model(model, data, judge, threads=cfg.report.latency_threads))
+        scores.pop("examples", None)
+    return {"checkpoint": checkpoint, "split": split, **scores, "params": count_params(model)}
 
 
 def preflight_recipe(

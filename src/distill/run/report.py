@@ -18,6 +18,11 @@ _COLUMNS = [
     ("map", "mAP", "{:.4f}"),
     ("map_50", "mAP@0.5", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
+    ("answer_ppl", "answer ppl", "{:.2f}"),
+    ("teacher_nll", "teacher NLL", "{:.3f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"),
+    ("eos_rate", "ends turn", "{:.2f}"),
+    ("repeat_rate", "repeats", "{:.2f}"),
     ("cosine", "cosine", "{:.4f}"),
     ("agreement", "agreement", "{:.4f}"),
 ]
@@ -196,6 +201,13 @@ def _explain(rows: list[dict[str, Any]]) -> str:
     if scores:
         joined = ", ".join(scores[:-1]) + (" and " if len(scores) > 1 else "") + scores[-1]
         parts.append(f"{joined[0].upper()}{joined[1:]} on the test split.")
+    if "answer_ppl" in has:
+        parts.append(
+            "On held-out prompts: answer ppl is the perplexity of the reference (teacher's) answers; "
+            "teacher NLL the teacher's mean NLL per token of the model's greedy answers; ROUGE-L "
+            "against the reference; the shares of answers that end their turn and that repeat themselves; gen tokens/s: new "
+            "tokens per second generating with the KV cache (docs/nlp.md)."
+        )
     if has & {"latency_ms_b1", "latency_ms_b64"}:
         parts.append("Latency is CPU forward time (median, fixed threads).")
     return " ".join(parts)
@@ -235,6 +247,10 @@ def write_report(run_dir: str | Path) -> Path:
         from distill.nlp.students import cut_markdown
 
         lines += cut_markdown(summary["student_cut"])
+    if summary.get("answers"):
+        from distill.run.chat import answers_markdown
+
+        lines += answers_markdown(summary["answers"])
     if _plot_curves(runs, run_dir / "learning_curves.png"):
         lines += ["![learning curves](learning_curves.png)", ""]
     if _plot_tradeoff(rows, run_dir / "tradeoff.png"):
