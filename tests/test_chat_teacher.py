@@ -118,6 +118,7 @@ def test_a_generation_killed_midway_resumes_without_redoing_answers(tiny, tmp_pa
     folder = next((tmp_path / "ans").iterdir())
     done = [json.loads(line)["i"] for line in (folder / "answers.jsonl").read_text().splitlines()]
     assert len(done) == 8  # two batches of 4, each written as it finished
+    assert {0, 1, 2} <= set(done)  # the held-out prompts (rows marked test) are answered first
     with open(folder / "answers.jsonl", "a") as f:
         f.write('{"i": 99, "answer_ids": [1, 2')  # a torn line from a writer killed mid-write
     calls.clear()

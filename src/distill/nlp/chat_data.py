@@ -208,20 +208,20 @@ def answer_prompts(
     settings: dict[str, Any],
     batch_size: int = 16,
     progress: bool = True,
-    needed: list[int] | None = None,
+    needed: list[list[int]] | None = None,
     max_prompt_tokens: int | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Has `teacher` answer the prompts once (those already in `folder` are kept) and returns the
     answers by index: `{"i", "answer", "answer_ids", "prompt_ids", "finish": "eos" | "length"}`.
 
-    `needed`: the indices to answer, in order of priority (default: all); each group of
-    `batch_size` is answered shortest first within a window, so held-out prompts put first are
-    answered first. A prompt longer than `max_prompt_tokens` (rendered) is refused before any
-    answer is generated.
+    `needed`: groups of indices to answer, in order of priority (default: one group, all); a group
+    is answered before the next (held-out prompts first), shortest first within windows of 8
+    batches (less padding). A prompt longer than `max_prompt_tokens` (rendered) is refused before
+    any answer is generated.
 
     `settings`: `max_new_tokens`, `do_sample`, `temperature`, `top_p`, `seed` (sampling draws from
     a generator seeded by the seed and the batch's first index, so a resumed run draws the same).
-    Prompts are answered shortest first (less padding); answers are appended as each batch ends.
+    Answers are appended as each batch ends.
     """
     from distill.nlp.generation import generate_batch
 
@@ -229,20 +229,25 @@ def answer_prompts(
     folder.mkdir(parents=True, exist_ok=True)
     with _writer_lock(folder):
         done = read_answers(folder)
-        order = list(range(len(prompts))) if needed is None else list(dict.fromkeys(needed))
-        todo = [i for i in order if i not in done]
+        groups = [list(range(len(prompts)))] if needed is None else needed
+        seen: set[int] = set(done)
+        todo_groups = []
+        for g in groups:
+            todo_groups.append([i for i in dict.fromkeys(g) if i not in seen])
+            seen.update(g)
+        todo = [i for g in todo_groups for i in g]
         if not todo:
             return done
         ids = {i: prompt_ids(tok, prompts[i]) for i in todo}
         for i in todo:
             if max_prompt_tokens is not None and len(ids[i]) > max_prompt_tokens:
                 raise DistillError(too_long(i, len(ids[i]), max_prompt_tokens + 1))
-        # shortest first within windows of 8 batches: less padding, priorities kept
         window = batch_size * 8
         todo = [
             i
-            for w in range(0, len(todo), window)
-            for i in sorted(todo[w : w + window], key=lambda i: len(ids[i]))
+            for g in todo_groups
+            for w in range(0, len(g), window)
+            for i in sorted(g[w : w + window], key=lambda i: len(ids[i]))
         ]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
@@ -300,11 +305,11 @@ def build_answers(
     batch_size: int = 16,
     seed: int = 0,
     rows: list[dict[str, Any]] | None = None,
-    needed: list[int] | None = None,
+    needed: list[list[int]] | None = None,
     max_length: int | None = None,
 ) -> tuple[dict[int, dict[str, Any]], Any, Path]:
     """Loads the teacher and has it answer the prompts of `path` (or `rows` read from it; only
-    `needed`, in that order, when given), resuming; returns (answers by index, the teacher's
+    the groups `needed`, in that order, when given), resuming; returns (answers by index, the teacher's
     tokenizer, the answers folder)."""
     from distill.nlp.cache import model_fingerprint
     from distill.nlp.hf_models import cache_root, hf, load_tokenizer

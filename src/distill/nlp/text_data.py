@@ -647,7 +647,7 @@ def chat_prompts(
     needed = parts[2] + parts[1] + parts[0]
     done, tok, folder = build_answers(
         path, teacher, answers, prompt_column, split_column, max_new_tokens, do_sample, temperature,
-        top_p, generate_batch_size, seed, rows=rows, needed=needed, max_length=max_length,
+        top_p, generate_batch_size, seed, rows=rows, needed=[parts[2], parts[1], parts[0]], max_length=max_length,
     )  # fmt: skip
     if tokenizer is not None and not isinstance(tokenizer, dict):
         other = get_tokenizer(tokenizer)
