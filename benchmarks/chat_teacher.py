@@ -283,6 +283,35 @@ def paired(rows, a: str, b: str, key: str) -> dict | None:
     return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(d)}
 
 
+def table(results: dict) -> str:
+    """The results as a markdown table: mean (± std over seeds where there are several)."""
+    keys = (
+        "answer_ppl", "teacher_nll", "rouge_l", "eos_rate", "repeat_rate", "step_s", "train_s",
+        "gen_tokens_per_s_b1", "gen_tokens_per_s_b32", "params",
+    )  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["rows"]:
+        groups.setdefault((r["student"], r["method"], r["source"]), []).append(r)
+    lines = [
+        "| student | method | source | seeds | " + " | ".join(keys) + " |",
+        "|---" * (4 + len(keys)) + "|",
+    ]
+    for (student, method, source), rs in groups.items():
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in rs if isinstance(r.get(k), int | float)]
+            if not vals:
+                cells.append("")
+                continue
+            mean = statistics.fmean(vals)
+            cell = f"{mean:.4g}"
+            if len(vals) > 1:
+                cell += f" ± {statistics.stdev(vals):.2g}"
+            cells.append(cell)
+        lines.append(f"| {student} | {method} | {source} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", default=str(ROOT / "recipes" / "data" / "chat_prompts.jsonl"))
@@ -304,7 +333,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/chat_teacher")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chat_teacher.json"))
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     bench = Bench(args)
     methods = args.methods.split(",")
     # the paired comparison first (labels alone and the main KD way on every seed), then one seed

@@ -24,6 +24,7 @@ STANDIN_INDEXED = [
 CHAT_PROMPTS = [
     "data.init_args.max_train=4", "data.init_args.max_test=2", "data.init_args.val_fraction=0.0",
     "data.init_args.max_new_tokens=4", "data.init_args.answers=data/answers",
+    f"data.init_args.path={ROOT / 'recipes' / 'data' / 'chat_prompts.jsonl'}",
 ]  # fmt: skip
 
 

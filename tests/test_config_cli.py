@@ -32,7 +32,9 @@ def test_every_top_level_recipe_parses_and_builds(path, tmp_path):
     cfg = resolve_recipe(load_recipe(path))  # what an hf teacher implies (tokenizer, task)
     if cfg.data.name == "chat_prompts":  # the teacher answers a few prompts briefly, cached in tmp
         small = {"max_train": 4, "max_test": 2, "val_fraction": 0.0, "max_new_tokens": 4}
-        cfg.data.init_args.update(small, answers=str(tmp_path / "answers"))
+        cfg.data.init_args.update(
+            small, answers=str(tmp_path / "answers"), path=str(ROOT / cfg.data.init_args["path"])
+        )
     try:
         data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
         teachers = [build_model(t.spec(), data) for t in cfg.teachers or [cfg.teacher]]
