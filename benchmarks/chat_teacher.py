@@ -270,11 +270,12 @@ def measured_step_s(run: Path, batch_size: int) -> float | None:
     return statistics.median(steps) if steps else None
 
 
-def paired(rows, a: str, b: str, key: str) -> dict | None:
-    """Mean paired difference (b − a) over the seeds both have, with a 95% t interval."""
-    by = {(r["method"], r["source"], r["seed"]): r for r in rows}
-    seeds = sorted(s for (m, src, s) in by if m == a and src == "online" and (b, "online", s) in by)
-    d = [by[(b, "online", s)][key] - by[(a, "online", s)][key] for s in seeds]
+def paired(rows, student: str, a: str, b: str, key: str) -> dict | None:
+    """Mean paired difference (b − a) of `key` over the seeds both methods have for `student`
+    (online), with a 95% t interval when there are two seeds or more."""
+    by = {(r["method"], r["seed"]): r for r in rows if r["student"] == student and r["source"] == "online"}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    d = [by[(b, s)][key] - by[(a, s)][key] for s in seeds]
     if not d:
         return None
     mean = statistics.fmean(d)
@@ -283,6 +284,20 @@ def paired(rows, a: str, b: str, key: str) -> dict | None:
     t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(d), 2.0)
     half = t * statistics.stdev(d) / math.sqrt(len(d))
     return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(d)}
+
+
+def all_paired(rows) -> dict:
+    """Every trained way against labels alone, per student: `{"cut15 fkl - labels": {metric: ...}}`."""
+    out = {}
+    for student, method in dict.fromkeys((r["student"], r["method"]) for r in rows):
+        if method in ("teacher", "cut", "labels"):
+            continue
+        diffs = {
+            k: paired(rows, student, "labels", method, k) for k in ("answer_ppl", "teacher_nll", "rouge_l")
+        }
+        if any(diffs.values()):
+            out[f"{student} {method} - labels"] = diffs
+    return out
 
 
 def table(results: dict) -> str:
@@ -350,10 +365,7 @@ def main() -> None:
     for m, seed in order:
         bench.row("fkl", seed, "store") if m == "store" else bench.row(m, seed)
     rows = bench.results["rows"]
-    bench.results["main_kd"] = args.main
-    bench.results["paired"] = {
-        k: paired(rows, "labels", args.main, k) for k in ("answer_ppl", "teacher_nll", "rouge_l")
-    }
+    bench.results["paired"] = all_paired(rows)
     from distill.checkpoint import atomic_write_text
 
     atomic_write_text(bench.out, json.dumps(bench.results, indent=1))
