@@ -343,3 +343,20 @@ def test_packaged_teacher_loads_from_gguf_and_answers(smol):
     ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])])
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_cache_teacher_writes_a_store_for_a_pretrained_chat_teacher(tiny, tmp_path, capsys):
+    import yaml
+
+    from distill.cli import main
+
+    cfg = _chat_recipe(tiny, tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    code = main(
+        ["cache-teacher", str(path), "--topk", "8", "--batch-size", "4", "--out", str(tmp_path / "store")]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err  # no --teacher-checkpoint: the hf teacher's own weights
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["topk"] == 8 and manifest["seq_len"] > 0
