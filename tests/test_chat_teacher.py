@@ -296,11 +296,12 @@ def test_store_of_ragged_chat_items_serves_each_batch_its_width(tiny, tmp_path):
     model = hf(path=str(tiny / "llama"), task="causal_lm")
     teacher = Teacher(model)
     write_store(
-        teacher, data.train, tmp_path / "store", topk=8, batch_size=4, collate_fn=data.collate_fn, log=None
-    )
+        teacher, data.train, tmp_path / "store", topk=8, batch_size=1, collate_fn=data.collate_fn, log=None
+    )  # one item per batch: every batch its own width
     cached = CachedTeacher(tmp_path / "store", dataset=data.train, teacher=model)
     ds = cached.training_dataset(data.train)
-    batch = as_batch(data.collate_fn([ds[i] for i in (0, 3, 5)]))
+    short = min(range(len(ds)), key=lambda i: len(ds[i]["input_ids"]))
+    batch = as_batch(data.collate_fn([ds[short], ds[0], ds[3]]))
     got, want = cached(batch).logits, teacher(batch).logits
     assert got.shape == want.shape  # (B, this batch's width, V)
     keep = batch.inputs["attention_mask"].bool()
