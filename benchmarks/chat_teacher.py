@@ -322,7 +322,7 @@ def table(results: dict) -> str:
                 continue
             mean = statistics.fmean(vals)
             cell = f"{mean:.4g}"
-            if len(vals) > 1:
+            if len(vals) > 1 and k != "params":
                 cell += f" ± {statistics.stdev(vals):.2g}"
             cells.append(cell)
         lines.append(f"| {student} | {method} | {source} | {len(rs)} | " + " | ".join(cells) + " |")
@@ -345,6 +345,7 @@ def main() -> None:
     ap.add_argument("--onpolicy-tokens", type=int, default=32, help="new tokens the student generates")
     ap.add_argument("--topk", type=int, default=32, help="logits per token in the teacher store")
     ap.add_argument("--seeds", type=int, default=3, help="seeds for labels and the main KD way")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     ap.add_argument("--main", default="fkl", help="the KD way run on every seed beside labels alone")
     ap.add_argument("--methods", default="teacher,cut,labels,fkl,rkl,jsd,skew,onpolicy,store")
     ap.add_argument("--threads", type=int, default=2)
@@ -359,9 +360,10 @@ def main() -> None:
     methods = args.methods.split(",")
     # the paired comparison first (labels alone and the main KD way on every seed), then one seed
     # of every other way, so a stopped run still has the numbers that matter most
-    order = [(m, 0) for m in methods if m in ("teacher", "cut")]
-    order += [(m, s) for s in range(args.seeds) for m in ("labels", args.main) if m in methods]
-    order += [(m, 0) for m in methods if (m, 0) not in order]
+    first = args.first_seed
+    order = [(m, first) for m in methods if m in ("teacher", "cut")]
+    order += [(m, s) for s in range(first, first + args.seeds) for m in ("labels", args.main) if m in methods]
+    order += [(m, first) for m in methods if (m, first) not in order]
     for m, seed in order:
         bench.row("fkl", seed, "store") if m == "store" else bench.row(m, seed)
     rows = bench.results["rows"]
