@@ -143,6 +143,9 @@ class Bench:
             old_settings = {k: v for k, v in old.get("settings", {}).items() if k != "layers"}
             if old_settings == self.results["settings"]:  # rows of every student shape are kept
                 self.results["rows"] = old["rows"]
+                # every invocation that added rows, oldest first (`command` is the latest)
+                earlier = old.get("commands") or [old["command"]]
+                self.results["commands"] = [*earlier, self.results["command"]]
         cfg = resolve_recipe(parse_recipe(recipe(args, "labels", 0), source="chat_teacher"))
         t0 = time.perf_counter()
         self.data = build_data(cfg.data.name, cfg.data.class_path, cfg.data.init_args, seed=0)
