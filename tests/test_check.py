@@ -20,7 +20,17 @@ STANDIN_INDEXED = [
 ]
 
 
+# Recipes whose teacher answers prompts: a few prompts, short answers, cached under data/.
+CHAT_PROMPTS = [
+    "data.init_args.max_train=4", "data.init_args.max_test=2", "data.init_args.val_fraction=0.0",
+    "data.init_args.max_new_tokens=4", "data.init_args.answers=data/answers",
+    f"data.init_args.path={ROOT / 'recipes' / 'data' / 'chat_prompts.jsonl'}",
+]  # fmt: skip
+
+
 def _overrides(path: Path) -> list[str]:
+    if "name: chat_prompts" in path.read_text():
+        return CHAT_PROMPTS
     if path.name == "compress_cifar.yaml" or (
         path.parent.name == "cifar100" and not path.stem.endswith("_crd")
     ):

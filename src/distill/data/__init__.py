@@ -15,7 +15,15 @@ DATASETS.add_lazy("image_folder", "distill.data.sources.image_folder")
 DATASETS.add_lazy("table", "distill.data.sources.table")
 DATASETS.add_lazy("torchvision", "distill.data.sources.torchvision_dataset")
 # Tokenized text sets (they need a tokenizer: transformers, the [nlp] extra), imported on use.
-for _name in ("text_classification", "text", "chat", "prompt_response", "fortune_chat", "sequence_kd"):
+for _name in (
+    "text_classification",
+    "text",
+    "chat",
+    "prompt_response",
+    "fortune_chat",
+    "sequence_kd",
+    "chat_prompts",
+):
     DATASETS.add_lazy(_name, f"distill.nlp.text_data.{_name}")
 
 __all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

@@ -398,6 +398,11 @@ class Trainer:
         callbacks: objects with an optional `on_evaluate(trainer, metrics)` method, called after each
             evaluation (and its checkpoints) with the logged record; an exception raised there (e.g.
             `optuna.TrialPruned`) stops training and propagates out of `fit()`.
+        batch_hook: `(batch, epoch, i) -> batch`, applied to each training batch on the device
+            before teacher and student see it: a data source that depends on the model being
+            trained (on-policy distillation generates with the current student,
+            `distill.nlp.generation.OnPolicyHook`). It must depend on (epoch, i) only, not on
+            call order, so a resumed run makes the same batches.
     """
 
     def __init__(
@@ -421,9 +426,11 @@ class Trainer:
         resume: bool = False,
         callbacks: Sequence[Any] = (),
         overwrite: bool = False,
+        batch_hook: Callable[[Batch, int, int], Batch] | None = None,
         **overrides: Any,
     ):
         self.callbacks = list(callbacks) + list(_AMBIENT_CALLBACKS.get())
+        self.batch_hook = batch_hook
         cfg = config or TrainerConfig()
         if overrides:
             cfg = TrainerConfig.model_validate({**cfg.model_dump(), **overrides})
@@ -764,6 +771,8 @@ class Trainer:
             if self._flags:
                 self._host_label_check(batch)
             batch = batch.to(self.device, non_blocking=True)
+            if self.batch_hook is not None:
+                batch = self.batch_hook(batch, self.epoch, i)
             if self.mixer is not None:  # before both models: the teacher sees the mixed batch too
                 batch = self.mixer(batch, self.epoch, i)
             if cfg.channels_last and isinstance(batch.inputs, Tensor) and batch.inputs.dim() == 4:

@@ -197,3 +197,61 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if hasattr(model, attr) and not hasattr(model, "generate"):
             model = getattr(model, attr)
     return model
+
+
+class OnPolicyHook:
+    """On-policy distillation inside distill's Trainer (GKD, Agarwal et al. 2024): a `batch_hook`
+    that, for a fraction λ of the training batches, replaces each answer with one the *current*
+    student generates for the same prompt; the teacher then scores the student's own answer
+    through the recipe's token terms (`jsd`, `rkl`, `fkl`, ...). The other batches pass through
+    unchanged (the teacher's answers: supervised KD).
+
+    Which batches are generated is decided by a coin seeded with (seed, epoch, batch), and the
+    sampling by a generator seeded the same way, so a resumed run makes the same batches.
+
+    Args:
+        student: the model being trained (its current weights generate).
+        lam: the student-generated fraction λ in [0, 1].
+        pad_token_id / eos_token_id: of the shared tokenizer.
+        seed: the run's seed.
+        generate_kwargs: `max_new_tokens`, `do_sample`, `temperature`, `top_p`, `top_k`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        lam: float,
+        pad_token_id: int,
+        eos_token_id: int | None,
+        seed: int = 0,
+        **generate_kwargs,
+    ):
+        if not 0 <= lam <= 1:
+            raise DistillError(f"on_policy.lam must be in [0, 1], got {lam}")
+        self.student, self.lam, self.seed = student, lam, seed
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.generate_kwargs = generate_kwargs
+        self.counts = {"student": 0, "data": 0}
+        self._prompts = OnPolicyBatches([], student, pad_token_id, eos_token_id, lam=lam)
+
+    def __call__(self, batch, epoch: int, i: int):
+        from distill.outputs import Batch
+
+        if random.Random(f"{self.seed}:{epoch}:{i}").random() >= self.lam:
+            self.counts["data"] += 1
+            return batch
+        inputs = batch.inputs
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs or batch.targets is None:
+            raise DistillError(
+                "on_policy needs token batches with labels marking the prompt (-100): use chat or "
+                "chat_prompts data"
+            )
+        prompts = self._prompts.prompts_of({**inputs, "labels": batch.targets})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)) % (2**31))
+            made = generate_batch(
+                _unwrap(self.student), prompts, self.pad_token_id, self.eos_token_id, **self.generate_kwargs
+            )
+        self.counts["student"] += 1
+        labels = made.pop("labels")
+        return Batch(inputs=made, targets=labels)

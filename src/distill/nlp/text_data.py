@@ -619,3 +619,80 @@ def sequence_kd(
     import dataclasses
 
     return dataclasses.replace(inner, train=TokenDataset(rows), meta=meta)
+
+
+def chat_prompts(
+    path: str,
+    teacher: dict[str, Any] | str | None = None,
+    tokenizer: Any = None,
+    answers: str | None = None,
+    prompt_column: str = "prompt",
+    split_column: str | None = "split",
+    test_count: int | None = 200,
+    val_fraction: float = 0.05,
+    max_length: int = 256,
+    max_new_tokens: int = 96,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generate_batch_size: int = 16,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> DataBundle:
+    """Chat data from prompts (`distill.nlp.chat_data`): the teacher answers every prompt once with
+    its chat template (greedy unless `do_sample`; settings recorded), the answers are cached in
+    `answers/<fingerprint>/` (default: distill's cache) and reused, and every item is the rendered
+    prompt followed by the teacher's answer tokens, labelled on the answer only.
+
+    Args:
+        path: JSONL / CSV of prompts (column `prompt_column`) or `messages`; rows with
+            `split: test` are held out (else `test_count` rows, seeded).
+        teacher: the answering model, `{path: ..., gguf_file: ...}` (filled from the recipe's
+            `hf` teacher when left out).
+        tokenizer: must be the teacher's (the answers keep its token ids); default: the teacher's.
+        max_length: the longest item in tokens (prompt + answer); a prompt that does not leave
+            room for an answer is refused. Keep it within the student's context.
+        max_new_tokens / do_sample / temperature / top_p: the teacher's generation settings.
+        generate_batch_size: prompts answered per `generate` call.
+    """
+    from distill.nlp.chat_data import build_answers, read_prompts, split_prompts, too_long
+
+    if teacher is None:
+        raise ConfigError(
+            "chat_prompts: no teacher to answer the prompts; give data.init_args.teacher {path, gguf_file} "
+            "or use an hf teacher with a path"
+        )
+    rows = read_prompts(path, prompt_column, split_column)
+    train, val, test = split_prompts(rows, test_count, val_fraction, seed)
+    parts = (_cap(train, max_train), _cap(val, max_val), _cap(test, max_test))
+    # held-out prompts first: a shortened budget still evaluates on the same answers
+    needed = parts[2] + parts[1] + parts[0]
+    done, tok, folder = build_answers(
+        path, teacher, answers, prompt_column, split_column, max_new_tokens, do_sample, temperature,
+        top_p, generate_batch_size, seed, rows=rows, needed=[parts[2], parts[1], parts[0]], max_length=max_length,
+    )  # fmt: skip
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        other = get_tokenizer(tokenizer)
+        if other.get_vocab() != tok.get_vocab():
+            raise DistillError(
+                "chat_prompts: the data's tokenizer is not the teacher's; the answers keep the teacher's "
+                "token ids, so leave data.init_args.tokenizer out"
+            )
+    items: list[dict[str, Any]] = [{} for _ in rows]
+    for i in needed:
+        a = done[i]
+        p = a["prompt_ids"]
+        if len(p) >= max_length:  # answered earlier under a larger max_length
+            raise DistillError(f"{path} {too_long(i, len(p), max_length)}")
+        ans = a["answer_ids"][: max_length - len(p)]
+        items[i] = {"input_ids": p + ans, "labels": [-100] * len(p) + ans}
+    finish = [done[i]["finish"] for i in needed]
+    meta = {
+        "source": str(path),
+        "answers": str(folder),
+        "eos_rate_teacher": sum(f == "eos" for f in finish) / len(finish),
+        "max_length": max_length,
+    }
+    return _bundle(items, parts, tok, meta=meta)

@@ -131,6 +131,19 @@ class ReportConfig(Strict):
     latency_repeats: int = Field(50, gt=0)
 
 
+class OnPolicyConfig(Strict):
+    """On-policy distillation (GKD): for a fraction `lam` of the distilled student's training
+    batches, the current student answers the batch's prompts and the teacher scores those answers
+    through the objective's token terms (`distill.nlp.generation.OnPolicyHook`). 0: off."""
+
+    lam: float = Field(0.0, ge=0, le=1, description="share of batches the student generates")
+    max_new_tokens: int = Field(64, gt=0)
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+
 def _digits_teacher() -> TeacherConfig:
     return TeacherConfig(
         name="cnn",
@@ -184,6 +197,9 @@ class RecipeConfig(Strict):
         "settings, mixing included) and scratch_unmixed (labels only, without trainer.mix)",
     )
     report: ReportConfig = Field(default_factory=ReportConfig)
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig, description="GKD: the student generates a share of the batches"
+    )
     # paths made absolute by `parse_recipe`, as the recipe wrote them (dotted key -> text)
     _written_paths: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -191,6 +207,15 @@ class RecipeConfig(Strict):
     @classmethod
     def _a_name(cls, v: str) -> str:
         return run_name(v)
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_live_teacher(self):
+        if self.on_policy.lam > 0 and self.teacher.cache:
+            raise ValueError(
+                "on_policy with teacher.cache: the store holds the teacher's outputs on its own answers, "
+                "not on the student's; drop teacher.cache (the teacher must score new answers online)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_teacher_section(self):

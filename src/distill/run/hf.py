@@ -20,6 +20,8 @@ from distill.outputs import as_batch
 from distill.registry import EVALUATORS
 
 TEXT_DATA = ("text_classification", "text", "chat", "prompt_response")
+# Data a teacher makes (it answers prompts): the recipe's hf teacher is filled in as the answerer.
+ANSWERED_DATA = ("chat_prompts",)
 # Chat measures on held-out prompts (generation): a recipe asks for it by name.
 EVALUATORS.add_lazy("chat", "distill.run.chat.ChatEvaluator")
 # The evaluator each task gets when the recipe names none.
@@ -56,7 +58,10 @@ def resolve_recipe(cfg):
     if task is not None:
         t_args = cfg.teacher.init_args
         if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):
-            cfg.data.init_args["tokenizer"] = t_args["path"]
+            path, gguf = str(t_args["path"]), t_args.get("gguf_file")
+            cfg.data.init_args["tokenizer"] = f"{path.rstrip('/')}/{gguf}" if gguf else path
+        if cfg.data.name in ANSWERED_DATA and "teacher" not in cfg.data.init_args and t_args.get("path"):
+            cfg.data.init_args["teacher"] = {k: t_args[k] for k in ("path", "gguf_file") if t_args.get(k)}
         if cfg.student.name == "hf":
             cfg.student.init_args.setdefault("task", task)
         if cfg.evaluator is None and task in TASK_EVALUATORS:

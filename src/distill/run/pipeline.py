@@ -93,6 +93,7 @@ def train_stage(
     out: Path,
     teacher: Any = None,
     adapter: Any = None,
+    batch_hook: Any = None,
 ) -> nn.Module:
     final = out / "checkpoints" / stage / "final.safetensors"
     if final.exists():  # finished in an earlier, interrupted invocation
@@ -121,6 +122,7 @@ def train_stage(
         resume=True,
         student_adapter=adapter or auto_adapter,
         evaluator=build_evaluator(_spec(cfg.evaluator)),
+        batch_hook=batch_hook,
     )
     trainer.fit()
     weights = trainer.student_state_dict()  # gathered in full on rank 0 under FSDP2
@@ -132,6 +134,26 @@ def train_stage(
             blank.load_state_dict(weights)
         return blank  # a plain module, for measurement on rank 0
     return model
+
+
+def on_policy_hook(cfg: RecipeConfig, student: nn.Module, data: DataBundle):
+    """The GKD batch hook of `on_policy` (None when `lam` is 0): the student generates a share of
+    the distilled student's batches; the teacher scores them through the token terms."""
+    op = cfg.on_policy
+    if op.lam == 0:
+        return None
+    tok = data.tokenizer
+    if tok is None or not hasattr(student, "generate"):
+        raise ConfigError(
+            "on_policy: the student must be a causal language model (hf, task causal_lm) on token data "
+            "with a tokenizer (chat or chat_prompts); set on_policy.lam: 0"
+        )
+    from distill.nlp.generation import OnPolicyHook
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+    gen = op.model_dump(exclude={"lam"})
+    return OnPolicyHook(student, op.lam, pad, eos, seed=cfg.seed, **gen)
 
 
 def measure(
@@ -543,8 +565,9 @@ def run_recipe(
                 trainer_cfg = trainer_cfg.model_copy(update={"mix": MixConfig()})
             elif stage == "student_kd":
                 trainer_cfg = kd_trainer
+            hook = on_policy_hook(cfg, student, data) if stage == "student_kd" else None
             students[stage] = train_stage(
-                stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter
+                stage, student, objective, stage_data, cfg, trainer_cfg, out, t, student_adapter, hook
             )
 
         if not dist.is_main():  # under torchrun only rank 0 measures and writes the summary

@@ -389,6 +389,20 @@ def _encode(out: Outputs, topk: int | None, taps: Sequence[str], dtype: np.dtype
     return arrays
 
 
+def _ragged_tokens(dataset: Any) -> int | None:
+    """For token data whose items differ in length (chat answers), the longest item: the store
+    keeps every sample's outputs padded to that length and serves each batch its own width. None
+    for anything else (fixed-size inputs, packed blocks)."""
+    try:
+        first = dataset[0]
+    except Exception:  # noqa: BLE001 - a dataset that cannot say is not token data
+        return None
+    if not isinstance(first, dict) or "input_ids" not in first:
+        return None
+    lengths = {len(dataset[i]["input_ids"]) for i in range(len(dataset))}
+    return max(lengths) if len(lengths) > 1 else None
+
+
 @_holding_store_lock
 def write_store(
     teacher: Teacher | nn.Module,
@@ -473,6 +487,7 @@ def write_store(
         fp.update(augment_copies=augment_copies, augment_seed=augment_seed)
     rows = len(source)
     n_shards = math.ceil(rows / shard_size)
+    seq_len = _ragged_tokens(dataset)
 
     done_manifest = _read_manifest(path) if path.exists() else None
     if done_manifest is not None and not overwrite:
@@ -527,6 +542,7 @@ def write_store(
             "fields": {},
             "shards_done": [],
             "complete": False,
+            "seq_len": seq_len,
         }
         atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
 
@@ -557,6 +573,8 @@ def write_store(
                 manifest["classes"] = classes
                 manifest["topk"] = _resolve_topk(topk, classes)
             for k, v in _encode(out, manifest["topk"], taps, np_dtype).items():
+                if seq_len is not None:  # token outputs (B, T, ...) padded to one length T
+                    v = np.pad(v, [(0, 0), (0, seq_len - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
                 chunks.setdefault(k, []).append(v)
         for k, parts in chunks.items():
             arr = np.concatenate(parts)
@@ -836,8 +854,15 @@ class CachedTeacher:
                 f"teacher store ({self.rows} entries): the store was written for another dataset"
             )
 
+        width = None
+        if self.manifest.get("seq_len") and isinstance(batch.inputs, dict) and "input_ids" in batch.inputs:
+            width = batch.inputs["input_ids"].shape[1]  # stored padded to seq_len: this batch's columns
+
         def get(field: str) -> Tensor:
-            return torch.from_numpy(self._gather(field, idx)).to(device, non_blocking=True)
+            arr = self._gather(field, idx)
+            if width is not None:
+                arr = arr[:, :width]
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(device, non_blocking=True)
 
         if self.topk is None:
             logits = get("logits").float()
