@@ -148,7 +148,7 @@ def test_eval_scores_every_seed_of_a_multi_seed_run(tmp_path, capsys):
 # --------------------------------------------------------------------------- bug 8: Debian extras
 
 
-def test_recipe_tests_skip_without_espeak_ng_naming_the_install(monkeypatch):
+def test_recipe_tests_skip_without_espeak_ng_naming_the_install(monkeypatch, tmp_path):
     """On a fresh machine without espeak-ng the README's test command raised instead of skipping."""
     import shutil
 
@@ -160,14 +160,14 @@ def test_recipe_tests_skip_without_espeak_ng_naming_the_install(monkeypatch):
     )
     root = Path(__file__).resolve().parents[1]
     with pytest.raises(pytest.skip.Exception, match="apt-get install espeak-ng"):
-        test_every_top_level_recipe_parses_and_builds(root / "recipes" / "speech_digits.yaml")
+        test_every_top_level_recipe_parses_and_builds(root / "recipes" / "speech_digits.yaml", tmp_path)
 
 
 TEXT_RECIPES = ["fortune_topics.yaml", "lm_fortunes.yaml", "minilm_embeddings.yaml", "fortune_chat.yaml"]
 
 
 @pytest.mark.parametrize("recipe", TEXT_RECIPES)
-def test_text_recipes_build_without_debian_packages(recipe, monkeypatch):
+def test_text_recipes_build_without_debian_packages(recipe, monkeypatch, tmp_path):
     """issue 28.1: on a fresh machine (no Debian fortunes) the text recipes failed to build their
     data, and the README's test command ended in failures; their text now ships with distill."""
     from helpers import hide_debian_packages
@@ -176,7 +176,7 @@ def test_text_recipes_build_without_debian_packages(recipe, monkeypatch):
     hide_debian_packages(monkeypatch)
     assert not Path("/usr/share/games/fortunes").is_dir()
     root = Path(__file__).resolve().parents[1]
-    test_every_top_level_recipe_parses_and_builds(root / "recipes" / recipe)
+    test_every_top_level_recipe_parses_and_builds(root / "recipes" / recipe, tmp_path)
 
 
 def test_nothing_reads_the_debian_fortunes_folder():

@@ -1,8 +1,8 @@
 """Builds recipes/data/chat_prompts.jsonl: chat prompts made offline from material installed here.
 
 Sources (each optional; the script says what it found):
-  - Debian's fortunes (apt-get install -y fortunes): the riddles' questions ("Q:" lines) and the
-    definitions' terms ("What is <term>?");
+  - the fortunes corpus shipped with distill (`bundled:fortunes`, Debian's fortunes package
+    verbatim): the riddles' questions ("Q:" lines) and the definitions' terms ("What is <term>?");
   - manual-page one-line summaries (`whatis -w '*'`, man-db): "What does the <name> command do?"
     for sections 1 and 8, "What is the C function <name> for?" for sections 2 and 3, "What is the
     <name> file used for?" for section 5.
@@ -22,7 +22,7 @@ import re
 import subprocess
 from pathlib import Path
 
-FORTUNES = Path("/usr/share/games/fortunes")
+from distill.data.text import FORTUNES_DIR as FORTUNES
 
 
 def _passages(path: Path) -> list[str]:
