@@ -279,3 +279,32 @@ def test_minus_inf_logits_give_finite_gradients(kind, side):
     assert torch.allclose(x.grad.double(), y.grad, atol=1e-5)
     if side != "teacher":
         assert (x.grad[..., keep:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"])
+def test_a_teacher_padded_past_the_shared_tokenizer_is_cut_to_it(name):
+    """Issue 24 (more of the kind): a teacher whose embedding matrix is padded past the shared
+    tokenizer (Qwen2.5-7B 152,064 columns vs 0.5B 151,936) was refused by every token term; with
+    `vocab_size` the padding columns are dropped on both sides, and the loss is the one on the
+    tokenizer's columns, whatever the padding holds."""
+    from distill.errors import DistillError
+    from distill.outputs import Batch, Outputs
+    from distill.registry import LOSSES
+
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 10, requires_grad=True)  # the student: exactly the tokenizer's 10 ids
+    t = torch.randn(2, 5, 10)
+    padded = torch.cat([t, torch.full((2, 5, 6), 30.0)], dim=-1)  # 6 padding columns, large logits
+    batch = Batch(
+        inputs={"input_ids": torch.zeros(2, 5, dtype=torch.long)}, targets=torch.ones(2, 5, dtype=torch.long)
+    )
+    term = LOSSES.get(name)(vocab_size=10)
+    got = term(Outputs(logits=s), Outputs(logits=padded), batch)
+    want = LOSSES.get(name)()(Outputs(logits=s), Outputs(logits=t), batch)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.isfinite(s.grad).all()
+    with pytest.raises(DistillError, match="vocab_size: len\\(tokenizer\\)"):
+        LOSSES.get(name)()(Outputs(logits=s), Outputs(logits=padded), batch)
+    with pytest.raises(DistillError, match="only 10 columns"):
+        LOSSES.get(name)(vocab_size=12)(Outputs(logits=s), Outputs(logits=padded), batch)

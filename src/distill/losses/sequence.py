@@ -242,7 +242,9 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
             raise DistillError(
                 f"teacher vocabulary has {teacher_logits.shape[-1]} entries but the student's has "
                 f"{student_logits.shape[-1]}: token-level KD needs one shared tokenizer "
-                "(check with distill.nlp.check_same_vocab); for two tokenizers use the aligned_kd or uld term"
+                "(check with distill.nlp.check_same_vocab); when both share one and a model pads its "
+                "embedding matrix past it (Qwen, Phi, Pythia), set the term's vocab_size: len(tokenizer); "
+                "for two tokenizers use the aligned_kd or uld term"
             )
         raise DistillError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -478,6 +480,9 @@ class TokenDivergence(LossTerm):
         shift_labels: True for causal LMs (logits at t predict token t+1), False when the
             logits are aligned with the labels (token classification, masked LMs).
         ignore_index: the label value marking tokens that do not count.
+        vocab_size: the shared tokenizer's length, when a model's logits are wider (its embedding
+            matrix padded past the tokenizer, as Qwen, Phi and Pythia do): the columns past it carry
+            no token and are dropped on both sides before the softmax. None: the widths must match.
     """
 
     kind = "fkl"
@@ -488,6 +493,7 @@ class TokenDivergence(LossTerm):
         chunk_size: int | None = DEFAULT_CHUNK,
         shift_labels: bool = True,
         ignore_index: int = -100,
+        vocab_size: int | None = None,
     ):
         super().__init__()
         check_positive(f"{self.kind}.temperature", temperature)
@@ -497,6 +503,9 @@ class TokenDivergence(LossTerm):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+        if vocab_size is not None and int(vocab_size) < 1:
+            raise DistillError(f"{self.kind}.vocab_size must be >= 1 (or null), got {vocab_size}")
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
 
     def _params(self) -> dict:
         return {}
@@ -515,9 +524,18 @@ class TokenDivergence(LossTerm):
                 weights=weights,
                 chunk_size=self.chunk_size,
             )
+        t = teacher.require_logits("teacher")
+        if self.vocab_size is not None:
+            for who, x in (("student", s), ("teacher", t)):
+                if x.shape[-1] < self.vocab_size:
+                    raise DistillError(
+                        f"{self.kind}.vocab_size is {self.vocab_size} but the {who}'s logits have only "
+                        f"{x.shape[-1]} columns; set it to the tokenizer's length"
+                    )
+            s, t = s[..., : self.vocab_size], t[..., : self.vocab_size]  # padding columns: no token
         return token_divergence(
             s,
-            teacher.require_logits("teacher"),
+            t,
             self.kind,
             mask,
             temperature=self.temperature,
