@@ -30,6 +30,12 @@ def skip_without_system_package(fn, *args, **kwargs):
 
 
 DEBIAN_FORTUNES = "/usr/share/games/fortunes"
+HIDDEN_PACKAGES = ("espeak-ng", "fortunes")  # what hide_debian_packages hides
+
+
+def debian_hidden() -> set[str]:
+    """The Debian packages this test session pretends are absent (DISTILL_TEST_HIDE_DEBIAN=1)."""
+    return set(HIDDEN_PACKAGES) if os.environ.get("DISTILL_TEST_HIDE_DEBIAN") == "1" else set()
 
 
 def hide_debian_packages(monkeypatch) -> None:
