@@ -17,22 +17,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from distill.data.text import fortune_passages
+
 OUT = Path(__file__).resolve().parents[1] / "src" / "distill" / "data" / "fortunes"
 MIN_CHARS, MAX_CHARS = 20, 400  # the widest range any recipe or builder default reads
 WHOLE = ("riddles", "definitions")  # fortune_dialogues reads their Q:/A: lines, whatever the length
-
-
-def passages(raw: str) -> list[str]:
-    """The `%`-separated passages of one fortune file, as written (no stripping)."""
-    parts, cur = [], []
-    for line in raw.splitlines():
-        if line.strip() == "%":
-            parts.append("\n".join(cur))
-            cur = []
-        else:
-            cur.append(line)
-    parts.append("\n".join(cur))
-    return parts
 
 
 def package_version() -> str:
@@ -64,7 +53,7 @@ def main() -> None:
         raw = p.read_text(encoding="utf-8", errors="replace")
         keep = [
             t
-            for t in passages(raw)
+            for t in fortune_passages(raw)
             if MIN_CHARS <= len(" ".join(t.split())) <= MAX_CHARS or (p.name in WHOLE and t.strip())
         ]
         if keep:  # every passage ends with a `%` line, so even a one-passage file reads as fortunes

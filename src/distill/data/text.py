@@ -136,18 +136,23 @@ def _is_text_file(p: Path) -> bool:
     return p.suffix.lower() in ("", ".txt", ".jsonl", ".json", ".csv", ".tsv")
 
 
+def fortune_passages(raw: str) -> list[str]:
+    """The `%`-separated passages of a fortune(6) file, as written (no stripping)."""
+    parts, cur = [], []
+    for line in raw.splitlines():
+        if line.strip() == "%":
+            parts.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    parts.append("\n".join(cur))
+    return parts
+
+
 def _split_plain(raw: str) -> list[str]:
     lines = raw.splitlines()
     if any(line.strip() == "%" for line in lines):  # fortune(6) format
-        parts, cur = [], []
-        for line in lines:
-            if line.strip() == "%":
-                parts.append("\n".join(cur))
-                cur = []
-            else:
-                cur.append(line)
-        parts.append("\n".join(cur))
-        return parts
+        return fortune_passages(raw)
     if any(not line.strip() for line in lines):  # paragraphs
         return [p for p in raw.split("\n\n")]
     return lines
