@@ -23,11 +23,12 @@ import subprocess
 from pathlib import Path
 
 from distill.data.text import FORTUNES_DIR as FORTUNES
+from distill.data.text import fortune_passages
 
 
 def _passages(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8", errors="replace")
-    return [p.strip() for p in re.split(r"^%\s*$", text, flags=re.M) if p.strip()]
+    return [p.strip() for p in fortune_passages(text) if p.strip()]
 
 
 def fortune_prompts() -> list[tuple[str, str]]:
