@@ -115,6 +115,7 @@ def settings_key(args) -> dict:
         "lr",
         "lam",
         "topk",
+        "fill",
     )
     return {k: getattr(args, k) for k in keep}
 
@@ -255,7 +256,11 @@ class Bench:
             )  # fmt: skip
             self.results["store_write_s"] = round(time.perf_counter() - t0, 1)
         cached = CachedTeacher(
-            path, dataset=self.data.train, teacher=self.teacher_model, fallback=self.teacher
+            path,
+            dataset=self.data.train,
+            teacher=self.teacher_model,
+            fallback=self.teacher,
+            fill=self.args.fill,
         )
         return cached, dataclasses.replace(self.data, train=cached.training_dataset(self.data.train))
 
@@ -347,6 +352,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.5, help="on-policy share of batches")
     ap.add_argument("--onpolicy-tokens", type=int, default=32, help="new tokens the student generates")
     ap.add_argument("--topk", type=int, default=32, help="logits per token in the teacher store")
+    ap.add_argument(
+        "--fill", default="bucket", help="teacher.cache_fill of the store row (bucket: top-k + tail mass)"
+    )
     ap.add_argument("--seeds", type=int, default=3, help="seeds for labels and the main KD way")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     ap.add_argument("--main", default="fkl", help="the KD way run on every seed beside labels alone")

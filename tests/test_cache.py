@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from distill.data.indexed import IndexedDataset
 from distill.errors import DistillError
 from distill.losses.logits import kd_loss
-from distill.outputs import as_batch
+from distill.outputs import Outputs, as_batch
 from distill.teachers import Teacher
 from distill.teachers.store import AugmentedCopies, CachedTeacher, reconstruct_logits, store_info, write_store
 
@@ -370,3 +370,28 @@ def test_cache_teacher_applies_the_adapter_and_calibration_and_fingerprints_them
     with pytest.raises(DistillError, match="teacher adapter"):
         CachedTeacher(store, outputs=outputs_fingerprint(None, t))
     CachedTeacher(store, outputs=outputs_fingerprint(spec, t))  # the recipe's own: accepted
+
+
+def test_bucket_fill_serves_the_top_k_and_lse_for_the_fkl_tail_bucket(tmp_path):
+    from distill.losses import LOSSES
+
+    ds = _data()
+    model = Net(c=5)
+    write_store(model, ds, tmp_path / "s", topk=2, dtype="float32", log=None)
+    b = _batches(ds)[0]
+    live = Teacher(model)(b).logits
+    out = CachedTeacher(tmp_path / "s", dataset=ds, teacher=model, fill="bucket")(b)
+    assert out.logits is None
+    torch.testing.assert_close(out.extras["lse"], torch.logsumexp(live, -1), atol=1e-4, rtol=1e-4)
+    top = live.topk(2, -1)
+    torch.testing.assert_close(out.extras["topk_values"], top.values, atol=1e-4, rtol=1e-4)
+    s = torch.randn_like(live)
+    got = LOSSES.build("fkl", init_args={"shift_labels": False})(Outputs(logits=s), out, b)
+    p = torch.softmax(live.double(), -1).gather(-1, top.indices)
+    q = torch.softmax(s.double(), -1).gather(-1, top.indices)
+    p3, q3 = (torch.cat([x, 1 - x.sum(-1, keepdim=True)], -1) for x in (p, q))
+    torch.testing.assert_close(
+        got.double(), (p3 * (p3.log() - q3.log())).sum(-1).mean(), atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(DistillError, match="bucket"):
+        CachedTeacher(tmp_path / "s", dataset=ds, teacher=model, fill="spread")

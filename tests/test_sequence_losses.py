@@ -308,3 +308,43 @@ def test_a_teacher_padded_past_the_shared_tokenizer_is_cut_to_it(name):
         LOSSES.get(name)()(Outputs(logits=s), Outputs(logits=padded), batch)
     with pytest.raises(DistillError, match="only 10 columns"):
         LOSSES.get(name)(vocab_size=12)(Outputs(logits=s), Outputs(logits=padded), batch)
+
+
+def test_topk_with_lse_is_the_kl_over_the_top_k_and_one_tail_bucket():
+    s, t, mask = _data(seed=10)
+    vals, idx = t.topk(4, dim=-1)
+    lse = torch.logsumexp(t, -1)
+    x = s.clone().requires_grad_(True)
+    got = seq.topk_forward_kl(x, vals.half().float(), idx.int(), mask, chunk_size=5, lse=lse)
+    got.backward()
+    # Reference in float64: both distributions collapsed to (top-4 tokens, everything else).
+    y = s.double().clone().requires_grad_(True)
+    p = torch.softmax(t.double(), -1).gather(-1, idx)
+    q = torch.softmax(y, -1).gather(-1, idx)
+    p5 = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+    q5 = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    per = (p5 * (p5.log() - q5.log())).sum(-1)
+    want = (per * mask).sum() / mask.sum()
+    want.backward()
+    assert torch.allclose(got.double(), want, atol=2e-3)  # the teacher's values pass through fp16
+    assert torch.allclose(x.grad.double(), y.grad, atol=1e-4)
+    # with k = V the bucket is empty and this is the dense forward KL
+    vals, idx = t.topk(t.shape[-1], dim=-1)
+    assert torch.allclose(
+        seq.topk_forward_kl(s, vals, idx, mask, lse=lse), seq.forward_kl(s, t, mask), atol=1e-5
+    )
+    with pytest.raises(DistillError, match="temperature 1"):
+        seq.topk_forward_kl(s, vals, idx, mask, lse=lse, temperature=2.0)
+
+
+def test_fkl_term_passes_the_stored_lse_as_the_tail_bucket():
+    s, t, _ = _data(b=2, t=5, seed=11)
+    vals, idx = t.topk(3, -1)
+    lse = torch.logsumexp(t, -1)
+    batch = Batch(inputs=torch.zeros(2, 5, dtype=torch.long))
+    bucket = Outputs(logits=None, extras={"topk_values": vals, "topk_indices": idx, "lse": lse})
+    renorm = Outputs(logits=None, extras={"topk_values": vals, "topk_indices": idx})
+    got = LOSSES.build("fkl")(Outputs(logits=s), bucket, batch)
+    want = seq.topk_forward_kl(s, vals, idx, seq.token_mask(batch, s), lse=lse)
+    assert torch.allclose(got, want)
+    assert not torch.allclose(got, LOSSES.build("fkl")(Outputs(logits=s), renorm, batch))

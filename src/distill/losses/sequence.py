@@ -99,14 +99,28 @@ def _log_mix(log_a: Tensor, log_b: Tensor, alpha: float) -> Tensor:
     return torch.logaddexp(log_a.clamp_min(low) + math.log(alpha), log_b + math.log1p(-alpha))
 
 
-def _topk_fkl(s: Tensor, values: Tensor, indices: Tensor, temperature: float) -> Tensor:
-    """Forward KL against a teacher known only on its top-k tokens, renormalised over them.
+def _topk_fkl(
+    s: Tensor, values: Tensor, indices: Tensor, temperature: float, lse: Tensor | None = None
+) -> Tensor:
+    """Forward KL against a teacher known only on its top-k tokens.
 
     s: (c, V) student logits; values: (c, k) teacher logits; indices: (c, k) token ids.
+    Without `lse` the teacher is renormalised over its k tokens (the mass outside them dropped).
+    With `lse` (c,), the log-sum-exp of the teacher's full logits, the teacher's k probabilities
+    are exact and the mass they leave is one bucket, compared with the student's mass outside the
+    same k tokens: KL over k + 1 outcomes, which asks nothing of how either side spreads its tail.
     """
     log_q = F.log_softmax(s / temperature, dim=-1).gather(-1, indices)  # (c, k)
-    log_p = F.log_softmax(values / temperature, dim=-1)  # (c, k), mass outside top-k dropped
-    return kl_rows(log_p, log_q)
+    if lse is None:
+        log_p = F.log_softmax(values / temperature, dim=-1)  # (c, k), mass outside top-k dropped
+        return kl_rows(log_p, log_q)
+    log_p = (values - lse[:, None]).clamp_max(0.0)  # T = 1: the caller refuses any other
+    kept = kl_rows(log_p, log_q)
+    # log(1 - sum exp(x)) for both sides; the teacher's tail may round to 0 (then it adds nothing)
+    p_tail = -torch.expm1(torch.logsumexp(log_p, -1).clamp_max(0.0))
+    log_q_tail = torch.log(-torch.expm1(torch.logsumexp(log_q, -1).clamp_max(-1e-7)))
+    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-30)) - log_q_tail), 0.0)
+    return kept + tail
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,12 +320,16 @@ def topk_forward_kl(
     weights: Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK,
     reduction: str = "mean",
+    lse: Tensor | None = None,
 ) -> Tensor:
     """Forward KL against sparse teacher logits (top-k values + token ids, as a teacher store keeps).
 
-    The teacher's distribution is renormalised over its k kept tokens (the mass outside them is
-    dropped), so the value equals the dense forward KL only when the dropped mass is ~0; with
-    k = V and all ids it is exact.
+    Without `lse` the teacher's distribution is renormalised over its k kept tokens (the mass
+    outside them is dropped), so the value equals the dense forward KL only when the dropped mass
+    is ~0; with k = V and all ids it is exact. With `lse` ((B, T) or (N,): the log-sum-exp of the
+    teacher's full logits, which a store keeps) the mass outside the k tokens is a tail bucket
+    matched by the student's own mass outside them (`cache_fill: bucket`); temperature 1 only,
+    since the log-sum-exp at another temperature is not known.
 
     Args:
         student_logits: (B, T, V) or (N, V).
@@ -331,13 +349,27 @@ def topk_forward_kl(
             f"top-k teacher token ids reach {int(topk_indices.max())} but the student vocabulary has {v} "
             "entries: the store was written by a teacher with another tokenizer"
         )
+    if lse is not None:
+        if temperature != 1:
+            raise DistillError(
+                f"the teacher's tail bucket needs temperature 1 (the store kept the log-sum-exp at "
+                f"T = 1), got {temperature}; set the term's temperature to 1 or use cache_fill: tail"
+            )
+        if tuple(lse.shape) != tuple(topk_values.shape[:-1]):
+            raise DistillError(
+                f"teacher log-sum-exp {tuple(lse.shape)} must have the top-k values' leading dims "
+                f"{tuple(topk_values.shape[:-1])}"
+            )
+        lse = lse.detach().reshape(-1)
     s2d = student_logits.reshape(-1, v)
     vals = topk_values.detach().reshape(-1, topk_values.shape[-1])
     idx = topk_indices.reshape(-1, topk_indices.shape[-1]).long()  # gather needs int64
     w, m = _token_weights(student_logits, mask, weights)
 
     def per_token(s_c: Tensor, a: int, b: int) -> Tensor:
-        return _topk_fkl(s_c, vals[a:b].float(), idx[a:b], temperature)
+        return _topk_fkl(
+            s_c, vals[a:b].float(), idx[a:b], temperature, None if lse is None else lse[a:b].float()
+        )
 
     return _reduce_chunked(s2d, w, m, per_token, chunk_size, reduction)
 
@@ -515,6 +547,8 @@ class TokenDivergence(LossTerm):
         mask = token_mask(batch, s, self.shift_labels, self.ignore_index)
         weights = batch.weights
         if teacher is not None and teacher.logits is None and self._sparse_ok(teacher):
+            if self.vocab_size is not None:
+                s = s[..., : self.vocab_size]  # padding columns: no token, no share of the student's tail
             return topk_forward_kl(
                 s,
                 teacher.extras["topk_values"],
@@ -523,6 +557,7 @@ class TokenDivergence(LossTerm):
                 temperature=self.temperature,
                 weights=weights,
                 chunk_size=self.chunk_size,
+                lse=teacher.extras.get("lse"),
             )
         t = teacher.require_logits("teacher")
         if self.vocab_size is not None:

@@ -79,7 +79,7 @@ class TeacherConfig(ModelConfig):
     cache: str | None = Field(
         None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
     )
-    cache_fill: Literal["tail", "min", "renorm"] = "tail"
+    cache_fill: Literal["tail", "min", "renorm", "bucket"] = "tail"
     use: Literal["last", "best"] | int = Field(
         "last",
         description="which weights of a trained teacher teach: last, best (validation) or an epoch number",

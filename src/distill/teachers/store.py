@@ -647,6 +647,9 @@ def store_info(path: str | Path, manifest: dict[str, Any] | None = None) -> Stor
 # --------------------------------------------------------------------------- reading
 
 
+FILLS = ("tail", "min", "renorm", "bucket")
+
+
 def reconstruct_logits(
     values: Tensor, indices: Tensor, classes: int, lse: Tensor | None = None, fill: str = "tail"
 ) -> Tensor:
@@ -746,7 +749,9 @@ class CachedTeacher:
         teacher: the teacher model (or `Teacher`) the run would use; its weights must match.
         fallback: a `Teacher` for batches without sample indices (validation, test), which the
             store does not cover. Without one such batches are an error.
-        fill: how top-k stores fill the missing logits (see `reconstruct_logits`).
+        fill: how top-k stores fill the missing logits (see `reconstruct_logits`), or "bucket":
+            no dense logits, the top-k, their ids and the log-sum-exp served as they are, for the
+            `fkl` term's top-k + tail-bucket KL (`topk_forward_kl` with `lse`).
         outputs: how the run's teacher makes its outputs (`outputs_fingerprint`: adapter and
             calibration); they must match the store's. None: not checked.
         device: where served tensors go (default: the device of each batch's index).
@@ -768,8 +773,8 @@ class CachedTeacher:
             self.path, dataset, teacher, outputs, augment_copies=augment_copies, augment_seed=augment_seed
         )
         self.manifest = manifest
-        if fill not in ("tail", "min", "renorm"):
-            raise DistillError(f"fill: '{fill}' is not one of tail, min, renorm")
+        if fill not in FILLS:
+            raise DistillError(f"fill: '{fill}' is not one of {', '.join(FILLS)}")
         self.fill = fill
         self.rows = manifest["rows"]
         self.shard_size = manifest["shard_size"]
@@ -864,11 +869,18 @@ class CachedTeacher:
                 arr = arr[:, :width]
             return torch.from_numpy(np.ascontiguousarray(arr)).to(device, non_blocking=True)
 
+        features = {p: get(f"feat.{i}").float() for i, p in enumerate(self.taps)}
         if self.topk is None:
             logits = get("logits").float()
+        elif self.fill == "bucket":  # no dense logits: the fkl term reads the top-k and the tail bucket
+            sparse = {
+                "topk_values": get("topk_values"),
+                "topk_indices": get("topk_indices"),
+                "lse": get("lse"),
+            }
+            return Outputs(logits=None, features=features, extras=sparse)
         else:
             logits = reconstruct_logits(
                 get("topk_values"), get("topk_indices"), self.classes, get("lse"), self.fill
             )
-        features = {p: get(f"feat.{i}").float() for i, p in enumerate(self.taps)}
         return Outputs(logits=logits, features=features)
