@@ -50,7 +50,7 @@ from distill.losses.cross_tokenizer import sparse_teacher
 from distill.nlp.align import TokenBytes, batch_alignment, vocab_map, vocab_strings
 from distill.nlp.collate import pad_batch
 from distill.outputs import Batch, Outputs
-from distill.teachers.store import weights_hash
+from distill.teachers.store import store_lock, weights_hash
 
 _FIELDS = ("probs", "ids", "tail", "ends", "starts", "keys")
 _VERSION = 2  # 1: character spans and token strings (misaligned multibyte characters)
@@ -213,8 +213,22 @@ def write_cross_store(
     (anything else starts again). When every shard is done they are joined into the store's files
     (one shard in memory at a time) and the folder is renamed to PATH.
 
+    A second process writing the same store is refused at once (the lock file `PATH.lock` beside
+    it, as for the same-tokenizer store).
+
     Returns the manifest (with `bytes_per_token`); prints the size per teacher token.
     """
+    with store_lock(Path(path)):
+        return _write_cross_store(
+            Path(path), models, tokenizer, texts, k, max_length, batch_size, dtype, add_eos, add_bos,
+            device, verbose, shard_texts,
+        )  # fmt: skip
+
+
+def _write_cross_store(
+    path: Path, models, tokenizer, texts, k, max_length, batch_size, dtype, add_eos, add_bos, device,
+    verbose, shard_texts,
+) -> dict:  # fmt: skip
     if dtype not in ("float16", "float32"):
         raise DistillError(f"store dtype '{dtype}' is not one of float16, float32")
     if shard_texts < 1:
@@ -227,7 +241,6 @@ def write_cross_store(
     tokens = TokenBytes(tokenizer, "teacher")
     strings = vocab_strings(tokens)
     texts = list(dict.fromkeys(texts))
-    path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     say = print if verbose else (lambda *_a, **_k: None)
     keys = [text_key(t) for t in texts]
