@@ -91,9 +91,9 @@ def test_a_second_writer_of_one_cross_store_is_refused_in_one_line(tok, tmp_path
     from distill.nlp.cross import write_cross_store
     from distill.teachers.store import store_lock
 
-    with store_lock(tmp_path / "s"):  # another process holds the store
-        with pytest.raises(DistillError, match="another process is writing the teacher store") as e:
-            write_cross_store(tmp_path / "s", _teacher(tok), tok, TEXTS[:3], k=4, verbose=False)
+    refused = pytest.raises(DistillError, match="another process is writing the teacher store")
+    with store_lock(tmp_path / "s"), refused as e:  # another process holds the store
+        write_cross_store(tmp_path / "s", _teacher(tok), tok, TEXTS[:3], k=4, verbose=False)
     assert "\n" not in str(e.value) and not (tmp_path / "s.partial").exists()
     write_cross_store(tmp_path / "s", _teacher(tok), tok, TEXTS[:3], k=4, verbose=False)  # free again
     assert (tmp_path / "s" / "manifest.json").is_file()
