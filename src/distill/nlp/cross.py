@@ -137,7 +137,22 @@ def format_mass_kept(mass: Sequence[float], ks: Sequence[int] = (1, 5, 10, 20)) 
     return "teacher mass kept by the top-k (mean over tokens): " + ", ".join(parts)
 
 
-class CrossTokenizerTeacher:
+class NoTaps:
+    """What the Trainer asks of every teacher besides `__call__`: feature taps. Across tokenizers
+    the teacher's positions are not the student's, so feature terms are refused."""
+
+    def add_taps(self, paths) -> None:
+        if paths:
+            raise DistillError(
+                f"feature terms (taps {', '.join(paths)}) with a teacher of another tokenizer: its positions "
+                "are not the student's; use aligned_kd / uld"
+            )
+
+    def to(self, device):
+        return self
+
+
+class CrossTokenizerTeacher(NoTaps):
     """A frozen teacher (or a mean of several sharing one tokenizer) run on the batch's texts.
 
     Args:
@@ -360,7 +375,7 @@ def _join_shards(folder: Path, n_shards: int) -> None:
         atomic_write(folder / f"{f}.npy", write)
 
 
-class CachedCrossTokenizerTeacher:
+class CachedCrossTokenizerTeacher(NoTaps):
     """Serves a store written by `write_cross_store` as a `CrossTokenizerTeacher` would.
 
     Args:
@@ -439,7 +454,7 @@ class CachedCrossTokenizerTeacher:
         return Outputs(logits=None, extras={"xt": {self.name: entry}})
 
 
-class CrossTeachers:
+class CrossTeachers(NoTaps):
     """Several teachers at once: each one's `extras["xt"]` under its own name, in one `Outputs`.
 
     Give each teacher its own term (`aligned_kd` / `uld` with `teacher: <name>`); the `Objective`

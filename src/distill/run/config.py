@@ -80,6 +80,12 @@ class TeacherConfig(ModelConfig):
         None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
     )
     cache_fill: Literal["tail", "min", "renorm"] = "tail"
+    cross_k: int = Field(
+        32,
+        gt=0,
+        description="with a student of another tokenizer (aligned_kd / uld terms): teacher probabilities "
+        "kept per token, live and in its store (the rest is one tail bucket)",
+    )
     use: Literal["last", "best"] | int = Field(
         "last",
         description="which weights of a trained teacher teach: last, best (validation) or an epoch number",

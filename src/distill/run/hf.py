@@ -55,6 +55,9 @@ def resolve_recipe(cfg):
     if task is None and not perplexity:
         return cfg
     cfg = cfg.model_copy(deep=True)
+    from distill.run.cross import resolve_cross
+
+    resolve_cross(cfg)  # a teacher of another tokenizer: the data gives texts and byte offsets
     if task is not None:
         t_args = cfg.teacher.init_args
         if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):

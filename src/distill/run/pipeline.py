@@ -31,6 +31,7 @@ from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.chat import side_by_side
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
+from distill.run.cross import cross_teacher, is_cross, offset_data, teacher_data
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, interleaved_latency, latency_ms, noise_groups, size_mb
 from distill.run.preflight import MIX_STORE, build_transfer, check_init_args, check_teacher_config
@@ -279,7 +280,7 @@ def load_teacher(
     seed_everything(cfg.seed)
     built = model is not None
     if model is None:
-        model = build_model(tc.spec(), data)
+        model = build_model(tc.spec(), teacher_data(cfg, data))  # (its own tokenizer across tokenizers)
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
@@ -536,7 +537,10 @@ def run_recipe(
         kd_objective = built.take("kd_objective") or build_objective(cfg)
         kd_data = add_transfer(cfg, data, kd_objective)
         kd_teacher, kd_trainer = teacher, cfg.trainer
-        if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
+        cross = is_cross(cfg)
+        if cross:  # a student of another tokenizer: the teacher reads the texts (live, store or served)
+            kd_teacher = cross_teacher(cfg, kd_data, teacher_model)
+        elif cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
             from distill.teachers.store import outputs_fingerprint
 
             outputs = outputs_fingerprint(_spec(cfg.teacher.adapter), teacher_rows[0][3].get("temperature"))
@@ -574,14 +578,19 @@ def run_recipe(
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
         judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
+        t_data = teacher_data(cfg, data)  # across tokenizers: the same texts in the teacher's tokens
         rows = [
-            {**measure(n, m, data, cfg, None, adapter=a, latency=False), **info}
+            {**measure(n, m, t_data, cfg, None, adapter=a, latency=False), **info}
             for n, m, a, info in teacher_rows
         ]
+        texts = cross or offset_data(data)  # the student's tokens may not be the teacher's
         rows += [
-            measure(n, m, data, cfg, judge, adapter=student_adapter, latency=False)
+            measure(n, m, data, cfg, None if texts else judge, adapter=student_adapter, latency=False)
             for n, m in students.items()
         ]
+        if texts:  # no token-level agreement across vocabularies
+            for r in rows:
+                r.pop("agreement", None)
         add_latency(rows, {n: m for n, m, _, _ in teacher_rows} | students, data, cfg)
         add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
@@ -632,7 +641,14 @@ def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> lis
     if teacher is None:
         return []
     out = []
-    if "perplexity" in teacher:  # a language model: its token accuracy is not the measure
+    if "bits_per_char" in teacher and scratch is not None and "bits_per_char" in scratch:
+        # across tokenizers per-token perplexities do not compare; bits per character do
+        if teacher["bits_per_char"] > 0.99 * scratch["bits_per_char"]:
+            out.append(
+                f"the teacher's bits per character {teacher['bits_per_char']:.3f} are not clearly fewer than "
+                f"the scratch student's {scratch['bits_per_char']:.3f}: there is little to distil"
+            )
+    elif "perplexity" in teacher:  # a language model: its token accuracy is not the measure
         if scratch is not None and teacher["perplexity"] > 0.99 * scratch.get("perplexity", float("inf")):
             out.append(
                 f"the teacher's perplexity {teacher['perplexity']:.2f} is not clearly better than the "
@@ -861,7 +877,7 @@ def preflight_recipe(
     teacher_adapter = build_adapter(cfg.teacher.adapter)
     student_adapter = build_adapter(cfg.student.adapter)
     seed_everything(cfg.seed)  # as `load_teacher` builds it: the same initial weights
-    teacher_model = build_model(cfg.teacher.spec(), data)
+    teacher_model = build_model(cfg.teacher.spec(), teacher_data(cfg, data))
     if cfg.teacher.checkpoint:
         load_weights(teacher_model, cfg.teacher.checkpoint)
     teacher_state = _snapshot(teacher_model)
@@ -916,11 +932,19 @@ def preflight_recipe(
                 cfg.trainer.mix,
                 cfg.seed,
             )
+        if is_cross(cfg):  # the teacher reads the batch's texts in its own tokenizer
+            from distill.run.cross import cross_terms, fit_line, tokenizer_fit
+
+            t_data = teacher_data(cfg, data)
+            texts = list(batch.inputs["text"])
+            report["tokenizers"] = fit_line(
+                tokenizer_fit(t_data.tokenizer, data.tokenizer, texts), cross_terms(cfg)
+            )
         stages["student_kd"] = run_stage(
             "student_kd",
             student,
             kd,
-            teacher,
+            cross_teacher(cfg, data, teacher_model, write=False) if is_cross(cfg) else teacher,
             student_adapter,
             batch,
             device,
