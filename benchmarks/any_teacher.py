@@ -193,6 +193,7 @@ def main(argv=None) -> int:
                     continue
                 cfg = parse_recipe(recipe(args, method, source, seed))
                 run = Path(args.runs) / f"{method}_{source}_s{seed}"
+                trained = not (run / "checkpoints" / "student_kd" / "final.safetensors").exists()
                 with StageTimer() as timer:
                     summary = run_recipe(cfg, run, resume=run.exists())
                 by = {r["name"]: r for r in summary["rows"]}
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
                     "teacher_nll": round(
                         teacher_nll(student_dir, teacher, t_tok, prompts, args.gen_tokens), 4
                     ),
-                    "step_s": round(timer.seconds.get(stage, math.nan) / max(args.steps, 1), 4),
+                    # a stage finished by an earlier, stopped invocation was not timed here
+                    "step_s": round(timer.seconds[stage] / args.steps, 4) if trained else None,
                     "params": by[stage]["params"],
                 }
                 results["rows"].append(row)

@@ -540,6 +540,8 @@ def run_recipe(
         cross = is_cross(cfg)
         if cross:  # a student of another tokenizer: the teacher reads the texts (live, store or served)
             kd_teacher = cross_teacher(cfg, kd_data, teacher_model)
+        elif offset_data(data) and not kd_objective.needs_teacher:
+            kd_teacher = None  # labels alone on texts in the student's tokens: the teacher cannot read them
         elif cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
             from distill.teachers.store import outputs_fingerprint
 
