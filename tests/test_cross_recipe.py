@@ -153,3 +153,75 @@ def test_feature_taps_on_a_teacher_of_another_tokenizer_are_refused():
     NoTaps().add_taps([])  # no feature terms: nothing to refuse
     with pytest.raises(DistillError, match="teacher of another tokenizer"):
         NoTaps().add_taps(["transformer.h.0"])
+
+
+def _served_recipe(tmp_path, teacher_dir, **over):
+    """A served teacher in a recipe: the tiny teacher recorded as a server answers (top-6)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.nlp.served import record_model
+    from distill.run.config import parse_recipe
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    answers = [f"the cat sat on the mat {i} times, and people say hello." for i in range(len(PROMPTS))]
+    recs = record_model(model, tok, list(zip(PROMPTS, answers)), k=6, prompt_template="Q: {prompt}\nA: ")
+    f = tmp_path / "responses.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    raw = {
+        "name": "served_tiny",
+        "data": {
+            "name": "served_responses",
+            "init_args": {"tokenizer": {"train": {"vocab_size": 280, "kind": "bpe"}}, "max_length": 64},
+            "batch_size": 4,
+            "eval_batch_size": 8,
+        },
+        "teacher": {"served": {"file": str(f), "top_logprobs": 6, "prompt_template": "Q: {prompt}\nA: "}},
+        "student": {"name": "hf", "init_args": {"config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 128}}},
+        "objective": {"terms": {"ce": {"name": "lm_ce", "weight": 0.5}, "kd": {"name": "aligned_kd"}}},
+        "trainer": {"max_steps": 3, "threads": 1, "tensorboard": False},
+        "baselines": ["scratch"],
+        "report": {"latency_batch_sizes": [1], "latency_repeats": 2},
+    }  # fmt: skip
+    for key, value in over.items():
+        *path, last = key.split(".")
+        node = raw
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_recipe(raw), f
+
+
+def test_a_served_teacher_in_check_and_run(tmp_path, teacher_dir):
+    from distill.run.pipeline import preflight_recipe, run_recipe
+
+    cfg, _ = _served_recipe(tmp_path, teacher_dir)
+    report = preflight_recipe(cfg)
+    assert report["teacher"]["class"] == "ServedTeacher" and report["teacher"]["params"] == 0
+    line = report["tokenizers"]
+    assert line.startswith("served teacher: 12 responses") and "k=6" in line and "mass kept" in line
+    assert report["stages"]["student_kd"]["losses"]["kd"] > 0
+    summary = run_recipe(cfg, tmp_path / "run")
+    assert [r["name"] for r in summary["rows"]] == ["student_scratch", "student_kd"]
+    assert all(0 < r["bits_per_char"] < 50 for r in summary["rows"])
+    assert summary["served_teacher"]["responses"] == 12 and summary["served_teacher"]["k"] == 6
+
+
+def test_served_teacher_sections_are_refused_in_one_line(tmp_path, teacher_dir):
+    from distill.errors import ConfigError, DistillError
+    from distill.run.pipeline import preflight_recipe
+
+    cfg, f = _served_recipe(tmp_path, teacher_dir, **{"teacher.served.k": 9})
+    with pytest.raises(ConfigError, match=r"teacher.served.*k \(9\) is more than the top_logprobs \(6\)"):
+        preflight_recipe(cfg)
+    with pytest.raises(Exception, match="a served teacher is its responses; drop name"):
+        _served_recipe(tmp_path, teacher_dir, **{"teacher.name": "hf"})
+    cfg, _ = _served_recipe(tmp_path, teacher_dir, **{"objective.terms": {"kd": {"name": "fkl"}}})
+    with pytest.raises(ConfigError, match="distil with aligned_kd or uld"):
+        preflight_recipe(cfg)
+    # a responses file cut mid-line (an interrupted fetch): one line naming the fix
+    cfg, f = _served_recipe(tmp_path, teacher_dir)
+    f.write_bytes(f.read_bytes()[:-30])
+    with pytest.raises(DistillError, match="last line is truncated") as e:
+        preflight_recipe(cfg)
+    assert "\n" not in str(e.value)

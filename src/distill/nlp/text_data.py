@@ -761,3 +761,55 @@ def _chat_texts(rows, done, parts, needed, teacher_tok, tokenizer, max_length, p
         "max_length": max_length,
     }
     return offset_bundle(records, parts, tok, max_length, True, meta)
+
+
+def served_responses(
+    path: str,
+    tokenizer: Any = None,
+    prompt_template: str = "",
+    max_length: int = 256,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+    served: dict[str, Any] | None = None,
+    prompts: str | None = None,
+    offsets: bool = True,
+) -> DataBundle:
+    """A served teacher's responses file (JSON Lines in the OpenAI chat-completions format, see
+    `distill.nlp.served`) as the student's texts: `prompt_template` (with `{prompt}` replaced)
+    followed by each response, labels on the response, collated with byte offsets in the student's
+    tokenizer (`{train: {vocab_size, kind}}` trains one on the training texts).
+
+    Args:
+        served: the recipe's `teacher.served` section (filled by `distill run`); with an
+            `endpoint`, the answers are fetched into `path` first (once; an interrupted fetch is
+            completed, nothing refetched), asking the prompts of `prompts`.
+        prompts: a JSONL / CSV prompt file (`distill.nlp.chat_data.read_prompts`), for the endpoint.
+    """
+    from distill.nlp.served import fetch_responses, read_responses
+
+    if served and served.get("endpoint"):
+        if not prompts:
+            raise ConfigError(
+                "served_responses: teacher.served.endpoint is set; give data.init_args.prompts (a prompt file to ask it)"
+            )
+        from distill.nlp.chat_data import read_prompts
+
+        fetch_responses(
+            path, served["endpoint"], served.get("model") or "", [r["messages"] for r in read_prompts(prompts)],
+            top_logprobs=int(served.get("top_logprobs", 20)), max_tokens=int(served.get("max_tokens", 128)),
+            temperature=float(served.get("temperature", 1.0)),
+        )  # fmt: skip
+    records, seen = [], set()
+    for r in read_responses(path):
+        prefix = prompt_template.replace("{prompt}", r.prompt) if prompt_template else ""
+        if prefix + r.text not in seen:  # the same text answered twice: the first answer teaches
+            seen.add(prefix + r.text)
+            records.append({"text": prefix + r.text, "prompt": prefix})
+    parts = _split(len(records), val_fraction, test_fraction, seed)
+    parts = (_cap(parts[0], max_train), _cap(parts[1], max_val), _cap(parts[2], max_test))
+    tok = get_tokenizer(tokenizer, [records[i]["text"] for i in parts[0]])
+    return offset_bundle(records, parts, tok, max_length, True, {"source": str(path), "texts": len(records)})

@@ -28,7 +28,7 @@ from distill.errors import ConfigError
 from distill.registry import LOSSES
 
 # Builders that give texts and byte offsets when asked (`offsets: true`).
-OFFSET_DATA = ("text", "chat_prompts")
+OFFSET_DATA = ("text", "chat_prompts", "served_responses")
 
 
 def cross_terms(cfg) -> list[str]:
@@ -53,11 +53,38 @@ def offset_data(data: DataBundle) -> bool:
     return bool((data.meta or {}).get("offsets"))
 
 
-def resolve_cross(cfg) -> None:
-    """In place: a cross-tokenizer recipe asks its data for texts and byte offsets."""
-    if not is_cross(cfg) or cfg.data.name not in OFFSET_DATA:
-        return
-    cfg.data.init_args.setdefault("offsets", True)
+def resolve_cross(cfg):
+    """What a cross-tokenizer recipe implies, filled in (a copy when anything changes): its data
+    gives texts and byte offsets; a served teacher (`teacher.served`, its keys checked here) fills
+    the `served_responses` data (file, prompt template, the section for an endpoint), the student's
+    task (causal_lm) and the perplexity evaluator."""
+    served = cfg.teacher.served
+    if not is_cross(cfg) and served is None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    if served is not None:
+        from distill.run.served import served_config
+
+        spec = served_config(served)
+        if not is_cross(cfg):
+            raise ConfigError(
+                "teacher.served: a served teacher gives top-k log-probabilities of its own tokens; distil "
+                "with aligned_kd or uld (objective.terms)"
+            )
+        if cfg.data.name == "served_responses":
+            args = cfg.data.init_args
+            args.setdefault("path", spec.file)
+            args.setdefault("prompt_template", spec.prompt_template)
+            args.setdefault("served", spec.model_dump())
+        if cfg.student.name == "hf":
+            cfg.student.init_args.setdefault("task", "causal_lm")
+        if cfg.evaluator is None:
+            from distill.run.config import Component
+
+            cfg.evaluator = Component(name="perplexity")
+    if cfg.data.name in OFFSET_DATA:
+        cfg.data.init_args.setdefault("offsets", True)
+    return cfg
 
 
 def teacher_tokenizer(cfg, data: DataBundle):
@@ -119,7 +146,8 @@ def cross_teacher(cfg, data: DataBundle, model: nn.Module | None, k: int | None 
     if served:
         from distill.run.served import served_teacher
 
-        return served_teacher(served, data.tokenizer)
+        # (an endpoint's answers were fetched by the data, `served_responses`)
+        return served_teacher({**served, "endpoint": None}, data.tokenizer)
     elif cfg.teacher.cache and (write or (Path(cfg.teacher.cache) / "manifest.json").is_file()):
         path = Path(cfg.teacher.cache)
         if not (path / "manifest.json").is_file():
@@ -204,3 +232,35 @@ def fit_line(fit: dict[str, Any], terms: list[str]) -> str:
             "uld (positions: index) fits any pair"
         )
     return f"{head}; {advice} (terms here: {', '.join(terms)})"
+
+
+def served_description(cfg) -> dict[str, Any]:
+    """`distill check`'s teacher line for a served teacher (no model: its responses file)."""
+    served = cfg.teacher.served
+    return {
+        "spec": f"served {served.get('file')}"
+        + (f" (endpoint {served['endpoint']})" if served.get("endpoint") else ""),
+        "class": "ServedTeacher",
+        "params": 0,
+        "trainable": 0,
+        "source": f"top-{served.get('k') or served.get('top_logprobs', 20)} log-probabilities per token",
+    }
+
+
+def fit_report(cfg, data: DataBundle, batch, teacher) -> str:
+    """`distill check`'s line on the tokenizer pair, measured on the first batch's texts; for a
+    served teacher, its responses, the mass its top-k keeps and how many of its tokens map."""
+    if cfg.teacher.served is not None:
+        from distill.nlp.cross import format_mass_kept
+
+        info = teacher.summary()
+        mapped = float((teacher.map >= 0).float().mean()) if len(teacher.map) else 0.0
+        return (
+            f"served teacher: {info['responses']:,} responses, {info['tokens']:,} tokens, k={info['k']}; "
+            f"{mapped:.1%} of its distinct tokens map exactly onto the student's; "
+            + format_mass_kept(info["mass_kept"])
+            + f" (terms here: {', '.join(cross_terms(cfg))})"
+        )
+    t_data = teacher_data(cfg, data)
+    fit = tokenizer_fit(t_data.tokenizer, data.tokenizer, list(batch.inputs["text"]))
+    return fit_line(fit, cross_terms(cfg))

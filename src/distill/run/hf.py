@@ -50,14 +50,14 @@ def resolve_recipe(cfg):
     teacher's), the student's task, the evaluator for the task and the metric to monitor (for any
     recipe scored by the perplexity evaluator: perplexity, lower is better). The
     result is what `config.yaml` records, so a rerun does not depend on these defaults."""
+    from distill.run.cross import resolve_cross
+
+    cfg = resolve_cross(cfg)  # a teacher of another tokenizer or a served one: texts with byte offsets
     task = teacher_task(cfg)
     perplexity = cfg.evaluator is not None and cfg.evaluator.name == "perplexity"
     if task is None and not perplexity:
         return cfg
     cfg = cfg.model_copy(deep=True)
-    from distill.run.cross import resolve_cross
-
-    resolve_cross(cfg)  # a teacher of another tokenizer: the data gives texts and byte offsets
     if task is not None:
         t_args = cfg.teacher.init_args
         if cfg.data.name in TEXT_DATA and "tokenizer" not in cfg.data.init_args and t_args.get("path"):

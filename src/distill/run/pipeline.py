@@ -351,6 +351,8 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built 
     first member's model)."""
     dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     first = built.take("teacher_model") if built is not None else None
+    if cfg.teacher.served is not None and not cfg.teachers:
+        return None, None, []  # a served teacher: no model, no row (`summary["served_teacher"]`)
     if not cfg.teachers:
         model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out, model=first)
         t = Teacher(
@@ -606,6 +608,8 @@ def run_recipe(
         answers = side_by_side(rows)  # the chat evaluator's answers, out of the rows
         if answers:
             summary["answers"] = answers
+        if cfg.teacher.served is not None:  # a served teacher: responses, tokens, k, mass kept
+            summary["served_teacher"] = kd_teacher.summary()
         note_teacher_warnings(summary, data.num_classes, read_metrics(out / "metrics.jsonl"))
         add_student_cut(summary, students)
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
@@ -879,16 +883,23 @@ def preflight_recipe(
     teacher_adapter = build_adapter(cfg.teacher.adapter)
     student_adapter = build_adapter(cfg.student.adapter)
     seed_everything(cfg.seed)  # as `load_teacher` builds it: the same initial weights
-    teacher_model = build_model(cfg.teacher.spec(), teacher_data(cfg, data))
+    served = cfg.teacher.served is not None  # a teacher you can only query: no model
+    teacher_model = None if served else build_model(cfg.teacher.spec(), teacher_data(cfg, data))
     if cfg.teacher.checkpoint:
         load_weights(teacher_model, cfg.teacher.checkpoint)
-    teacher_state = _snapshot(teacher_model)
-    pretrained = getattr(teacher_model, "distill_pretrained", False)  # an hf folder with its own weights
+    teacher_state = None if served else _snapshot(teacher_model)
+    # an hf folder loads its own weights; a served teacher has none
+    pretrained = served or getattr(teacher_model, "distill_pretrained", False)
     if not cfg.teacher.checkpoint and cfg.teacher.train is None and not pretrained:
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
-    teacher_model.to(device)
-    report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
-    report["teacher"]["source"] = (
+    if served:
+        from distill.run.cross import served_description
+
+        report["teacher"] = served_description(cfg)
+    else:
+        teacher_model.to(device)
+        report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
+    report["teacher"]["source"] = report["teacher"].get("source") or (
         f"checkpoint {cfg.teacher.checkpoint}"
         if cfg.teacher.checkpoint
         else f"trained first ({cfg.teacher.train.epochs} epochs)"
@@ -909,7 +920,7 @@ def preflight_recipe(
             cfg.teacher.train.mix,
             cfg.seed,
         )
-    teacher = Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
+    teacher = None if served else Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
     try:
         seed_everything(cfg.seed)  # as the run builds each stage's student
         student = build_model(cfg.student.spec(), data, teacher=teacher_model)
@@ -934,19 +945,17 @@ def preflight_recipe(
                 cfg.trainer.mix,
                 cfg.seed,
             )
+        kd_teacher = teacher
         if is_cross(cfg):  # the teacher reads the batch's texts in its own tokenizer
-            from distill.run.cross import cross_terms, fit_line, tokenizer_fit
+            from distill.run.cross import fit_report
 
-            t_data = teacher_data(cfg, data)
-            texts = list(batch.inputs["text"])
-            report["tokenizers"] = fit_line(
-                tokenizer_fit(t_data.tokenizer, data.tokenizer, texts), cross_terms(cfg)
-            )
+            kd_teacher = cross_teacher(cfg, data, teacher_model, write=False)
+            report["tokenizers"] = fit_report(cfg, data, batch, kd_teacher)
         stages["student_kd"] = run_stage(
             "student_kd",
             student,
             kd,
-            cross_teacher(cfg, data, teacher_model, write=False) if is_cross(cfg) else teacher,
+            kd_teacher,
             student_adapter,
             batch,
             device,
@@ -955,10 +964,12 @@ def preflight_recipe(
             cfg.seed,
         )
     finally:
-        teacher.tap.remove()  # the run's Teacher adds its own taps
+        if teacher is not None:
+            teacher.tap.remove()  # the run's Teacher adds its own taps
     report["stages"] = stages
     if built is not None:
-        _restore(teacher_model, teacher_state)
+        if teacher_state is not None:
+            _restore(teacher_model, teacher_state)
         built.teacher_model = teacher_model
         # a student made from the teacher's layers is built again after the teacher trains
         if cfg.teacher.checkpoint or cfg.teacher.train is None or not takes_teacher(cfg.student.spec()):
