@@ -17,9 +17,11 @@ Rows, one per (method, source, seed):
   - `aligned_kd`: byte-aligned positions, teacher probabilities mapped onto student tokens of the
     same bytes, ULD where no position or token matches (+ 0.5 lm_ce);
   - `uld`: Universal Logit Distillation (sorted probabilities, positions by index; + 0.5 lm_ce);
-  - source `online` (the teacher runs in the training step) or `store` (`teacher.cache`: top-k +
+  - source `online` (the teacher runs in the training step), `store` (`teacher.cache`: top-k +
     tail per teacher token, written once by the first row that names it, read by every student
-    tokenizer after it). A served teacher (`served`) is not a source of `distill run` yet.
+    tokenizer after it) or `served` (`teacher.served`: the teacher's top-min(k, 20) log-probabilities
+    per token in the OpenAI format, as a server returns them, recorded once by `record_served`;
+    the same texts, the chat template as the prompt template).
 Measures: `bits_per_char` on the held-out answers (the perplexity evaluator over label
 characters; compares across tokenizers), `teacher_nll` (the student's own greedy answers to the
 held-out prompts, `--gen-tokens` tokens, scored by the teacher per teacher token), `step_s`
@@ -67,7 +69,7 @@ def parse(argv=None):
     p.add_argument("--k", type=int, default=32, help="teacher probabilities kept per token")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default="labels,same_tokenizer_kd,aligned_kd,uld")
-    p.add_argument("--sources", default="online,store")
+    p.add_argument("--sources", default="online,store,served")
     p.add_argument("--gen-tokens", type=int, default=48, help="tokens of the student's own answers")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--answers", default="caches/chat_answers")
@@ -98,6 +100,11 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
     raw["teacher"]["cross_k"] = args.k
     if source == "store":
         raw["teacher"]["cache"] = str(Path(args.runs) / f"store_k{args.k}")
+    if source == "served":  # the teacher's top-k as a server returns them (recorded by `record_served`)
+        d["teacher"] = {k: SMOL[k] for k in ("path", "gguf_file")}  # (the cached answers' fingerprint)
+        raw["teacher"] = {
+            "served": {"file": str(served_file(args)), "top_logprobs": min(args.k, 20), "prompt_template": ""}
+        }
     raw["seed"] = seed
     raw["student"]["init_args"]["config"]["n_positions"] = max(256, args.max_length)
     if KD[method] is None:
@@ -108,6 +115,50 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
     raw["trainer"].update(max_steps=args.steps, threads=args.threads, tensorboard=False)
     raw["report"] = {"latency_batch_sizes": [1], "latency_repeats": 2}
     return raw
+
+
+def served_file(args) -> Path:
+    return Path(args.runs) / f"served_top{min(args.k, 20)}.jsonl"
+
+
+def chat_template_prefix(t_tok) -> str:
+    """The teacher's chat template for one user turn as a `prompt_template` (`{prompt}` in place)."""
+    mark = "\x00"
+    text = t_tok.apply_chat_template(
+        [{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False
+    )
+    return text.replace(mark, "{prompt}")
+
+
+def record_served(args, teacher, t_tok, raw: dict) -> None:
+    """Writes the served teacher's responses file once: SmolLM2 teacher-forced on every answer of
+    the run's data (all splits), its top-min(k, 20) alternatives per token in the OpenAI format
+    (`distill.nlp.served.record_model`), as an OpenAI-compatible server would return them."""
+    from distill.data.bundle import build_data
+    from distill.nlp.chat_data import read_answers, read_prompts
+    from distill.nlp.served import record_model
+    from distill.run.config import parse_recipe
+    from distill.run.cross import dataset_texts
+    from distill.run.hf import resolve_recipe
+
+    path = served_file(args)
+    if path.is_file():
+        return
+    cfg = resolve_recipe(parse_recipe(raw))
+    data = build_data(cfg.data.name, None, cfg.data.init_args, seed=cfg.seed)
+    texts = {t for ds in (data.train, data.val, data.test) if ds is not None for t in dataset_texts(ds)}
+    rows = read_prompts(ROOT / "recipes" / "data" / "chat_prompts.jsonl")
+    tmpl = chat_template_prefix(t_tok)
+    pairs = []
+    for i, a in sorted(read_answers(Path(data.meta["answers"])).items()):
+        user = rows[i]["messages"][-1]["content"]
+        if tmpl.replace("{prompt}", user) + a["answer"] in texts:
+            pairs.append((user, a["answer"]))
+    recs = record_model(teacher, t_tok, pairs, k=min(args.k, 20), prompt_template=tmpl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tmp.replace(path)
 
 
 class StageTimer:
@@ -191,14 +242,19 @@ def main(argv=None) -> int:
             for source in sources:
                 if (method, source, seed) in done or (method == "labels" and source != sources[0]):
                     continue
-                cfg = parse_recipe(recipe(args, method, source, seed))
+                raw = recipe(args, method, source, seed)
+                if source == "served":
+                    teacher = teacher or hf(**SMOL).eval()
+                    record_served(args, teacher, t_tok, recipe(args, method, "online", seed))
+                    raw["teacher"]["served"]["prompt_template"] = chat_template_prefix(t_tok)
+                cfg = parse_recipe(raw)
                 run = Path(args.runs) / f"{method}_{source}_s{seed}"
                 trained = not (run / "checkpoints" / "student_kd" / "final.safetensors").exists()
                 with StageTimer() as timer:
                     summary = run_recipe(cfg, run, resume=run.exists())
                 by = {r["name"]: r for r in summary["rows"]}
                 stage = "student_kd"
-                if ("teacher", "online", seed) not in done and seed == 0:
+                if ("teacher", "online", seed) not in done and seed == 0 and "teacher" in by:
                     results["rows"].append(
                         {"method": "teacher", "source": "online", "seed": seed,
                          "bits_per_char": round(by["teacher"]["bits_per_char"], 4)}
