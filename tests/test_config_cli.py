@@ -37,7 +37,9 @@ def test_every_top_level_recipe_parses_and_builds(path, tmp_path):
         )
     try:
         data = skip_without_system_package(build_data, cfg.data.name, cfg.data.class_path, cfg.data.init_args)
-        teachers = [build_model(t.spec(), data) for t in cfg.teachers or [cfg.teacher]]
+        from distill.run.cross import teacher_data  # a teacher of another tokenizer reads its own
+
+        teachers = [build_model(t.spec(), teacher_data(cfg, data)) for t in cfg.teachers or [cfg.teacher]]
     except DistillError as e:  # recipes on pip data not installed here, or on another run's output
         if "pip install" in str(e) or "folder runs/" in str(e):
             pytest.skip(str(e))

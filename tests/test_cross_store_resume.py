@@ -84,3 +84,16 @@ def test_a_partial_write_for_other_texts_starts_again(tok, tmp_path):
     other = Failing(model)
     write_cross_store(tmp_path / "s", other, tok, TEXTS[:9], **kw)
     assert other.calls == 5  # 9 texts: shards of 4, 4, 1 -> 2 + 2 + 1 batches, none reused
+
+
+def test_a_second_writer_of_one_cross_store_is_refused_in_one_line(tok, tmp_path):
+    from distill.errors import DistillError
+    from distill.nlp.cross import write_cross_store
+    from distill.teachers.store import store_lock
+
+    refused = pytest.raises(DistillError, match="another process is writing the teacher store")
+    with store_lock(tmp_path / "s"), refused as e:  # another process holds the store
+        write_cross_store(tmp_path / "s", _teacher(tok), tok, TEXTS[:3], k=4, verbose=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "s.partial").exists()
+    write_cross_store(tmp_path / "s", _teacher(tok), tok, TEXTS[:3], k=4, verbose=False)  # free again
+    assert (tmp_path / "s" / "manifest.json").is_file()

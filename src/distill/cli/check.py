@@ -156,6 +156,8 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
     how = cut and (f"by importance ({cut.get('importance')})" if cut["select"] == "importance" else "spread")
     blocks = f", teacher blocks {cut['blocks']} of {cut['teacher_blocks']} {how}" if cut else ""
     lines.append(_model_line("student", report["student"], blocks))
+    if "tokenizers" in report:  # a teacher of another tokenizer: how well the pair fits
+        lines.append(report["tokenizers"])
     return lines + _objective_lines(report["objective"]) + _stage_lines(report["stages"])
 
 

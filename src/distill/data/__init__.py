@@ -25,5 +25,7 @@ for _name in (
     "chat_prompts",
 ):
     DATASETS.add_lazy(_name, f"distill.nlp.text_data.{_name}")
+# A served teacher's answers (top-k log-probabilities, OpenAI format) as the student's texts.
+DATASETS.add_lazy("served_responses", "distill.nlp.text_data.served_responses")
 
 __all__ = ["DataBundle", "IndexedDataset", "build_data", "digits", "indexed"]

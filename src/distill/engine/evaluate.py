@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -102,7 +103,7 @@ class PerplexityEvaluator:
 
     def reset(self) -> None:
         self.nll = 0.0
-        self.tokens = self.agree = self.correct = 0
+        self.tokens = self.agree = self.correct = self.chars = 0
 
     def _align(self, logits, labels):
         if self.shift:
@@ -117,6 +118,9 @@ class PerplexityEvaluator:
         logits, labels = logits[keep], labels[keep].long()
         self.nll += float(F.cross_entropy(logits, labels, reduction="sum"))
         self.tokens += int(keep.sum())
+        chars = batch.inputs.get("label_chars") if isinstance(batch.inputs, dict) else None
+        if chars is not None:  # texts with byte offsets (any tokenizer): the characters the labels cover
+            self.chars += int(chars.sum())
         pred = logits.argmax(-1)
         self.correct += int((pred == labels).sum())
         if teacher is not None and teacher.logits is not None:
@@ -134,6 +138,8 @@ class PerplexityEvaluator:
         }
         if self.agree:
             out["agreement"] = self.agree / self.tokens
+        if self.chars:  # comparable across tokenizers, unlike per-token perplexity
+            out["bits_per_char"] = self.nll / math.log(2) / self.chars
         return out
 
 

@@ -306,6 +306,10 @@ def index_pairs(student_mask: Tensor, teacher_valid: Tensor) -> Tensor:
 
 
 class _CrossTerm(LossTerm):
+    # reads the teacher through the batch's raw texts and byte offsets (any teacher tokenizer):
+    # `distill run` then collates texts with offsets and runs the teacher on them (distill.run.cross)
+    needs_texts = True
+
     def __init__(
         self,
         temperature: float = 1.0,

@@ -21,7 +21,17 @@ from distill.adapters import Adapter, read_outputs
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs
 
-_NOT_MODEL_ARGS = ("labels", "label", "text", "texts", "index", "idx", "offset_mapping", "byte_ends")
+_NOT_MODEL_ARGS = (
+    "labels",
+    "label",
+    "text",
+    "texts",
+    "index",
+    "idx",
+    "offset_mapping",
+    "byte_ends",
+    "label_chars",
+)
 
 
 def _tensor_inputs(batch: Batch) -> dict[str, Tensor]:

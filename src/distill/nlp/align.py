@@ -294,29 +294,38 @@ def token_offsets(
     return ids_out, offs_out
 
 
-def _texts(items: Sequence) -> list[str]:
-    out = []
+def _texts(items: Sequence) -> tuple[list[str], list[str]]:
+    """The items' texts and their prompts (the start of the text no label covers; "" for none)."""
+    out, prompts = [], []
     for it in items:
+        prompt = ""
         if isinstance(it, Mapping):
             if "text" not in it:
                 raise DistillError(
                     "cross-tokenizer batches are plain texts (or {'text': ...} records); "
                     f"got a record with keys {', '.join(it)}"
                 )
+            prompt = str(it.get("prompt") or "")
             it = it["text"]
+        if prompt and not str(it).startswith(prompt):
+            raise DistillError(f"a record's prompt is not the start of its text: {prompt[:40]!r}")
         out.append(str(it))
-    return out
+        prompts.append(prompt)
+    return out, prompts
 
 
 class CrossTokenizerCollator:
-    """Texts -> `{input_ids, attention_mask, labels, byte_ends, text}` for the student.
+    """Texts -> `{input_ids, attention_mask, labels, byte_ends, label_chars, text}` for the student.
 
     The same batch as `LMCollator` (every token trained, `<eos>` appended, right-padded), plus
     `byte_ends` (B, T) long (the UTF-8 bytes of the text each token has consumed through its
     end; -1 on padding, `<eos>` and tokens that cannot be placed) and the raw texts, which a
     cross-tokenizer teacher re-tokenizes with its own tokenizer. `add_bos` starts every text with
     a bos token (the eos when there is none), so its first token is trained as well; give the
-    teacher the same setting.
+    teacher the same setting. A record `{"text": ..., "prompt": ...}` (the prompt the start of
+    the text, e.g. a chat template's rendering before the answer) gets no labels on the tokens
+    that end inside its prompt. `label_chars` (B,): the characters the labels cover (+1 for a kept
+    `<eos>`), what bits per character divide by.
     """
 
     def __init__(self, tokenizer, max_length: int = 128, add_eos: bool = True, add_bos: bool = False):
@@ -331,14 +340,29 @@ class CrossTokenizerCollator:
         self.add_bos = add_bos
 
     def __call__(self, items: Sequence) -> dict:
-        texts = _texts(items)
+        texts, prompts = _texts(items)
         ids, ends = self.tokens.encode(texts, self.max_length, self.add_eos, self.add_bos)
-        out = pad_batch(ids, ids, self.tokenizer.pad_token_id)
+        labels, chars = [], []
+        for text, prompt, row, e in zip(texts, prompts, ids, ends):
+            # a record's prompt is read, not learned: tokens that end inside it get no label
+            start = len(prompt.encode("utf-8"))
+            if not prompt and not self.add_bos and e and e[0] >= 0:
+                start = e[0]  # the first token is read, never predicted: its characters are not counted
+            lab = [t if not prompt or not 0 <= x <= start else -100 for t, x in zip(row, e)]
+            labels.append(lab)
+            # the characters the labels cover (for bits per character): the text after the prompt
+            # up to the last labelled token, plus one for an <eos> kept within max_length
+            last = max((x for x, lb in zip(e, lab) if x >= 0 and lb != -100), default=start)
+            covered = text.encode("utf-8")[start:last].decode("utf-8", errors="ignore")
+            eos = self.add_eos and len(row) and row[-1] == self.tokenizer.eos_token_id and e[-1] == -1
+            chars.append(len(covered) + int(bool(eos)))
+        out = pad_batch(ids, labels, self.tokenizer.pad_token_id)
         be = torch.full(out["input_ids"].shape, -1, dtype=torch.long)
         for b, e in enumerate(ends):
             if e:
                 be[b, : len(e)] = torch.as_tensor(e, dtype=torch.long)
         out["byte_ends"] = be
+        out["label_chars"] = torch.as_tensor(chars, dtype=torch.long)
         out["text"] = texts
         return out
 

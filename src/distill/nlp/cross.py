@@ -50,7 +50,7 @@ from distill.losses.cross_tokenizer import sparse_teacher
 from distill.nlp.align import TokenBytes, batch_alignment, vocab_map, vocab_strings
 from distill.nlp.collate import pad_batch
 from distill.outputs import Batch, Outputs
-from distill.teachers.store import weights_hash
+from distill.teachers.store import store_lock, weights_hash
 
 _FIELDS = ("probs", "ids", "tail", "ends", "starts", "keys")
 _VERSION = 2  # 1: character spans and token strings (misaligned multibyte characters)
@@ -137,7 +137,22 @@ def format_mass_kept(mass: Sequence[float], ks: Sequence[int] = (1, 5, 10, 20)) 
     return "teacher mass kept by the top-k (mean over tokens): " + ", ".join(parts)
 
 
-class CrossTokenizerTeacher:
+class NoTaps:
+    """What the Trainer asks of every teacher besides `__call__`: feature taps. Across tokenizers
+    the teacher's positions are not the student's, so feature terms are refused."""
+
+    def add_taps(self, paths) -> None:
+        if paths:
+            raise DistillError(
+                f"feature terms (taps {', '.join(paths)}) with a teacher of another tokenizer: its positions "
+                "are not the student's; use aligned_kd / uld"
+            )
+
+    def to(self, device):
+        return self
+
+
+class CrossTokenizerTeacher(NoTaps):
     """A frozen teacher (or a mean of several sharing one tokenizer) run on the batch's texts.
 
     Args:
@@ -213,8 +228,22 @@ def write_cross_store(
     (anything else starts again). When every shard is done they are joined into the store's files
     (one shard in memory at a time) and the folder is renamed to PATH.
 
+    A second process writing the same store is refused at once (the lock file `PATH.lock` beside
+    it, as for the same-tokenizer store).
+
     Returns the manifest (with `bytes_per_token`); prints the size per teacher token.
     """
+    with store_lock(Path(path)):
+        return _write_cross_store(
+            Path(path), models, tokenizer, texts, k, max_length, batch_size, dtype, add_eos, add_bos,
+            device, verbose, shard_texts,
+        )  # fmt: skip
+
+
+def _write_cross_store(
+    path: Path, models, tokenizer, texts, k, max_length, batch_size, dtype, add_eos, add_bos, device,
+    verbose, shard_texts,
+) -> dict:  # fmt: skip
     if dtype not in ("float16", "float32"):
         raise DistillError(f"store dtype '{dtype}' is not one of float16, float32")
     if shard_texts < 1:
@@ -227,7 +256,6 @@ def write_cross_store(
     tokens = TokenBytes(tokenizer, "teacher")
     strings = vocab_strings(tokens)
     texts = list(dict.fromkeys(texts))
-    path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     say = print if verbose else (lambda *_a, **_k: None)
     keys = [text_key(t) for t in texts]
@@ -347,7 +375,7 @@ def _join_shards(folder: Path, n_shards: int) -> None:
         atomic_write(folder / f"{f}.npy", write)
 
 
-class CachedCrossTokenizerTeacher:
+class CachedCrossTokenizerTeacher(NoTaps):
     """Serves a store written by `write_cross_store` as a `CrossTokenizerTeacher` would.
 
     Args:
@@ -426,7 +454,7 @@ class CachedCrossTokenizerTeacher:
         return Outputs(logits=None, extras={"xt": {self.name: entry}})
 
 
-class CrossTeachers:
+class CrossTeachers(NoTaps):
     """Several teachers at once: each one's `extras["xt"]` under its own name, in one `Outputs`.
 
     Give each teacher its own term (`aligned_kd` / `uld` with `teacher: <name>`); the `Objective`

@@ -53,7 +53,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.nlp.align import vocab_map
-from distill.nlp.cross import _texts_and_ends, _xt_entry, format_mass_kept, text_key
+from distill.nlp.cross import NoTaps, _texts_and_ends, _xt_entry, format_mass_kept, text_key
 from distill.outputs import Batch, Outputs
 
 __all__ = [
@@ -339,7 +339,7 @@ def record_line(
     return {"prompt": prompt, "messages": [{"role": "user", "content": prompt}], "response": resp}
 
 
-class ServedTeacher:
+class ServedTeacher(NoTaps):
     """A teacher read from a responses file: what `aligned_kd` / `uld` read, for any student tokenizer.
 
     Args:

@@ -156,6 +156,24 @@ def _bundle(rows, parts, tok, num_classes=None, meta=None) -> DataBundle:
     )
 
 
+def offset_bundle(records, parts, tok, max_length: int, add_eos: bool = True, meta=None) -> DataBundle:
+    """Text records (`{"text", "prompt"?}`) split by `parts`, collated with byte offsets in `tok`
+    (`CrossTokenizerCollator`), for teachers of any tokenizer."""
+    from distill.nlp.align import CrossTokenizerCollator
+
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    train, val, test = ([records[i] for i in p] for p in parts)
+    return DataBundle(
+        train=TokenDataset(train),
+        val=TokenDataset(val) if val else None,
+        test=TokenDataset(test) if test else (TokenDataset(val) if val else None),
+        collate_fn=CrossTokenizerCollator(tok, max_length=max_length, add_eos=add_eos),
+        tokenizer=tok,
+        meta={**(meta or {}), "offsets": True, "train": len(train), "val": len(val), "test": len(test)},
+    )
+
+
 # --------------------------------------------------------------------------- text_classification
 
 
@@ -347,12 +365,15 @@ def text(
     max_val: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    offsets: bool = False,
 ) -> DataBundle:
     """Plain texts for causal LMs (packed into blocks of `block_size` tokens, every token
     learned) or for encoders / sentence embeddings (`pack: false`: one text per item, truncated
     to `max_length`; `labels: false` for teacher-only targets such as embeddings).
 
     The split is over texts, before packing, so no held-out text leaks into training blocks.
+    `offsets: true` (filled by `distill run` when a term reads a teacher of another tokenizer):
+    one text per item, kept as text and collated with its byte offsets (`CrossTokenizerCollator`).
     """
     texts = load_texts(path, field=field)
     seen, kept = set(), []
@@ -364,6 +385,15 @@ def text(
     parts = _split(len(kept), val_fraction, test_fraction, seed)
     parts = (_cap(parts[0], max_train), _cap(parts[1], max_val), _cap(parts[2], max_test))
     tok = get_tokenizer(tokenizer, [kept[i] for i in parts[0]])
+    if offsets:
+        return offset_bundle(
+            [{"text": t} for t in kept],
+            parts,
+            tok,
+            max_length,
+            add_eos,
+            meta={"source": str(path), "texts": len(kept)},
+        )
     eos = tok.eos_token_id if add_eos else None
     truncated = 0
 
@@ -640,6 +670,7 @@ def chat_prompts(
     max_val: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    offsets: bool = False,
 ) -> DataBundle:
     """Chat data from prompts (`distill.nlp.chat_data`): the teacher answers every prompt once with
     its chat template (greedy unless `do_sample`; settings recorded), the answers are cached in
@@ -656,6 +687,11 @@ def chat_prompts(
             room for an answer is refused. Keep it within the student's context.
         max_new_tokens / do_sample / temperature / top_p: the teacher's generation settings.
         generate_batch_size: prompts answered per `generate` call.
+        offsets: items are texts (the prompt rendered with the teacher's chat template, then the
+            answer's text), collated with byte offsets in `tokenizer` (`CrossTokenizerCollator`),
+            which may then be another tokenizer than the teacher's: a student of any tokenizer
+            (`{train: {vocab_size, kind}}` trains one on the training answers). `distill run` sets
+            it when a term reads a teacher of another tokenizer (aligned_kd, uld).
     """
     from distill.nlp.chat_data import build_answers, read_prompts, split_prompts, too_long
 
@@ -673,6 +709,8 @@ def chat_prompts(
         path, teacher, answers, prompt_column, split_column, max_new_tokens, do_sample, temperature,
         top_p, generate_batch_size, seed, rows=rows, needed=[parts[2], parts[1], parts[0]], max_length=max_length,
     )  # fmt: skip
+    if offsets:
+        return _chat_texts(rows, done, parts, needed, tok, tokenizer, max_length, path, folder)
     if tokenizer is not None and not isinstance(tokenizer, dict):
         other = get_tokenizer(tokenizer)
         if other.get_vocab() != tok.get_vocab():
@@ -696,3 +734,82 @@ def chat_prompts(
         "max_length": max_length,
     }
     return _bundle(items, parts, tok, meta=meta)
+
+
+def _chat_texts(rows, done, parts, needed, teacher_tok, tokenizer, max_length, path, folder) -> DataBundle:
+    """`chat_prompts` with `offsets`: text records `{"text": prompt + answer, "prompt": prompt}`,
+    the prompt rendered with the teacher's chat template (the text both sides read), collated in
+    the student's tokenizer (the teacher's when `tokenizer` is None)."""
+    records: list[dict[str, Any]] = [{} for _ in rows]
+    for i in needed:
+        prompt = teacher_tok.apply_chat_template(
+            rows[i]["messages"], add_generation_prompt=True, tokenize=False
+        )
+        records[i] = {"text": prompt + done[i]["answer"], "prompt": prompt}
+    if tokenizer is None:
+        tok = teacher_tok
+    else:
+        # a tokenizer trained here learns from the training answers (and their prompts)
+        tok = get_tokenizer(tokenizer, [records[i]["text"] for i in parts[0]])
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = teacher_tok.chat_template  # the student reads prompts as the teacher does
+    finish = [done[i]["finish"] for i in needed]
+    meta = {
+        "source": str(path),
+        "answers": str(folder),
+        "eos_rate_teacher": sum(f == "eos" for f in finish) / len(finish),
+        "max_length": max_length,
+    }
+    return offset_bundle(records, parts, tok, max_length, True, meta)
+
+
+def served_responses(
+    path: str,
+    tokenizer: Any = None,
+    prompt_template: str = "",
+    max_length: int = 256,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+    served: dict[str, Any] | None = None,
+    prompts: str | None = None,
+    offsets: bool = True,
+) -> DataBundle:
+    """A served teacher's responses file (JSON Lines in the OpenAI chat-completions format, see
+    `distill.nlp.served`) as the student's texts: `prompt_template` (with `{prompt}` replaced)
+    followed by each response, labels on the response, collated with byte offsets in the student's
+    tokenizer (`{train: {vocab_size, kind}}` trains one on the training texts).
+
+    Args:
+        served: the recipe's `teacher.served` section (filled by `distill run`); with an
+            `endpoint`, the answers are fetched into `path` first (once; an interrupted fetch is
+            completed, nothing refetched), asking the prompts of `prompts`.
+        prompts: a JSONL / CSV prompt file (`distill.nlp.chat_data.read_prompts`), for the endpoint.
+    """
+    from distill.nlp.served import fetch_responses, read_responses
+
+    if served and served.get("endpoint"):
+        if not prompts:
+            raise ConfigError(
+                "served_responses: teacher.served.endpoint is set; give data.init_args.prompts (a prompt file to ask it)"
+            )
+        from distill.nlp.chat_data import read_prompts
+
+        fetch_responses(
+            path, served["endpoint"], served.get("model") or "", [r["messages"] for r in read_prompts(prompts)],
+            top_logprobs=int(served.get("top_logprobs", 20)), max_tokens=int(served.get("max_tokens", 128)),
+            temperature=float(served.get("temperature", 1.0)),
+        )  # fmt: skip
+    records, seen = [], set()
+    for r in read_responses(path):
+        prefix = prompt_template.replace("{prompt}", r.prompt) if prompt_template else ""
+        if prefix + r.text not in seen:  # the same text answered twice: the first answer teaches
+            seen.add(prefix + r.text)
+            records.append({"text": prefix + r.text, "prompt": prefix})
+    parts = _split(len(records), val_fraction, test_fraction, seed)
+    parts = (_cap(parts[0], max_train), _cap(parts[1], max_val), _cap(parts[2], max_test))
+    tok = get_tokenizer(tokenizer, [records[i]["text"] for i in parts[0]])
+    return offset_bundle(records, parts, tok, max_length, True, {"source": str(path), "texts": len(records)})

@@ -80,6 +80,18 @@ class TeacherConfig(ModelConfig):
         None, description="a store written by `distill cache-teacher`: distil from it, not the live teacher"
     )
     cache_fill: Literal["tail", "min", "renorm", "bucket"] = "tail"
+    served: dict[str, Any] | None = Field(
+        None,
+        description="a teacher you can only query: {file: responses.jsonl} of top-k log-probabilities "
+        "(OpenAI format), or with endpoint/model to fetch them once (distill.run.served.ServedConfig); "
+        "no name or class_path then",
+    )
+    cross_k: int = Field(
+        32,
+        gt=0,
+        description="with a student of another tokenizer (aligned_kd / uld terms): teacher probabilities "
+        "kept per token, live and in its store (the rest is one tail bucket)",
+    )
     use: Literal["last", "best"] | int = Field(
         "last",
         description="which weights of a trained teacher teach: last, best (validation) or an epoch number",
@@ -87,6 +99,18 @@ class TeacherConfig(ModelConfig):
     calibrate: bool = Field(
         False, description="divide the teacher's logits by the temperature fitted on the validation split"
     )
+
+    @model_validator(mode="after")
+    def _one_of(self):  # (Component's rule, except that a served teacher names no model)
+        if self.served is not None:  # (its keys: distill.run.served.ServedConfig, in resolve_cross)
+            if self.name is not None or self.class_path is not None or self.checkpoint or self.train:
+                raise ValueError(
+                    "served: a served teacher is its responses; drop name/class_path/checkpoint/train"
+                )
+            return self
+        if (self.name is None) == (self.class_path is None):
+            raise ValueError("give exactly one of 'name' or 'class_path'")
+        return self
 
     @field_validator("use")
     @classmethod

@@ -50,6 +50,9 @@ def resolve_recipe(cfg):
     teacher's), the student's task, the evaluator for the task and the metric to monitor (for any
     recipe scored by the perplexity evaluator: perplexity, lower is better). The
     result is what `config.yaml` records, so a rerun does not depend on these defaults."""
+    from distill.run.cross import resolve_cross
+
+    cfg = resolve_cross(cfg)  # a teacher of another tokenizer or a served one: texts with byte offsets
     task = teacher_task(cfg)
     perplexity = cfg.evaluator is not None and cfg.evaluator.name == "perplexity"
     if task is None and not perplexity:

@@ -31,6 +31,7 @@ from distill.outputs import Batch, as_batch
 from distill.registry import ADAPTERS, LOSSES
 from distill.run.chat import side_by_side
 from distill.run.config import RecipeConfig, TeacherConfig, TrainerConfig
+from distill.run.cross import cross_teacher, is_cross, offset_data, teacher_data
 from distill.run.hf import export_student_hf, resolve_recipe, text_speed
 from distill.run.measure import count_params, interleaved_latency, latency_ms, noise_groups, size_mb
 from distill.run.preflight import MIX_STORE, build_transfer, check_init_args, check_teacher_config
@@ -279,7 +280,7 @@ def load_teacher(
     seed_everything(cfg.seed)
     built = model is not None
     if model is None:
-        model = build_model(tc.spec(), data)
+        model = build_model(tc.spec(), teacher_data(cfg, data))  # (its own tokenizer across tokenizers)
     adapter = build_adapter(tc.adapter)
     info: dict[str, Any] = {}
     if tc.checkpoint:
@@ -350,6 +351,8 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built 
     first member's model)."""
     dtype_of = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     first = built.take("teacher_model") if built is not None else None
+    if cfg.teacher.served is not None and not cfg.teachers:
+        return None, None, []  # a served teacher: no model, no row (`summary["served_teacher"]`)
     if not cfg.teachers:
         model, adapter, info = load_teacher(cfg.teacher, "teacher", data, cfg, out, model=first)
         t = Teacher(
@@ -536,7 +539,12 @@ def run_recipe(
         kd_objective = built.take("kd_objective") or build_objective(cfg)
         kd_data = add_transfer(cfg, data, kd_objective)
         kd_teacher, kd_trainer = teacher, cfg.trainer
-        if cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
+        cross = is_cross(cfg)
+        if cross:  # a student of another tokenizer: the teacher reads the texts (live, store or served)
+            kd_teacher = cross_teacher(cfg, kd_data, teacher_model)
+        elif offset_data(data) and not kd_objective.needs_teacher:
+            kd_teacher = None  # labels alone on texts in the student's tokens: the teacher cannot read them
+        elif cfg.teacher.cache and not cfg.teachers:  # offline: the teacher's outputs come from a store
             from distill.teachers.store import outputs_fingerprint
 
             outputs = outputs_fingerprint(_spec(cfg.teacher.adapter), teacher_rows[0][3].get("temperature"))
@@ -574,14 +582,19 @@ def run_recipe(
             return {"command": command, "recipe": cfg.name, "seed": cfg.seed, "rows": []}
         # agreement on the test split is with the label-free teacher (an ensemble never reads test labels)
         judge = teacher_rows[0][1].ensemble if cfg.teachers else teacher
+        t_data = teacher_data(cfg, data)  # across tokenizers: the same texts in the teacher's tokens
         rows = [
-            {**measure(n, m, data, cfg, None, adapter=a, latency=False), **info}
+            {**measure(n, m, t_data, cfg, None, adapter=a, latency=False), **info}
             for n, m, a, info in teacher_rows
         ]
+        texts = cross or offset_data(data)  # the student's tokens may not be the teacher's
         rows += [
-            measure(n, m, data, cfg, judge, adapter=student_adapter, latency=False)
+            measure(n, m, data, cfg, None if texts else judge, adapter=student_adapter, latency=False)
             for n, m in students.items()
         ]
+        if texts:  # no token-level agreement across vocabularies
+            for r in rows:
+                r.pop("agreement", None)
         add_latency(rows, {n: m for n, m, _, _ in teacher_rows} | students, data, cfg)
         add_fit_measures(rows, teacher, students, data, cfg, student_adapter)
         summary = {
@@ -595,6 +608,8 @@ def run_recipe(
         answers = side_by_side(rows)  # the chat evaluator's answers, out of the rows
         if answers:
             summary["answers"] = answers
+        if cfg.teacher.served is not None:  # a served teacher: responses, tokens, k, mass kept
+            summary["served_teacher"] = kd_teacher.summary()
         note_teacher_warnings(summary, data.num_classes, read_metrics(out / "metrics.jsonl"))
         add_student_cut(summary, students)
         if "truncated" in data.meta:  # text longer than max_length, cut (text data builders count them)
@@ -632,7 +647,14 @@ def teacher_warnings(rows: list[dict[str, Any]], num_classes: int | None) -> lis
     if teacher is None:
         return []
     out = []
-    if "perplexity" in teacher:  # a language model: its token accuracy is not the measure
+    if "bits_per_char" in teacher and scratch is not None and "bits_per_char" in scratch:
+        # across tokenizers per-token perplexities do not compare; bits per character do
+        if teacher["bits_per_char"] > 0.99 * scratch["bits_per_char"]:
+            out.append(
+                f"the teacher's bits per character {teacher['bits_per_char']:.3f} are not clearly fewer than "
+                f"the scratch student's {scratch['bits_per_char']:.3f}: there is little to distil"
+            )
+    elif "perplexity" in teacher:  # a language model: its token accuracy is not the measure
         if scratch is not None and teacher["perplexity"] > 0.99 * scratch.get("perplexity", float("inf")):
             out.append(
                 f"the teacher's perplexity {teacher['perplexity']:.2f} is not clearly better than the "
@@ -861,16 +883,23 @@ def preflight_recipe(
     teacher_adapter = build_adapter(cfg.teacher.adapter)
     student_adapter = build_adapter(cfg.student.adapter)
     seed_everything(cfg.seed)  # as `load_teacher` builds it: the same initial weights
-    teacher_model = build_model(cfg.teacher.spec(), data)
+    served = cfg.teacher.served is not None  # a teacher you can only query: no model
+    teacher_model = None if served else build_model(cfg.teacher.spec(), teacher_data(cfg, data))
     if cfg.teacher.checkpoint:
         load_weights(teacher_model, cfg.teacher.checkpoint)
-    teacher_state = _snapshot(teacher_model)
-    pretrained = getattr(teacher_model, "distill_pretrained", False)  # an hf folder with its own weights
+    teacher_state = None if served else _snapshot(teacher_model)
+    # an hf folder loads its own weights; a served teacher has none
+    pretrained = served or getattr(teacher_model, "distill_pretrained", False)
     if not cfg.teacher.checkpoint and cfg.teacher.train is None and not pretrained:
         raise ConfigError("teacher: give a checkpoint to load or a train: section to train it first")
-    teacher_model.to(device)
-    report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
-    report["teacher"]["source"] = (
+    if served:
+        from distill.run.cross import served_description
+
+        report["teacher"] = served_description(cfg)
+    else:
+        teacher_model.to(device)
+        report["teacher"] = describe_model(cfg.teacher.spec(), teacher_model)
+    report["teacher"]["source"] = report["teacher"].get("source") or (
         f"checkpoint {cfg.teacher.checkpoint}"
         if cfg.teacher.checkpoint
         else f"trained first ({cfg.teacher.train.epochs} epochs)"
@@ -891,7 +920,7 @@ def preflight_recipe(
             cfg.teacher.train.mix,
             cfg.seed,
         )
-    teacher = Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
+    teacher = None if served else Teacher(teacher_model, adapter=teaching_adapter(teacher_adapter))
     try:
         seed_everything(cfg.seed)  # as the run builds each stage's student
         student = build_model(cfg.student.spec(), data, teacher=teacher_model)
@@ -916,11 +945,17 @@ def preflight_recipe(
                 cfg.trainer.mix,
                 cfg.seed,
             )
+        kd_teacher = teacher
+        if is_cross(cfg):  # the teacher reads the batch's texts in its own tokenizer
+            from distill.run.cross import fit_report
+
+            kd_teacher = cross_teacher(cfg, data, teacher_model, write=False)
+            report["tokenizers"] = fit_report(cfg, data, batch, kd_teacher)
         stages["student_kd"] = run_stage(
             "student_kd",
             student,
             kd,
-            teacher,
+            kd_teacher,
             student_adapter,
             batch,
             device,
@@ -929,10 +964,12 @@ def preflight_recipe(
             cfg.seed,
         )
     finally:
-        teacher.tap.remove()  # the run's Teacher adds its own taps
+        if teacher is not None:
+            teacher.tap.remove()  # the run's Teacher adds its own taps
     report["stages"] = stages
     if built is not None:
-        _restore(teacher_model, teacher_state)
+        if teacher_state is not None:
+            _restore(teacher_model, teacher_state)
         built.teacher_model = teacher_model
         # a student made from the teacher's layers is built again after the teacher trains
         if cfg.teacher.checkpoint or cfg.teacher.train is None or not takes_teacher(cfg.student.spec()):

@@ -206,7 +206,9 @@ def validate_recipe(cfg: Any, data: DataBundle, batch: Batch, objective: Objecti
         if mix.name != "none" and mix.prob > 0:
             check_mixable(batch.inputs, mix.name, batch.targets)
     mixing = cfg.trainer.mix.name != "none" and cfg.trainer.mix.prob > 0
-    if cfg.teacher.cache and not cfg.teachers:
+    from distill.run.cross import is_cross
+
+    if cfg.teacher.cache and not cfg.teachers and not is_cross(cfg):  # (a cross store: distill.run.cross)
         spec = cfg.teacher.adapter.spec() if cfg.teacher.adapter is not None else None
         outputs = outputs_fingerprint(spec, calibrated=cfg.teacher.calibrate)
         if not mixing and cfg.data.transfer is None:

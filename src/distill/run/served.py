@@ -43,6 +43,21 @@ class ServedConfig(Strict):
         return self
 
 
+def served_config(spec: Mapping | ServedConfig, where: str = "teacher.served") -> ServedConfig:
+    """The section validated, errors named by key (`teacher.served.k: ...`)."""
+    from distill.run.config import format_validation_error
+
+    if isinstance(spec, ServedConfig):
+        return spec
+    try:
+        return ServedConfig.model_validate(dict(spec))
+    except ValidationError as e:
+        msg = format_validation_error(e, ServedConfig)
+        unknown = "unknown key '"
+        msg = unknown + f"{where}." + msg[len(unknown) :] if msg.startswith(unknown) else f"{where}.{msg}"
+        raise ConfigError(msg) from None
+
+
 def served_teacher(
     spec: Mapping | ServedConfig,
     student_tokenizer,
@@ -57,16 +72,7 @@ def served_teacher(
         prompts: what to ask the endpoint (user messages or message lists); needed with `endpoint`.
         where: the section's key path, for errors (`teacher.served.k: ...`).
     """
-    from distill.run.config import format_validation_error
-
-    if not isinstance(spec, ServedConfig):
-        try:
-            spec = ServedConfig.model_validate(dict(spec))
-        except ValidationError as e:
-            msg = format_validation_error(e, ServedConfig)
-            unknown = "unknown key '"
-            msg = unknown + f"{where}." + msg[len(unknown) :] if msg.startswith(unknown) else f"{where}.{msg}"
-            raise ConfigError(msg) from None
+    spec = served_config(spec, where)
     if spec.endpoint:
         if prompts is None:
             raise ConfigError(
