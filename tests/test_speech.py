@@ -175,3 +175,21 @@ def test_speech_data_bundle(tiny_speech):
     assert len(data.train) + len(data.val) + len(data.test) == 15
     torch.manual_seed(0)
     assert data.train[0][0].shape == (1, 40, 101)
+
+
+@needs_espeak
+def test_transfer_set_speaks_fresh_clips_of_the_training_voices_only(tiny_speech, tmp_path):
+    from distill.data.speech import speech_data
+
+    root, kw = tiny_speech
+    labelled = speech_data(root=root, seed=0, synth_seed=0, **kw)
+    transfer = speech_data(root=tmp_path / "t", synth_seed=1, split_seed=0, splits=["train"], **kw)
+    assert transfer.val is None and transfer.test is None
+    voices = {transfer.train.voice(i) for i in range(len(transfer.train))}
+    assert voices == {labelled.train.voice(i) for i in range(len(labelled.train))}
+    assert len(transfer.train) == len(labelled.train)  # one clip per (word, training voice)
+    # fresh clips: another synthesis seed draws other accents, speeds, pitches and noise
+    a, b = labelled.train.audio(0), transfer.train.audio(0)
+    assert labelled.train.files[0] == transfer.train.files[0] and not np.array_equal(a, b)
+    with pytest.raises(DistillError, match="splits"):
+        speech_data(root=tmp_path / "u", splits=["dev"], **kw)

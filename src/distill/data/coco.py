@@ -106,7 +106,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "iscrowd": crowd[keep],
         }
 
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
+    def image(self, i: int) -> Tensor:
+        """Image `i` (3, H, W) float32 in [0, 1], before `transforms`."""
         from PIL import Image
 
         path = self.images / self.records[i]["file_name"]
@@ -115,7 +116,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except OSError as e:
             raise DistillError(f"cannot read image {path} ({e})") from e
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (3, H, W)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (3, H, W)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
+        image = self.image(i)
         target = self.target(i)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -47,6 +47,7 @@ VOICES = (
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan")
 SAMPLE_RATE = 16_000
 _VERSION = 1
+SPLITS = ("train", "val", "test")
 
 
 def espeak_binary() -> str:
@@ -157,6 +158,8 @@ def synthesize_speech(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split_seed: int | None = None,
+    splits: Sequence[str] = SPLITS,
     overwrite: bool = False,
 ) -> Path:
     """Writes the synthetic spoken-word set to `root` (Speech Commands layout) and returns `root`.
@@ -176,6 +179,10 @@ def synthesize_speech(
         clip_seconds: window length.
         val_fraction, test_fraction: shares of the voices held out.
         seed: the set is a function of the arguments and this seed.
+        split_seed: the seed of the voice split (default `seed`). A second set with another `seed`
+            and the first set's seed here has fresh clips of the same voices in each split: a
+            transfer set that holds no clip, and no voice, of the first set's val/test splits.
+        splits: speak only the voices of these splits (`["train"]` for a transfer set).
     """
     import soundfile as sf
 
@@ -185,7 +192,10 @@ def synthesize_speech(
         raise DistillError(f"words must be distinct and non-empty, got {words}")
     if clips_per_voice < 1:
         raise DistillError(f"clips_per_voice must be >= 1, got {clips_per_voice}")
-    split = voice_split(voices, seed, val_fraction, test_fraction)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise DistillError(f"splits: {unknown or '[]'} is not a subset of {list(SPLITS)}")
+    split = voice_split(voices, seed if split_seed is None else split_seed, val_fraction, test_fraction)
     manifest = {
         "generator": "distill.data.speech",
         "version": _VERSION,
@@ -202,6 +212,11 @@ def synthesize_speech(
         "test_fraction": test_fraction,
         "seed": seed,
     }
+    # recorded only when set, so a folder made before these arguments existed is still reused
+    if split_seed is not None:
+        manifest["split_seed"] = split_seed
+    if tuple(splits) != SPLITS:
+        manifest["splits"] = sorted(splits)
     root = Path(root)
     tmp = start_generated_folder(root, manifest, overwrite)
     if tmp is None:
@@ -215,6 +230,8 @@ def synthesize_speech(
             folder = tmp / _folder_name(word)
             folder.mkdir(parents=True)
             for v_i, voice in enumerate(voices):
+                if split_of[voice] not in splits:
+                    continue
                 for k in range(clips_per_voice):
                     # One generator per clip: a clip does not change when others are added.
                     rng = np.random.default_rng([seed, w_i, v_i, k])
@@ -475,6 +492,8 @@ def speech_data(
     time_shift: int = 10,
     folder: str | os.PathLike | None = None,
     synth_seed: int = 0,
+    split_seed: int | None = None,
+    splits: Sequence[str] = SPLITS,
     seed: int = 0,
     **synth: Any,
 ):
@@ -487,6 +506,9 @@ def speech_data(
 
     Args:
         time_shift: training augmentation, in feature frames (10 ms each).
+        split_seed, splits: see `synthesize_speech`. A transfer set (`data.transfer`) of fresh
+            utterances by the labelled set's training voices: another `synth_seed`, `split_seed`
+            the labelled set's `synth_seed`, `splits: [train]` (its val/test are then None).
         synth: further `synthesize_speech` arguments (snr_db, speed_range, ...).
     """
     from distill.data.bundle import DataBundle
@@ -495,6 +517,10 @@ def speech_data(
     if folder is not None:
         root, word_list = Path(folder), (list(words) if words is not None else None)
     else:
+        if split_seed is not None:  # (in the folder's key only when set: older folders keep theirs)
+            synth["split_seed"] = split_seed
+        if tuple(splits) != SPLITS:
+            synth["splits"] = list(splits)
         key = json.dumps(
             [list(words), list(voices), clips_per_voice, synth_seed, sorted(synth.items())], default=str
         )
@@ -509,8 +535,9 @@ def speech_data(
         word_list = list(words)
     feats = LogMel(SAMPLE_RATE, n_mels=n_mels)
     train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift)
-    val = SpeechCommands(root, "val", train.words, features=feats)
-    test = SpeechCommands(root, "test", train.words, features=feats)
+    spoken = SPLITS if folder is not None else splits  # (a transfer set spoke the train split only)
+    val = SpeechCommands(root, "val", train.words, features=feats) if "val" in spoken else None
+    test = SpeechCommands(root, "test", train.words, features=feats) if "test" in spoken else None
     return DataBundle(
         train=train,
         val=val,

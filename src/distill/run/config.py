@@ -38,6 +38,20 @@ class Component(Strict):
         return {"name": self.name, "class_path": self.class_path, "init_args": dict(self.init_args)}
 
 
+class PseudoLabelConfig(Strict):
+    """A detection transfer set's targets: the teacher's boxes (`distill.teachers.pseudo_labels.pseudo_label`)."""
+
+    score_threshold: float = Field(
+        0.5, ge=0, le=1, description="keep the teacher's boxes scoring at least this"
+    )
+    iou: float = Field(0.5, gt=0, le=1, description="class-agnostic NMS threshold, once per image")
+    store: str | None = Field(
+        None,
+        description="the file the boxes are written to once (default: pseudo_labels.safetensors in the run "
+        "folder); reused while the teacher, the images and these settings match",
+    )
+
+
 class DataConfig(Component):
     """The dataset (default: the bundled digits) and how it is batched."""
 
@@ -51,6 +65,10 @@ class DataConfig(Component):
         None,
         description="a transfer set (any dataset, same builders): its training inputs, labels ignored, "
         "are added to the distilled student's data and teach through the teacher terms only",
+    )
+    pseudo_labels: PseudoLabelConfig = Field(
+        default_factory=PseudoLabelConfig,
+        description="a transfer set of detection images takes the teacher's boxes as its targets",
     )
 
     @model_validator(mode="before")
@@ -98,6 +116,11 @@ class TeacherConfig(ModelConfig):
     )
     calibrate: bool = Field(
         False, description="divide the teacher's logits by the temperature fitted on the validation split"
+    )
+    seeds: Literal["each", "first"] = Field(
+        "each",
+        description="under --seeds N: train the teacher for each seed, or once with the first seed and "
+        "distil every seed from it (the teacher's weights fixed, only the students' seeds vary)",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -380,10 +381,16 @@ def build_teachers(cfg: RecipeConfig, data: DataBundle, out: Path, built: Built 
 
 
 class Unlabelled(Dataset):
-    """A dataset's inputs with the label replaced by `ignore` (what label terms skip): a transfer set."""
+    """A dataset's inputs with the label replaced by `ignore` (what label terms skip): a transfer set.
 
-    def __init__(self, dataset: Dataset, ignore: int = -100):
+    `like`: a labelled sample the transfer samples are batched with; the label comes as a plain int
+    when that sample's label is one (a 0-d tensor otherwise), so default collation of a batch that
+    mixes the two sets sees one type."""
+
+    def __init__(self, dataset: Dataset, ignore: int = -100, like: Any = None):
         self.dataset, self.ignore = dataset, ignore
+        y = like[1] if isinstance(like, tuple | list) and len(like) > 1 else None
+        self.as_int = isinstance(y, int) and not isinstance(y, bool)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -391,20 +398,55 @@ class Unlabelled(Dataset):
     def __getitem__(self, i: int):
         sample = self.dataset[i]
         x = sample[0] if isinstance(sample, tuple | list) else sample
-        return x, torch.tensor(self.ignore)
+        return x, (self.ignore if self.as_int else torch.tensor(self.ignore))
 
 
-def add_transfer(cfg: RecipeConfig, data: DataBundle, objective: Objective) -> DataBundle:
+def add_transfer(
+    cfg: RecipeConfig,
+    data: DataBundle,
+    objective: Objective,
+    pseudo: Callable[[Dataset], Dataset] | None = None,
+) -> DataBundle:
     """`data.transfer`: the distilled student trains on the labelled set plus the transfer set's
     inputs, whose labels are replaced by the label terms' `ignore_index`, so only the teacher terms
-    learn from them (and, under `trainer.mix`, they mix in as zero labels)."""
+    learn from them (and, under `trainer.mix`, they mix in as zero labels).
+
+    Detection images (targets are dicts of boxes) take the teacher's boxes as targets instead:
+    `pseudo(transfer_train)` gives that dataset (`pseudo_labelled`)."""
     spec = cfg.data.transfer
     if spec is None:
         return data
     transfer = build_transfer(cfg)
-    # (its shape, and one ignore_index across the label terms, were checked by validate_recipe)
-    merged = ConcatDataset([data.train, Unlabelled(transfer.train, label_ignore(objective, "data.transfer"))])
-    return dataclasses.replace(data, train=merged)
+    like = data.train[0] if len(data.train) else None
+    if isinstance(like, tuple | list) and len(like) > 1 and isinstance(like[1], Mapping):
+        if pseudo is None:
+            raise ConfigError(
+                "data.transfer of detection images needs the teacher's boxes as targets; "
+                "this command has no trained teacher to label them (use distill run)"
+            )
+        part = pseudo(transfer.train)
+    else:  # (its shape, and one ignore_index across the label terms, were checked by validate_recipe)
+        part = Unlabelled(transfer.train, label_ignore(objective, "data.transfer"), like)
+    return dataclasses.replace(data, train=ConcatDataset([data.train, part]))
+
+
+def pseudo_labelled(cfg: RecipeConfig, teacher_model: nn.Module, adapter: Any, out: Path):
+    """For `add_transfer`: a detection transfer set with the teacher's boxes (score-thresholded,
+    NMS once per image) as targets, read from `data.pseudo_labels.store` (default: the run folder's
+    pseudo_labels.safetensors) when they were stored for this teacher and these images, else
+    computed once and stored there. `adapter`: the recipe's teacher adapter (with post-processing)."""
+    from distill.teachers.pseudo_labels import PseudoLabelled, pseudo_label
+
+    pc = cfg.data.pseudo_labels
+    path = Path(pc.store) if pc.store else out / "pseudo_labels.safetensors"
+
+    def label(dataset: Dataset) -> Dataset:
+        boxes = pseudo_label(
+            teacher_model, dataset, adapter, pc.score_threshold, pc.iou, cfg.data.eval_batch_size, store=path
+        )
+        return PseudoLabelled(dataset, boxes)
+
+    return label
 
 
 def label_ignore(objective: Objective, key: str) -> int:
@@ -537,7 +579,8 @@ def run_recipe(
         teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out, built)
 
         kd_objective = built.take("kd_objective") or build_objective(cfg)
-        kd_data = add_transfer(cfg, data, kd_objective)
+        pseudo = pseudo_labelled(cfg, teacher_model, teacher_rows[0][2], out) if not cfg.teachers else None
+        kd_data = add_transfer(cfg, data, kd_objective, pseudo)
         kd_teacher, kd_trainer = teacher, cfg.trainer
         cross = is_cross(cfg)
         if cross:  # a student of another tokenizer: the teacher reads the texts (live, store or served)
@@ -775,6 +818,8 @@ def run_seeds(
         summaries = []
         for k in range(seeds):
             seed_cfg = cfg.model_copy(update={"seed": cfg.seed + k})
+            if k > 0 and cfg.teacher.seeds == "first":
+                seed_cfg = teacher_of_first_seed(seed_cfg, out / f"seed{cfg.seed}")
             summaries.append(run_recipe(seed_cfg, out / f"seed{cfg.seed + k}", resume=True, command=command))
         if not dist.is_main():
             return summaries[0]
@@ -787,6 +832,23 @@ def run_seeds(
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         write_report(out)
         return summary
+
+
+def teacher_of_first_seed(cfg: RecipeConfig, first: Path) -> RecipeConfig:
+    """`teacher.seeds: first`: the recipe with the teacher that the first seed's run (`first`)
+    trained as its checkpoint, so a later seed distils from those weights instead of training its own."""
+    tc = cfg.teacher
+    if cfg.teachers:
+        raise ConfigError("teacher.seeds: first shares one trained teacher; it does not apply to teachers:")
+    if tc.checkpoint or tc.train is None:
+        return cfg  # a teacher given as a checkpoint (or pretrained) is the same for every seed already
+    # the weights load_teacher took: final (last), best, or epoch<N>
+    name = {"last": "final", "best": "best"}[tc.use] if isinstance(tc.use, str) else f"epoch{tc.use}"
+    path = first / "checkpoints" / "teacher" / f"{name}.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"teacher.seeds: first, but the first seed left no teacher weights at {path}")
+    shared = tc.model_copy(update={"checkpoint": str(path), "train": None, "use": "last"})
+    return cfg.model_copy(update={"teacher": shared})
 
 
 def evaluate_checkpoint(
@@ -981,7 +1043,7 @@ def preflight_recipe(
 
 
 # Teacher settings that change only how the teacher is used for distillation, not its trained weights.
-_TEACHER_USE_ONLY = ("cache", "cache_fill", "dtype", "compile")
+_TEACHER_USE_ONLY = ("cache", "cache_fill", "dtype", "compile", "seeds")
 
 
 def teacher_stage_inputs(recipe: dict[str, Any]) -> dict[str, Any] | None:
