@@ -304,8 +304,24 @@ def all_paired(rows) -> dict:
             k: paired(rows, student, "labels", method, k) for k in ("answer_ppl", "teacher_nll", "rouge_l")
         }
         if any(diffs.values()):
-            out[f"{student} {method} - labels"] = diffs
+            out[f"{student} {method} - labels"] = diffs | {"gap_closed": gap_closed(rows, student, method)}
     return out
+
+
+def gap_closed(rows, student: str, method: str) -> float | None:
+    """Share of the answer-perplexity gap between labels alone and the teacher that `method`
+    closes: (labels − method) / (labels − teacher), from the means over the seeds both have."""
+    teacher = [r["answer_ppl"] for r in rows if r["method"] == "teacher"]
+    by = {
+        (r["method"], r["seed"]): r["answer_ppl"]
+        for r in rows
+        if r["student"] == student and r["source"] == "online"
+    }
+    seeds = [s for (m, s) in by if m == method and ("labels", s) in by]
+    if not teacher or not seeds:
+        return None
+    lab = statistics.fmean(by[("labels", s)] for s in seeds)
+    return (lab - statistics.fmean(by[(method, s)] for s in seeds)) / (lab - teacher[0])
 
 
 def table(results: dict) -> str:
@@ -365,7 +381,9 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        results = json.loads(Path(args.out).read_text())
+        print(table(results))
+        print(json.dumps(all_paired(results["rows"]), indent=1))
         return
     bench = Bench(args)
     methods = args.methods.split(",")
