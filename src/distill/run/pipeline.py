@@ -579,7 +579,9 @@ def run_recipe(
         teacher, teacher_model, teacher_rows = build_teachers(cfg, data, out, built)
 
         kd_objective = built.take("kd_objective") or build_objective(cfg)
-        pseudo = pseudo_labelled(cfg, teacher_model, teacher_rows[0][2], out) if not cfg.teachers else None
+        pseudo = None  # a transfer set's boxes come from the one trained teacher (none when served)
+        if cfg.data.transfer is not None and not cfg.teachers and teacher_rows:
+            pseudo = pseudo_labelled(cfg, teacher_model, teacher_rows[0][2], out)
         kd_data = add_transfer(cfg, data, kd_objective, pseudo)
         kd_teacher, kd_trainer = teacher, cfg.trainer
         cross = is_cross(cfg)
