@@ -132,6 +132,37 @@ def test_check_says_how_the_tokenizers_fit_and_run_trains_live_and_from_a_store(
     assert (store / "probs.npy").stat().st_mtime_ns == mtime
 
 
+def test_cache_teacher_writes_the_cross_tokenizer_store_run_reads(tmp_path, teacher_dir, capsys):
+    """`distill cache-teacher` on a cross-tokenizer recipe writes the store of texts in the
+    teacher's tokens (not a store of the student's token ids), refuses to replace it without
+    --overwrite, and never deletes a folder that is not a store."""
+    import argparse
+
+    from distill.cli import cache as cli_cache
+
+    def cli(*argv):
+        parser = argparse.ArgumentParser(prog="distill")
+        cli_cache.add_parser(parser.add_subparsers(dest="command"))
+        return cli_cache.main(parser.parse_args(["cache-teacher", str(tmp_path / "r.yaml"), *argv]))
+
+    (tmp_path / "r.yaml").write_text(_recipe(tmp_path, teacher_dir).to_yaml())
+    store = tmp_path / "xt"
+    assert cli("--out", str(store), "--topk", "6") == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["kind"] == "cross_tokenizer" and manifest["k"] == 6
+    assert f"teacher.cache={store}" in capsys.readouterr().out
+    assert cli("--out", str(store)) == 2
+    assert "already; train from it with teacher.cache=" in capsys.readouterr().err
+    assert cli("--out", str(store), "--overwrite") == 0  # the recipe's cross_k: 8
+    assert json.loads((store / "manifest.json").read_text())["k"] == 8
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli("--out", str(mine), "--overwrite") == 2
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert "is not a teacher store" in capsys.readouterr().err
+
+
 def test_a_student_tokenizer_with_no_common_character_is_refused_in_one_line():
     from distill.data.text import train_tokenizer
     from distill.errors import DistillError
@@ -153,6 +184,20 @@ def test_feature_taps_on_a_teacher_of_another_tokenizer_are_refused():
     NoTaps().add_taps([])  # no feature terms: nothing to refuse
     with pytest.raises(DistillError, match="teacher of another tokenizer"):
         NoTaps().add_taps(["transformer.h.0"])
+
+
+def test_cross_tokenizer_terms_with_an_ensemble_of_teachers_are_refused(tmp_path, teacher_dir):
+    from distill.errors import ConfigError
+    from distill.run.config import parse_recipe
+    from distill.run.cross import resolve_cross
+
+    hf = {"name": "hf", "init_args": {"path": str(teacher_dir), "task": "causal_lm"}}
+    cfg, _ = _served_recipe(tmp_path, teacher_dir)
+    raw = cfg.model_dump(mode="json", exclude={"teacher"})
+    raw["teachers"] = [hf, hf]
+    raw["data"] = {"name": "chat_prompts", "init_args": {"path": str(tmp_path / "p.jsonl")}}
+    with pytest.raises(ConfigError, match="objective terms kd align the student's tokens with one teacher's"):
+        resolve_cross(parse_recipe(raw))
 
 
 def _served_recipe(tmp_path, teacher_dir, **over):

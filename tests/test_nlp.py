@@ -225,6 +225,35 @@ def test_hidden_terms_average_or_sum_over_layer_pairs():
         HiddenMSE(layer_reduction="max")
 
 
+def test_hidden_terms_cut_map_follows_the_blocks_the_student_kept():
+    """`layer_map: cut`: the input of student block j against the input of the teacher block it
+    came from, then the final states; zero for a student that kept every block."""
+    from distill.losses.transformer import HiddenCosine, cut_pairs
+
+    assert cut_pairs([0, 2, 3], 4, 6) == [(0, 0), (1, 2), (2, 3), (3, 5)]
+    teacher = tiny_llama(layers=5)
+    x = torch.randint(0, 64, (2, 6))
+    batch = as_batch({"input_ids": x, "attention_mask": torch.ones(2, 6, dtype=torch.long)})
+    ad = hf_adapter(hidden_states=True)
+    t_out = Teacher(teacher, adapter=ad)(batch)
+    ht = t_out.extras["hidden_states"]
+    whole = make_student(teacher, layers=[0, 1, 2, 3, 4])
+    assert HiddenCosine(layer_map="cut")(ad(whole, batch), t_out, batch) < 1e-5
+    student = make_student(teacher, layers=[1, 3])
+    s_out = ad(student, batch)
+    assert s_out.extras["layer_origin"] == (1, 3)
+    hs = s_out.extras["hidden_states"]
+    want = sum(hidden_state_loss(hs[i], ht[j], kind="cos") for i, j in [(0, 1), (1, 3), (2, 5)]) / 3
+    got = HiddenCosine(layer_map="cut")(s_out, t_out, batch)
+    assert torch.allclose(got, want, atol=1e-6) and got > 0.01
+    got.backward()
+    assert student.model.layers[0].mlp.up_proj.weight.grad is not None
+    with pytest.raises(DistillError, match="layer_map: cut needs a student cut from its teacher"):
+        HiddenMSE(layer_map="cut")(ad(tiny_llama(layers=2), batch), t_out, batch)
+    with pytest.raises(DistillError, match=r"came from teacher blocks \[1, 3\].*the teacher 2"):
+        HiddenMSE(layer_map="cut")(s_out, Teacher(tiny_llama(layers=2), adapter=ad)(batch), batch)
+
+
 def test_embedding_terms_cache_and_cached_teacher(tmp_path):
     torch.manual_seed(0)
     encoder = torch.nn.Linear(3, 8)

@@ -83,12 +83,42 @@ def _tokens_per_sample(dataset) -> int | None:
     return len(ids) if ids is not None and hasattr(ids, "__len__") else None
 
 
+def _cross_store(cfg, data, model, out: Path, args) -> int:
+    """`distill run`'s cross-tokenizer store (`teacher.cache`), written here: the teacher's top-k
+    (`--topk`, else `teacher.cross_k`) on the data's texts in its own tokens."""
+    import json
+    import shutil
+
+    from distill.run.cross import cross_teacher
+
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        kind = json.loads(manifest.read_text()).get("kind")
+        if not args.overwrite:
+            raise DistillError(
+                f"a teacher store is at {out} already; train from it with teacher.cache={out}, or pass "
+                "--overwrite to write it again"
+            )
+        if kind != "cross_tokenizer":
+            raise DistillError(f"{out} holds a store of another kind ({kind}); choose another --out")
+        shutil.rmtree(out)  # a store distill wrote (its manifest says so)
+    elif out.exists() and any(out.iterdir()):
+        raise DistillError(f"{out} exists and is not a teacher store; choose another --out")
+    k = _topk(args.topk)
+    k = k if isinstance(k, int) else None  # 'auto' / 'all': the recipe's teacher.cross_k
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": str(out)})})
+    cross_teacher(cfg, data, model, k=k)
+    print(f"train from it with: teacher.cache={out}")
+    return 0
+
+
 def main(args) -> int:
     import torch
 
     from distill.data.bundle import build_data
     from distill.engine.trainer import resolve_device, seed_everything
     from distill.run.config import apply_overrides, load_yaml, parse_recipe
+    from distill.run.cross import is_cross
     from distill.run.hf import resolve_recipe
     from distill.run.pipeline import add_transfer, build_objective, load_teacher, store_rows
     from distill.teachers import Teacher
@@ -97,6 +127,11 @@ def main(args) -> int:
     try:
         cfg = parse_recipe(apply_overrides(load_yaml(args.recipe), args.overrides), source=args.recipe)
         cfg = resolve_recipe(cfg)  # what an hf teacher implies (the data's tokenizer, ...)
+        if cfg.teacher.served is not None:
+            raise DistillError(
+                "teacher.served: the responses file is the served teacher's store already; distil from it "
+                "with distill run (nothing to cache)"
+            )
         checkpoint = args.teacher_checkpoint or cfg.teacher.checkpoint
         pretrained = cfg.teacher.name == "hf" and cfg.teacher.init_args.get("path")  # its own weights
         if not checkpoint and (cfg.teacher.train is not None or not pretrained):
@@ -113,6 +148,8 @@ def main(args) -> int:
         # calibration (teacher.calibrate), so the store holds what the live teacher would teach
         tc = cfg.teacher.model_copy(update={"checkpoint": checkpoint})
         model, adapter, info = load_teacher(tc, "teacher", data, cfg, out)
+        if is_cross(cfg):  # a teacher of another tokenizer: a store of texts, for any student tokenizer
+            return _cross_store(cfg, data, model, out, args)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher.dtype]
         teacher = Teacher(model, adapter=adapter, dtype=dtype, compile=cfg.teacher.compile)
         if args.mix_views is not None and args.augment_copies is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data.bundle import start_generated_folder
+from distill.data.bundle import finish_generated_folder, start_generated_folder
 from distill.errors import DistillError
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "plus")
@@ -218,7 +218,7 @@ def generate_shapes(
         }
         (tmp / "annotations.json").write_text(json.dumps(coco))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, root)
+        finish_generated_folder(tmp, root, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.data.bundle import start_generated_folder
+from distill.data.bundle import finish_generated_folder, start_generated_folder
 from distill.errors import DistillError
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -257,7 +257,7 @@ def synthesize_speech(
         (tmp / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
         (tmp / "voices.json").write_text(json.dumps({"split": split, "clips": clips}, indent=0))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, root)
+        finish_generated_folder(tmp, root, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,14 @@ The layer mapping says which student layer learns from which teacher layer: a di
 `{student_index: teacher_index}` (negative indices count from the end), or "uniform": student
 layer i of n learns from teacher layer round(i·m/n) of m, TinyBERT's choice, plus the embeddings
 (index 0 -> 0) for hidden states.
+
+For a student cut from its teacher (`distill.nlp.make_student`: blocks b_0 < ... < b_{n-1} kept),
+hidden states also take "cut": the input of student block j learns the input of teacher block
+b_j, and the student's final (normed) state the teacher's. Each kept block, together with the
+ones before it, then learns to do the work of the teacher blocks removed around it (the
+intermediate-state loss of depth-pruned LLM recovery: Sreenivas et al. 2024, Minitron; Kim et al.
+2024, Shortened LLaMA). It reads the kept blocks from the student's outputs
+(`extras["layer_origin"]`, which the `hf` adapter sets from `config.distill_layers`).
 """
 
 from __future__ import annotations
@@ -27,11 +35,33 @@ from distill.registry import LOSSES
 LayerMap = Mapping[int, int] | Sequence[Sequence[int]] | str
 
 
-def _pairs(layer_map: LayerMap, n_student: int, n_teacher: int, first: int) -> list[tuple[int, int]]:
+def cut_pairs(origin: Sequence[int], n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """The "cut" map of hidden-state indices: (j, origin[j]) for each student block j (its input
+    against the input of the teacher block it came from), then (final, final)."""
+    blocks, teacher_blocks = n_student - 1, n_teacher - 1
+    if len(origin) != blocks or not all(0 <= b < teacher_blocks for b in origin):
+        raise DistillError(
+            f"layer_map: cut: the student's blocks came from teacher blocks {list(origin)}, but it has "
+            f"{blocks} blocks and the teacher {teacher_blocks}; distil it from the teacher it was cut from"
+        )
+    return [*((j, int(b)) for j, b in enumerate(origin)), (blocks, teacher_blocks)]
+
+
+def _pairs(
+    layer_map: LayerMap, n_student: int, n_teacher: int, first: int, origin: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
     """Resolves a layer map to (student, teacher) index pairs within [0, n) for each side.
 
-    `first` is the lowest index a uniform map uses (0 for hidden states incl. embeddings, else 1).
+    `first` is the lowest index a uniform map uses (0 for hidden states incl. embeddings, else 1);
+    `origin` the teacher block of each student block, for "cut".
     """
+    if layer_map == "cut":
+        if origin is None:
+            raise DistillError(
+                "layer_map: cut needs a student cut from its teacher (hf student with num_layers or "
+                "layers, which records config.distill_layers) read by the hf adapter with hidden states"
+            )
+        return cut_pairs(origin, n_student, n_teacher)
     if isinstance(layer_map, str):
         if layer_map == "last":
             return [(n_student - 1, n_teacher - 1)]
@@ -70,7 +100,8 @@ def _extra(out: Outputs, key: str, who: str) -> tuple:
     if not v:
         flag = "hidden_states=True" if key == "hidden_states" else "attentions=True"
         raise DistillError(
-            f"the {who} outputs have no {key}; use distill.nlp.hf_adapter({flag}) as the {who}'s adapter"
+            f"the {who} outputs have no {key}; use distill.nlp.hf_adapter({flag}) as the {who}'s adapter "
+            f"(in a recipe: the {who}'s hf init_args {key}: true)"
         )
     # A Teacher's outputs come from inference mode; tensors nested in tuples are not cloned by
     # Outputs.clone(), and inference tensors cannot be saved for backward.
@@ -141,10 +172,12 @@ class _HiddenState(LossTerm):
         self.layer_reduction = layer_reduction
         if not isinstance(layer_map, str | Mapping | Sequence):
             raise DistillError(
-                f"{self._name}.layer_map must be 'uniform', 'last' or a {{student: teacher}} dict"
+                f"{self._name}.layer_map must be 'uniform', 'last', 'cut' or a {{student: teacher}} dict"
             )
-        if isinstance(layer_map, str) and layer_map not in ("uniform", "last"):
-            raise DistillError(f"{self._name}.layer_map '{layer_map}' is not one of uniform, last, or a dict")
+        if isinstance(layer_map, str) and layer_map not in ("uniform", "last", "cut"):
+            raise DistillError(
+                f"{self._name}.layer_map '{layer_map}' is not one of uniform, last, cut, or a dict"
+            )
         self.layer_map = layer_map
         self.projection = projection
         self.proj = nn.ModuleDict()
@@ -153,9 +186,12 @@ class _HiddenState(LossTerm):
     def _name(self) -> str:
         return f"hidden_{self.kind}"
 
+    def _pairs(self, student: Outputs, hs: tuple, ht: tuple) -> list[tuple[int, int]]:
+        return _pairs(self.layer_map, len(hs), len(ht), 0, student.extras.get("layer_origin"))
+
     def setup(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> None:
         hs, ht = _extra(student, "hidden_states", "student"), _extra(teacher, "hidden_states", "teacher")
-        for i, j in _pairs(self.layer_map, len(hs), len(ht), first=0):
+        for i, j in self._pairs(student, hs, ht):
             ds, dt = hs[i].shape[-1], ht[j].shape[-1]
             if ds != dt:
                 if not self.projection:
@@ -166,7 +202,7 @@ class _HiddenState(LossTerm):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         hs, ht = _extra(student, "hidden_states", "student"), _extra(teacher, "hidden_states", "teacher")
-        pairs = _pairs(self.layer_map, len(hs), len(ht), first=0)
+        pairs = self._pairs(student, hs, ht)
         b, t = hs[0].shape[:2]
         mask = _token_mask(student, batch, b, t, hs[0].device)
         total = 0.0
@@ -189,7 +225,9 @@ class HiddenMSE(_HiddenState):
     linear projection when the widths differ (created in `setup`, trained with the student).
 
     Args:
-        layer_map: {student: teacher} hidden-state indices (0 = embeddings), "uniform" or "last".
+        layer_map: {student: teacher} hidden-state indices (0 = embeddings), "uniform", "last",
+            or "cut" (a student cut from this teacher: each block's input against the input of
+            the teacher block it came from; see the module docstring).
         projection: allow a learned projection when widths differ.
         layer_reduction: "mean" (default) or "sum" over the layer pairs. TinyBERT sums them, so
             its published weights assume "sum" (5x "mean" for a 4-layer student with the

@@ -7,6 +7,8 @@ hidden states, attentions and sentence embeddings into `Outputs.extras` under fi
 - `extras["hidden_states"]`: tuple of (B, T, H), index 0 = embeddings, i = after block i.
 - `extras["attentions"]`: tuple of (B, heads, T, T) attention probabilities, one per block.
 - `extras["attention_mask"]`: (B, T), so token-level terms can ignore padding.
+- `extras["layer_origin"]`: for a student cut from its teacher (`config.distill_layers`), the
+  teacher block each of its blocks came from; `hidden_mse`/`hidden_cos` with `layer_map: cut` read it.
 - `extras["embeddings"]`: (B, D) sentence embeddings (SentenceTransformer).
 """
 
@@ -90,6 +92,9 @@ class HFAdapter:
                 del out.extras[key]
         if "attention_mask" in inputs:
             out.extras["attention_mask"] = inputs["attention_mask"]
+        origin = getattr(getattr(getattr(model, "module", model), "config", None), "distill_layers", None)
+        if self.hidden_states and origin:  # a student cut from its teacher: where each block came from
+            out.extras["layer_origin"] = tuple(int(i) for i in origin)
         return out
 
 

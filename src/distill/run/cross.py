@@ -61,6 +61,12 @@ def resolve_cross(cfg):
     served = cfg.teacher.served
     if not is_cross(cfg) and served is None:
         return cfg
+    if is_cross(cfg) and cfg.teachers:
+        raise ConfigError(
+            f"objective terms {', '.join(cross_terms(cfg))} align the student's tokens with one teacher's; "
+            "teachers: (an ensemble) averages outputs over one vocabulary. Give one teacher: per run, or "
+            "teachers that share the student's tokenizer with fkl/kd terms"
+        )
     cfg = cfg.model_copy(deep=True)
     if served is not None:
         from distill.run.served import served_config
