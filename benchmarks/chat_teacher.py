@@ -14,8 +14,11 @@ Rows, one per (student, method, source, seed):
   - `fkl`, `rkl`, `jsd`, `skew`: token-level KD on the teacher's answers, that term alone;
   - `onpolicy`: GKD, `jsd` with a share λ (`--lam`) of the batches answered by the current student
     inside the training loop (`on_policy.lam`) and scored by the teacher;
-  - `fkl` with `source: store`: forward KL from the teacher store (top-`--topk` logits + the tail
-    mass per token, written once by the same code as `distill cache-teacher`).
+  - `fkl_ce_hid`: `fkl_ce` plus `hidden_cos` with `layer_map: cut` (each kept block's input
+    against the input of the teacher block it came from);
+  - `<way>@store` (`store` alone: `fkl@store`): that way with `source: store`, its teacher the
+    store (top-`--topk` logits + the tail mass per token, written once by the same code as
+    `distill cache-teacher`).
 Each trained row uses the pipeline's own pieces (`build_data`, `build_teachers`, `build_model`,
 `train_stage`, `on_policy_hook`, `CachedTeacher`) and is measured by the `chat` evaluator
 (`distill.run.chat.ChatEvaluator`) on the first `--heldout` held-out prompts: `answer_ppl`,
@@ -52,13 +55,22 @@ TERMS = {
     "onpolicy": {"kd": {"name": "jsd", "weight": 1.0}},
     # the issue's calibration probe's mix: half labels, half forward KL
     "fkl_ce": {"ce": {"name": "lm_ce", "weight": 0.5}, "kd": {"name": "fkl", "weight": 0.5}},
+    # the same, plus each kept block's input against its teacher block's (hidden_cos, layer_map: cut)
+    "fkl_ce_hid": {
+        "ce": {"name": "lm_ce", "weight": 0.5},
+        "kd": {"name": "fkl", "weight": 0.5},
+        "hid": {"name": "hidden_cos", "weight": 1.0, "init_args": {"layer_map": "cut"}},
+    },
 }
+HIDDEN = {"fkl_ce_hid"}  # methods whose models return their hidden states
 
 
 def recipe(args, method: str, seed: int, source: str = "online") -> dict:
     """The recipe of one row, as `distill run` would read it (config.yaml of the row's run)."""
     student_args = {"num_layers": args.layers, "select": "importance", "importance": "bi"}
     student_args["calibration_batches"] = args.calibration_batches
+    hidden = {"hidden_states": True} if method in HIDDEN else {}
+    student_args.update(hidden)
     return {
         "name": f"chat_teacher_{method}",
         "seed": seed,
@@ -79,7 +91,7 @@ def recipe(args, method: str, seed: int, source: str = "online") -> dict:
         },  # fmt: skip
         "teacher": {
             "name": "hf",
-            "init_args": {**SMOL, "task": "causal_lm"},
+            "init_args": {**SMOL, "task": "causal_lm", **hidden},
             **({"cache": str(Path(args.runs) / "store")} if source == "store" else {}),
         },
         "student": {"name": "hf", "init_args": student_args},
@@ -223,6 +235,11 @@ class Bench:
                 teacher, data = self.teacher, self.data
                 if source == "store":
                     teacher, data = self.store(cfg)
+                if method in HIDDEN:  # the same frozen teacher, returning its hidden states too
+                    from distill.nlp.adapters import hf_adapter
+                    from distill.teachers import Teacher
+
+                    teacher = Teacher(self.teacher_model, adapter=hf_adapter(hidden_states=True))
                 hook = on_policy_hook(cfg, model, self.data)
                 out = self.runs / f"{name}_{method}_{source}_seed{seed}"
                 objective = build_objective(cfg)
@@ -278,10 +295,15 @@ def measured_step_s(run: Path, batch_size: int) -> float | None:
     return statistics.median(steps) if steps else None
 
 
+def way(row: dict) -> str:
+    """A row's method, with `@store` when its teacher was the store: `fkl`, `fkl_ce@store`."""
+    return row["method"] if row["source"] == "online" else f"{row['method']}@{row['source']}"
+
+
 def paired(rows, student: str, a: str, b: str, key: str) -> dict | None:
-    """Mean paired difference (b − a) of `key` over the seeds both methods have for `student`
-    (online), with a 95% t interval when there are two seeds or more."""
-    by = {(r["method"], r["seed"]): r for r in rows if r["student"] == student and r["source"] == "online"}
+    """Mean paired difference (b − a) of `key` over the seeds both ways (`way`) have for
+    `student`, with a 95% t interval when there are two seeds or more."""
+    by = {(way(r), r["seed"]): r for r in rows if r["student"] == student}
     seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
     d = [by[(b, s)][key] - by[(a, s)][key] for s in seeds]
     if not d:
@@ -297,7 +319,7 @@ def paired(rows, student: str, a: str, b: str, key: str) -> dict | None:
 def all_paired(rows) -> dict:
     """Every trained way against labels alone, per student: `{"cut15 fkl - labels": {metric: ...}}`."""
     out = {}
-    for student, method in dict.fromkeys((r["student"], r["method"]) for r in rows):
+    for student, method in dict.fromkeys((r["student"], way(r)) for r in rows):
         if method in ("teacher", "cut", "labels"):
             continue
         diffs = {
@@ -312,11 +334,7 @@ def gap_closed(rows, student: str, method: str) -> float | None:
     """Share of the answer-perplexity gap between labels alone and the teacher that `method`
     closes: (labels − method) / (labels − teacher), from the means over the seeds both have."""
     teacher = [r["answer_ppl"] for r in rows if r["method"] == "teacher"]
-    by = {
-        (r["method"], r["seed"]): r["answer_ppl"]
-        for r in rows
-        if r["student"] == student and r["source"] == "online"
-    }
+    by = {(way(r), r["seed"]): r["answer_ppl"] for r in rows if r["student"] == student}
     seeds = [s for (m, s) in by if m == method and ("labels", s) in by]
     if not teacher or not seeds:
         return None
@@ -374,7 +392,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds for labels and the main KD way")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     ap.add_argument("--main", default="fkl", help="the KD way run on every seed beside labels alone")
-    ap.add_argument("--methods", default="teacher,cut,labels,fkl,rkl,jsd,skew,onpolicy,store")
+    ap.add_argument(
+        "--methods",
+        default="teacher,cut,labels,fkl,rkl,jsd,skew,onpolicy,store",
+        help="ways to run; <way>@store trains that way from the teacher store",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/chat_teacher")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chat_teacher.json"))
@@ -394,7 +416,8 @@ def main() -> None:
     order += [(m, s) for s in range(first, first + args.seeds) for m in ("labels", args.main) if m in methods]
     order += [(m, first) for m in methods if (m, first) not in order]
     for m, seed in order:
-        bench.row("fkl", seed, "store") if m == "store" else bench.row(m, seed)
+        method, _, source = ("fkl@store" if m == "store" else m).partition("@")
+        bench.row(method, seed, source or "online")
     rows = bench.results["rows"]
     bench.results["paired"] = all_paired(rows)
     from distill.checkpoint import atomic_write_text
