@@ -93,14 +93,19 @@ def _cross_store(cfg, data, model, out: Path, args) -> int:
 
     manifest = out / "manifest.json"
     if manifest.is_file():
-        kind = json.loads(manifest.read_text()).get("kind")
+        try:
+            kind = json.loads(manifest.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None  # unreadable: not replaced
         if not args.overwrite:
             raise DistillError(
                 f"a teacher store is at {out} already; train from it with teacher.cache={out}, or pass "
                 "--overwrite to write it again"
             )
         if kind != "cross_tokenizer":
-            raise DistillError(f"{out} holds a store of another kind ({kind}); choose another --out")
+            raise DistillError(
+                f"{out} holds something other than a cross-tokenizer store; choose another --out"
+            )
         shutil.rmtree(out)  # a store distill wrote (its manifest says so)
     elif out.exists() and any(out.iterdir()):
         raise DistillError(f"{out} exists and is not a teacher store; choose another --out")
