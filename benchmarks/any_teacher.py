@@ -98,7 +98,7 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
     raw["data"]["batch_size"] = args.batch_size
     raw["teacher"]["init_args"] = dict(SMOL)
     raw["teacher"]["cross_k"] = args.k
-    if source == "store":
+    if source == "store" and KD[method] is not None:  # (labels alone read no teacher)
         raw["teacher"]["cache"] = str(Path(args.runs) / f"store_k{args.k}")
     if source == "served":  # the teacher's top-k as a server returns them (recorded by `record_served`)
         d["teacher"] = {k: SMOL[k] for k in ("path", "gguf_file")}  # (the cached answers' fingerprint)
