@@ -87,6 +87,7 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
         path=str(ROOT / d["path"]), answers=args.answers, max_new_tokens=args.max_new_tokens,
         max_length=args.max_length, tokenizer={"train": {"vocab_size": args.vocab, "kind": "bpe"}}, offsets=True,
     )  # fmt: skip
+    d["seed"] = 0  # one split for every seed (paired rows on the same texts; one store serves them all)
     if args.max_train:
         d["max_train"] = args.max_train
     if args.max_test:
