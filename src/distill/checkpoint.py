@@ -8,7 +8,9 @@ can be read by any safetensors reader and cannot carry code.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import struct
@@ -21,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from distill.errors import CheckpointError
+from distill.errors import CheckpointError, DistillError
 
 _META_KEY = "distill"
 
@@ -70,6 +72,34 @@ def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
             return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
     return obj
+
+
+def lock_or_refuse(path: str | os.PathLike, busy: str) -> int:
+    """Takes an exclusive lock on the file `path` (created if missing) without waiting and returns
+    its descriptor; raises `DistillError(busy)` when another process holds it (a second writer is
+    refused at once). Release with `unlock`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DistillError(busy) from None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str):
+    """`lock_or_refuse` for the length of a `with` block."""
+    fd = lock_or_refuse(path, busy)
+    try:
+        yield
+    finally:
+        unlock(fd)
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

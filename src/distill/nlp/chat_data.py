@@ -162,16 +162,13 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
 @contextlib.contextmanager
 def _writer_lock(folder: Path):
     """Refuses a second process writing the same answers folder."""
-    import fcntl
+    from distill.checkpoint import exclusive_lock
 
-    with open(folder / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DistillError(
-                f"another process is writing the answers in {folder}; wait for it (they are reused), "
-                "or point data.init_args.answers elsewhere"
-            ) from None
+    busy = (
+        f"another process is writing the answers in {folder}; wait for it (they are reused), "
+        "or point data.init_args.answers elsewhere"
+    )
+    with exclusive_lock(folder / ".lock", busy):
         yield
 
 

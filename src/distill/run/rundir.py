@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import re
 import shutil
 import sys
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.checkpoint import atomic_write_text
+from distill.checkpoint import atomic_write_text, lock_or_refuse, unlock
 from distill.engine import distributed as dist
 from distill.errors import DistillError
 from distill.run.config import import_header
@@ -188,20 +186,14 @@ class RunDir:
                     tmp.unlink(missing_ok=True)
 
     def _lock(self) -> None:
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DistillError(
-                f"another distill process is using {self.path}; wait for it to finish or choose another --out"
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = lock_or_refuse(
+            self.path / ".lock",
+            f"another distill process is using {self.path}; wait for it to finish or choose another --out",
+        )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            unlock(self._lock_fd)
             self._lock_fd = None
 
     def _record_written(self) -> None:

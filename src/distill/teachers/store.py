@@ -28,7 +28,6 @@ exactly from its index).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import inspect
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distill.adapters import Adapter, auto_adapter
-from distill.checkpoint import atomic_write, atomic_write_text
+from distill.checkpoint import atomic_write, atomic_write_text, exclusive_lock
 from distill.data.indexed import IndexedDataset
 from distill.errors import DistillError
 from distill.outputs import Batch, Outputs, as_batch
@@ -334,19 +333,11 @@ def store_lock(path: Path):
     itself is renamed into place) while it is written: a second writer is refused at once, as a
     second process on a run folder is."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DistillError(
-            f"another process is writing the teacher store {path}; wait for it to finish, or choose another --out"
-        ) from None
-    try:
+    busy = (
+        f"another process is writing the teacher store {path}; wait for it to finish, or choose another --out"
+    )
+    with exclusive_lock(path.with_name(path.name + ".lock"), busy):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _holding_store_lock(fn):
