@@ -53,7 +53,12 @@ KD = {
     "same_tokenizer_kd": {"name": "aligned_kd", "weight": 1.0},
     "aligned_kd": {"name": "aligned_kd", "weight": 1.0},
     "uld": {"name": "uld", "weight": 1.0},
+    # variants of aligned_kd: the prefix token map, and no ULD at unaligned positions
+    "aligned_kd_prefix": {"name": "aligned_kd", "weight": 1.0},
+    "aligned_kd_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
+    "aligned_kd_prefix_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
 }
+TEACHER = {m: {"cross_map": "prefix"} for m in KD if "prefix" in m}  # teacher settings per method
 
 
 def parse(argv=None):
@@ -62,7 +67,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-train", type=int, default=None, help="training prompts (default all 1,450 or so)")
     p.add_argument("--max-test", type=int, default=None, help="held-out prompts (default the 200 marked)")
-    p.add_argument("--max-val", type=int, default=None, help="validation prompts (default 2% of the rest)")
+    p.add_argument("--max-val", type=int, default=None, help="validation prompts (default 2%% of the rest)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the teacher's answer length")
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--vocab", type=int, default=2000, help="the student tokenizer's entries")
@@ -99,12 +104,18 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
     raw["data"]["batch_size"] = args.batch_size
     raw["teacher"]["init_args"] = dict(SMOL)
     raw["teacher"]["cross_k"] = args.k
+    raw["teacher"].update(TEACHER.get(method, {}))
     if source == "store" and KD[method] is not None:  # (labels alone read no teacher)
         raw["teacher"]["cache"] = str(Path(args.runs) / f"store_k{args.k}")
     if source == "served":  # the teacher's top-k as a server returns them (recorded by `record_served`)
         d["teacher"] = {k: SMOL[k] for k in ("path", "gguf_file")}  # (the cached answers' fingerprint)
         raw["teacher"] = {
-            "served": {"file": str(served_file(args)), "top_logprobs": min(args.k, 20), "prompt_template": ""}
+            "served": {
+                "file": str(served_file(args)),
+                "top_logprobs": min(args.k, 20),
+                "prompt_template": "",
+                "mode": TEACHER.get(method, {}).get("cross_map", "exact"),
+            }
         }
     raw["seed"] = seed
     raw["student"]["init_args"]["config"]["n_positions"] = max(256, args.max_length)
@@ -283,7 +294,7 @@ def main(argv=None) -> int:
     # paired differences against labels, per seed (95% t interval when there are several seeds)
     paired = {}
     labels = {r["seed"]: r["bits_per_char"] for r in results["rows"] if r["method"] == "labels"}
-    for m in ("same_tokenizer_kd", "aligned_kd", "uld"):
+    for m in (m for m in KD if m != "labels"):
         for s in sources:
             d = [
                 r["bits_per_char"] - labels[r["seed"]]

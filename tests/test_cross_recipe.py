@@ -186,6 +186,27 @@ def test_feature_taps_on_a_teacher_of_another_tokenizer_are_refused():
         NoTaps().add_taps(["transformer.h.0"])
 
 
+def test_teacher_cross_map_prefix_reaches_the_live_and_the_stored_teacher(tmp_path, teacher_dir):
+    """teacher.cross_map: prefix carries a teacher token the student has no token for onto the
+    first student token of its spelling; the run's live teacher and its store both use it."""
+    from distill.data.bundle import build_data
+    from distill.nlp.hf_models import hf
+    from distill.run.cross import cross_teacher
+    from distill.run.hf import resolve_recipe
+
+    maps = {}
+    for mode, cache in (("exact", None), ("prefix", None), ("prefix", str(tmp_path / "store"))):
+        cfg = resolve_recipe(
+            _recipe(tmp_path, teacher_dir, **{"teacher.cross_map": mode, "teacher.cache": cache})
+        )
+        data = build_data(cfg.data.name, None, cfg.data.init_args, seed=cfg.seed)
+        maps[mode, cache] = cross_teacher(cfg, data, hf(**cfg.teacher.init_args)).map
+    exact, prefix = maps["exact", None], maps["prefix", None]
+    assert (prefix[exact >= 0] == exact[exact >= 0]).all()  # where the student has the bytes: the same
+    assert int((prefix >= 0).sum()) > int((exact >= 0).sum())  # and more teacher tokens carried
+    assert (maps["prefix", str(tmp_path / "store")] == prefix).all()
+
+
 def test_cross_tokenizer_terms_with_an_ensemble_of_teachers_are_refused(tmp_path, teacher_dir):
     from distill.errors import ConfigError
     from distill.run.config import parse_recipe

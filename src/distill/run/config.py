@@ -110,6 +110,12 @@ class TeacherConfig(ModelConfig):
         description="with a student of another tokenizer (aligned_kd / uld terms): teacher probabilities "
         "kept per token, live and in its store (the rest is one tail bucket)",
     )
+    cross_map: Literal["exact", "prefix"] = Field(
+        "exact",
+        description="with a student of another tokenizer: where aligned_kd carries a teacher token's "
+        "probability - the student token of the same bytes (exact), or also the first student token of "
+        "its spelling when the student has no token of those bytes (prefix)",
+    )
     use: Literal["last", "best"] | int = Field(
         "last",
         description="which weights of a trained teacher teach: last, best (validation) or an epoch number",

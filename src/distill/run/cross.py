@@ -33,6 +33,8 @@ OFFSET_DATA = ("text", "chat_prompts", "served_responses")
 
 def cross_terms(cfg) -> list[str]:
     """The objective's terms that read the teacher through byte-aligned spans (any tokenizer)."""
+    import distill.losses  # noqa: F401 - registers the terms looked up here (else every name is unknown)
+
     out = []
     for n, t in cfg.objective.terms.items():
         try:
@@ -164,8 +166,10 @@ def cross_teacher(cfg, data: DataBundle, model: nn.Module | None, k: int | None 
                 path, model, teacher_tokenizer(cfg, data), texts, k=k, batch_size=cfg.data.eval_batch_size,
                 **settings,
             )  # fmt: skip
-        return CachedCrossTokenizerTeacher(path, data.tokenizer, teacher=model)
-    return CrossTokenizerTeacher(model, teacher_tokenizer(cfg, data), data.tokenizer, k=k, **settings)
+        return CachedCrossTokenizerTeacher(path, data.tokenizer, teacher=model, mode=cfg.teacher.cross_map)
+    return CrossTokenizerTeacher(
+        model, teacher_tokenizer(cfg, data), data.tokenizer, k=k, mode=cfg.teacher.cross_map, **settings
+    )
 
 
 def dataset_texts(ds) -> list[str]:
