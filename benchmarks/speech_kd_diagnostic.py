@@ -1,7 +1,8 @@
 """Why speech distillation loses (issue 31; docs/speech.md, "Why it loses"): plain loops over the
 library's speech models and `kd_loss`, on the validation split only (never the test split).
 
-Stages, each a separate call (results and caches in $SPEECH_DIAG_DIR, default runs/speech_kd_diag):
+Stages, each a separate call (results and caches in $SPEECH_DIAG_DIR, default runs/speech_kd_diag;
+$SPEECH_DIAG_STRIDE: every n-th transfer clip, default 4, 1 for all 3,744 as the recipe):
   data      the labelled set and a quarter of the transfer clips, as tensors
   teacher   the recipe's teacher (SpeechCNN width 32, cosine over 16 epochs), best val kept;
             `--stop-after N` stops after epoch N (the docs' table: 6, the CPU was taken)
@@ -217,7 +218,8 @@ def train_student(
 
 if __name__ == "__main__":
     D = load()
-    D["xtf"], D["ytf"] = D["xtf"][::4], D["ytf"][::4]  # 936 of the 3,744 transfer clips, every word
+    stride = int(os.environ.get("SPEECH_DIAG_STRIDE", "4"))  # 4: 936 of the 3,744 transfer clips; 1: all
+    D["xtf"], D["ytf"] = D["xtf"][::stride], D["ytf"][::stride]
     what = sys.argv[1]
     if what == "data":
         print({k: tuple(v.shape) for k, v in D.items()})

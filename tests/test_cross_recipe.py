@@ -93,6 +93,7 @@ def test_check_says_how_the_tokenizers_fit_and_run_trains_live_and_from_a_store(
     line = report["tokenizers"]
     assert line.startswith("tokenizers: teacher ") and "of the student's vocabulary maps exactly" in line
     assert "shared characters" in line and "aligned_kd" in line and "\n" not in line
+    assert "with teacher.cross_map: prefix" in line
     assert set(report["stages"]) == {"student_scratch", "student_kd"}
     assert report["stages"]["student_kd"]["losses"]["kd"] > 0
 
@@ -175,6 +176,10 @@ def test_a_student_tokenizer_with_no_common_character_is_refused_in_one_line():
     assert "\n" not in str(e.value)
     fit = tokenizer_fit(latin, latin, ["the cat sat"])
     assert fit["same_tokenizer"] and fit["student_vocab_exact"] == 1.0 and fit["aligned_positions"] == 1.0
+    # a student vocabulary too small for most teacher tokens: the prefix map carries every one
+    small = train_tokenizer(["the cat sat on the mat"] * 5, vocab_size=262, kind="bpe")
+    fit = tokenizer_fit(latin, small, ["the cat sat"])
+    assert fit["teacher_vocab_mapped"] < 1.0 and fit["teacher_vocab_prefix"] == 1.0
 
 
 def test_feature_taps_on_a_teacher_of_another_tokenizer_are_refused():

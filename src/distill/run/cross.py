@@ -187,6 +187,8 @@ def tokenizer_fit(teacher_tok, student_tok, texts: list[str], max_length: int = 
     - `student_vocab_exact`: share of the student's tokens that are the bytes of a teacher token
       (the mapped KL of `aligned_kd` carries the teacher's probability onto these);
     - `teacher_vocab_mapped`: share of the teacher's tokens that map onto a student token;
+    - `teacher_vocab_prefix`: the same with `teacher.cross_map: prefix` (a teacher token the student
+      has no token for carried onto the first student token of its spelling);
     - `shared_chars`: characters both vocabularies spell (no common character: refused);
     - `aligned_positions`: share of the student's positions on `texts` where the teacher has read
       exactly the same bytes (where `aligned_kd` compares distributions; elsewhere ULD).
@@ -200,6 +202,8 @@ def tokenizer_fit(teacher_tok, student_tok, texts: list[str], max_length: int = 
     mapped = {int(i) for i in vmap.tolist() if i >= 0} & s_emitted
     t_real = sum(1 for p in t.pieces if p)
     t_mapped = sum(1 for i, p in enumerate(t.pieces) if p and int(vmap[i]) >= 0)
+    pmap = vocab_map(teacher_tok, student_tok, mode="prefix")
+    t_prefix = sum(1 for i, p in enumerate(t.pieces) if p and int(pmap[i]) >= 0)
     aligned = total = 0
     if texts:
         s_ids, s_ends = s.encode(texts, max_length, add_eos=False)
@@ -216,6 +220,7 @@ def tokenizer_fit(teacher_tok, student_tok, texts: list[str], max_length: int = 
         "student_vocab": len(s.pieces),
         "student_vocab_exact": len(mapped) / max(len(s_emitted), 1),
         "teacher_vocab_mapped": t_mapped / max(t_real, 1),
+        "teacher_vocab_prefix": t_prefix / max(t_real, 1),
         "shared_chars": len(shared),
         "aligned_positions": aligned / max(total, 1),
         "texts": len(texts),
@@ -227,7 +232,8 @@ def fit_line(fit: dict[str, Any], terms: list[str]) -> str:
     head = (
         f"tokenizers: teacher {fit['teacher_vocab']:,} tokens, student {fit['student_vocab']:,}; "
         f"{fit['student_vocab_exact']:.1%} of the student's vocabulary maps exactly onto the teacher's "
-        f"({fit['teacher_vocab_mapped']:.1%} of the teacher's onto the student's), {fit['shared_chars']} shared "
+        f"({fit['teacher_vocab_mapped']:.1%} of the teacher's onto the student's, "
+        f"{fit['teacher_vocab_prefix']:.1%} with teacher.cross_map: prefix), {fit['shared_chars']} shared "
         f"characters, {fit['aligned_positions']:.1%} of student positions aligned on {fit['texts']} texts"
     )
     if fit["same_tokenizer"]:
