@@ -154,7 +154,7 @@ def train_student(
     transfer=False,
     seed=0,
     lr=0.005,
-    label_frac=None,
+    transfer_labels=False,
 ):
     seed_everything(seed)
     m = DSCNN(width=width, blocks=blocks)
@@ -163,7 +163,9 @@ def train_student(
     x_all, y_all, z_all = D["xtr"], D["ytr"], TL["xtr"]
     if transfer:
         x_all = torch.cat([x_all, D["xtf"]])
-        y_all = torch.cat([y_all, torch.full((len(D["xtf"]),), -100)])
+        # (transfer_labels: the true words of the transfer clips, for diagnosis only: how much
+        # the clips themselves teach when perfectly labelled)
+        y_all = torch.cat([y_all, D["ytf"] if transfer_labels else torch.full((len(D["xtf"]),), -100)])
         z_all = torch.cat([z_all, TL["xtf"]], dim=1)
     n, g = len(x_all), torch.Generator().manual_seed(seed)
     step, t0, log = 0, time.perf_counter(), []
@@ -206,6 +208,7 @@ def train_student(
         "kd": kd,
         "T": T,
         "transfer": transfer,
+        "transfer_labels": transfer_labels,
         "seed": seed,
         "lr": lr,
         "curve": log,

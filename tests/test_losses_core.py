@@ -105,6 +105,27 @@ def test_ce_term_label_smoothing_and_range_check():
         CrossEntropy()(Outputs(logits), None, Batch(inputs=None))
 
 
+def test_ce_normalize_batch_counts_unlabelled_samples_as_zero():
+    """With a transfer set most samples carry no label: "labelled" averages over the labelled
+    ones, "batch" over every sample (Hinton's per-sample a·CE + b·KD, an unlabelled sample's CE 0),
+    for class indices and for soft label rows (trainer.mix) alike."""
+    logits, y = torch.randn(4, 3), torch.tensor([0, -100, -100, 2])
+    labelled = F.cross_entropy(logits[[0, 3]], y[[0, 3]])
+    batch = Batch(inputs=None, targets=y)
+    assert CrossEntropy()(Outputs(logits), None, batch).item() == pytest.approx(labelled.item())
+    assert CrossEntropy(normalize="batch")(Outputs(logits), None, batch).item() == pytest.approx(
+        labelled.item() / 2
+    )
+    soft = torch.zeros(4, 3)
+    soft[0, 0] = soft[3, 2] = 1.0
+    mixed = Batch(inputs=None, targets=y, soft_targets=soft)
+    assert CrossEntropy(normalize="batch")(Outputs(logits), None, mixed).item() == pytest.approx(
+        labelled.item() / 2
+    )
+    with pytest.raises(DistillError, match="ce.normalize 'mean' is not one of labelled, batch"):
+        CrossEntropy(normalize="mean")
+
+
 def test_kd_and_mse_terms_use_outputs():
     s, t = torch.randn(2, 3), torch.randn(2, 3)
     b = Batch(inputs=None)

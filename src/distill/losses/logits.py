@@ -134,16 +134,24 @@ class CrossEntropy(LossTerm):
     Args:
         label_smoothing: in [0, 1).
         ignore_index: target value to skip (padding in token-level tasks, unlabelled samples).
+        normalize: "labelled": the mean over the labelled targets (padding does not count);
+            "batch": their sum over all the batch's targets, so an unlabelled sample counts as 0
+            and a labelled one weighs in `ce` as in `kd` (`mean over samples of a·CE + b·KD`,
+            Hinton's per-sample mix). With a transfer set (`data.transfer`) most samples of a batch
+            are unlabelled, and "labelled" lets a few labels outweigh the teacher several times over.
     """
 
     needs_teacher = False
     supports_sample_weights = False
 
-    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, normalize: str = "labelled"):
         super().__init__()
         check_range("ce.label_smoothing", label_smoothing, 0.0, 0.999)
+        if normalize not in ("labelled", "batch"):
+            raise DistillError(f"ce.normalize '{normalize}' is not one of labelled, batch")
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
+        self.normalize = normalize
         # Validating labels costs a host sync per call on CUDA; the Trainer turns this off there
         # and checks each batch's labels on the host copy instead.
         self.check_labels = True
@@ -151,7 +159,10 @@ class CrossEntropy(LossTerm):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> Tensor:
         logits = flatten_logits(student.require_logits("student")).float()
         if batch.soft_targets is not None:
-            return soft_target_cross_entropy(logits, batch.soft_targets, self.label_smoothing)
+            loss = soft_target_cross_entropy(logits, batch.soft_targets, self.label_smoothing)
+            if self.normalize == "batch":  # (the mean over the label mass, times its share of the rows)
+                return loss * batch.soft_targets.sum() / logits.shape[0]
+            return loss
         if batch.targets is None:
             raise DistillError(
                 "the ce term needs labels but the batch has none; drop the ce term for unlabeled data"
@@ -171,6 +182,8 @@ class CrossEntropy(LossTerm):
             ignore_index=self.ignore_index,
             reduction="sum",
         )
+        if self.normalize == "batch":
+            return total / max(targets.numel(), 1)
         # The mean over labelled samples, without a host sync; 0 (not NaN) when none is labelled.
         return total / (targets != self.ignore_index).sum().clamp_min(1)
 
