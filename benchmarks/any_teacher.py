@@ -58,7 +58,9 @@ KD = {
     "aligned_kd_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
     "aligned_kd_prefix_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
 }
-TEACHER = {m: {"cross_map": "prefix"} for m in KD if "prefix" in m}  # teacher settings per method
+TEACHER = {
+    m: {"cross_map": "prefix" if "prefix" in m else "exact"} for m in KD
+}  # teacher settings per method
 
 
 def parse(argv=None):
@@ -104,17 +106,19 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
     raw["data"]["batch_size"] = args.batch_size
     raw["teacher"]["init_args"] = dict(SMOL)
     raw["teacher"]["cross_k"] = args.k
-    raw["teacher"].update(TEACHER.get(method, {}))
+    raw["teacher"].update(TEACHER[method])
     if source == "store" and KD[method] is not None:  # (labels alone read no teacher)
         raw["teacher"]["cache"] = str(Path(args.runs) / f"store_k{args.k}")
     if source == "served":  # the teacher's top-k as a server returns them (recorded by `record_served`)
         d["teacher"] = {k: SMOL[k] for k in ("path", "gguf_file")}  # (the cached answers' fingerprint)
+        if method == "same_tokenizer_kd":  # (no teacher model to take the tokenizer from: name it)
+            d["tokenizer"] = f"{SMOL['path']}/{SMOL['gguf_file']}"
         raw["teacher"] = {
             "served": {
                 "file": str(served_file(args)),
                 "top_logprobs": min(args.k, 20),
                 "prompt_template": "",
-                "mode": TEACHER.get(method, {}).get("cross_map", "exact"),
+                "mode": TEACHER[method]["cross_map"],
             }
         }
     raw["seed"] = seed

@@ -167,7 +167,7 @@ def test_cache_teacher_writes_the_cross_tokenizer_store_run_reads(tmp_path, teac
 def test_a_student_tokenizer_with_no_common_character_is_refused_in_one_line():
     from distill.data.text import train_tokenizer
     from distill.errors import DistillError
-    from distill.run.cross import tokenizer_fit
+    from distill.run.cross import fit_line, tokenizer_fit
 
     latin = train_tokenizer(["the cat sat on the mat"] * 5, vocab_size=280, kind="bpe")
     greek = train_tokenizer(["αβγαβδγαβ"] * 5, kind="char")
@@ -180,6 +180,9 @@ def test_a_student_tokenizer_with_no_common_character_is_refused_in_one_line():
     small = train_tokenizer(["the cat sat on the mat"] * 5, vocab_size=262, kind="bpe")
     fit = tokenizer_fit(latin, small, ["the cat sat"])
     assert fit["teacher_vocab_mapped"] < 1.0 and fit["teacher_vocab_prefix"] == 1.0
+    few = {**fit, "teacher_vocab_mapped": 0.04}  # as SmolLM2 onto a 2,000-entry BPE: 3.7%
+    assert "teacher.cross_map: prefix carries" in fit_line(few, ["kd"])
+    assert "prefix carries" not in fit_line({**fit, "teacher_vocab_mapped": 0.9}, ["kd"])
 
 
 def test_feature_taps_on_a_teacher_of_another_tokenizer_are_refused():

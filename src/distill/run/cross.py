@@ -247,6 +247,11 @@ def fit_line(fit: dict[str, Any], terms: list[str]) -> str:
             "few positions align or few tokens map: aligned_kd falls back to ULD on most positions; "
             "uld (positions: index) fits any pair"
         )
+    if not fit["same_tokenizer"] and fit["teacher_vocab_mapped"] < 0.5 < fit["teacher_vocab_prefix"]:
+        advice += (
+            "; most teacher tokens are no student token: teacher.cross_map: prefix carries their "
+            "probability onto the first student token of their spelling"
+        )
     return f"{head}; {advice} (terms here: {', '.join(terms)})"
 
 
