@@ -58,9 +58,8 @@ KD = {
     "aligned_kd_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
     "aligned_kd_prefix_skip": {"name": "aligned_kd", "weight": 1.0, "init_args": {"unaligned": "skip"}},
 }
-TEACHER = {
-    m: {"cross_map": "prefix" if "prefix" in m else "exact"} for m in KD
-}  # teacher settings per method
+# teacher settings per method
+TEACHER = {m: {"cross_map": "prefix" if "prefix" in m else "exact"} for m in KD}
 
 
 def parse(argv=None):
