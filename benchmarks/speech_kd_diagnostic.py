@@ -3,7 +3,7 @@ library's speech models and `kd_loss`, on the validation split only (never the t
 
 Stages, each a separate call (results and caches in $SPEECH_DIAG_DIR, default runs/speech_kd_diag;
 $SPEECH_DIAG_STRIDE: every n-th transfer clip, default 4, 1 for all 3,744 as the recipe):
-  data      the labelled set and a quarter of the transfer clips, as tensors
+  data      the labelled set and the transfer clips (every $SPEECH_DIAG_STRIDE-th), as tensors
   teacher   the recipe's teacher (SpeechCNN width 32, cosine over 16 epochs), best val kept;
             `--stop-after N` stops after epoch N (the docs' table: 6, the CPU was taken)
   logits    the teacher's logits on the training and transfer clips, and its confidence there

@@ -143,3 +143,15 @@ def test_run_then_eval_from_another_folder_find_the_module_beside_the_recipe(tmp
     ev = distill("eval", str(tmp_path / "runs" / "wine"), cwd=other)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0
+
+
+def test_a_loss_name_resolves_whatever_the_caller_imported_first():
+    """The loss registry imports `distill.losses` on its first lookup: a fresh process that imports
+    only the registry (or `distill.run.cross`) still finds every term (before, none was known, and a
+    cross-tokenizer recipe resolved outside the pipeline got no offsets)."""
+    code = (
+        "from distill.registry import LOSSES\n"
+        "assert 'aligned_kd' in LOSSES and LOSSES.get('kd').__name__ == 'KD', LOSSES.names()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -25,8 +25,9 @@ class Registry:
     any importable `package.module.Name`. Registering a name twice warns and keeps the latest.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, home: str | None = None):
         self.kind = kind
+        self._home = home  # the module whose import registers the entries (imported on first lookup)
         self._items: dict[str, Callable[..., Any]] = {}
         self._lazy: dict[str, str] = {}
         self._bases: tuple[type, ...] = ()
@@ -59,13 +60,22 @@ class Registry:
     def add(self, name: str, obj: Callable[..., Any]) -> None:
         self.register(name)(obj)
 
+    def _load_home(self) -> None:
+        """Imports the home module, so a lookup does not depend on what the caller imported first
+        (while it is being imported, this returns its partial module: no recursion)."""
+        if self._home is not None:
+            importlib.import_module(self._home)
+
     def names(self) -> list[str]:
+        self._load_home()
         return sorted(set(self._items) | set(self._lazy))
 
     def __contains__(self, name: str) -> bool:
+        self._load_home()
         return name in self._items or name in self._lazy
 
     def get(self, name: str) -> Callable[..., Any]:
+        self._load_home()
         if name not in self._items and name in self._lazy:
             self._items[name] = import_path(self._lazy[name])
         if name not in self._items:
@@ -237,7 +247,7 @@ def import_path(path: str) -> Any:
     return getattr(module, attr)
 
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", home="distill.losses")
 MODELS = Registry("model")
 SCHEDULES = Registry("schedule")
 DATASETS = Registry("dataset")

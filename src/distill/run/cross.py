@@ -33,8 +33,6 @@ OFFSET_DATA = ("text", "chat_prompts", "served_responses")
 
 def cross_terms(cfg) -> list[str]:
     """The objective's terms that read the teacher through byte-aligned spans (any tokenizer)."""
-    import distill.losses  # noqa: F401 - registers the terms looked up here (else every name is unknown)
-
     out = []
     for n, t in cfg.objective.terms.items():
         try:
@@ -200,10 +198,12 @@ def tokenizer_fit(teacher_tok, student_tok, texts: list[str], max_length: int = 
     vmap = vocab_map(teacher_tok, student_tok)  # refuses a pair with no common character
     s_emitted = {i for i, p in enumerate(s.pieces) if p}
     mapped = {int(i) for i in vmap.tolist() if i >= 0} & s_emitted
-    t_real = sum(1 for p in t.pieces if p)
-    t_mapped = sum(1 for i, p in enumerate(t.pieces) if p and int(vmap[i]) >= 0)
-    pmap = vocab_map(teacher_tok, student_tok, mode="prefix")
-    t_prefix = sum(1 for i, p in enumerate(t.pieces) if p and int(pmap[i]) >= 0)
+    real = [i for i, p in enumerate(t.pieces) if p]
+
+    def carried(m) -> float:  # share of the teacher's real tokens a map sends to a student token
+        ids = m.tolist()
+        return sum(1 for i in real if ids[i] >= 0) / max(len(real), 1)
+
     aligned = total = 0
     if texts:
         s_ids, s_ends = s.encode(texts, max_length, add_eos=False)
@@ -219,8 +219,8 @@ def tokenizer_fit(teacher_tok, student_tok, texts: list[str], max_length: int = 
         "teacher_vocab": len(t.pieces),
         "student_vocab": len(s.pieces),
         "student_vocab_exact": len(mapped) / max(len(s_emitted), 1),
-        "teacher_vocab_mapped": t_mapped / max(t_real, 1),
-        "teacher_vocab_prefix": t_prefix / max(t_real, 1),
+        "teacher_vocab_mapped": carried(vmap),
+        "teacher_vocab_prefix": carried(vocab_map(teacher_tok, student_tok, mode="prefix")),
         "shared_chars": len(shared),
         "aligned_positions": aligned / max(total, 1),
         "texts": len(texts),
