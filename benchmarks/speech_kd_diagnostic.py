@@ -2,7 +2,9 @@
 library's speech models and `kd_loss`, on the validation split only (never the test split).
 
 Stages, each a separate call (results and caches in $SPEECH_DIAG_DIR, default runs/speech_kd_diag;
-$SPEECH_DIAG_STRIDE: every n-th transfer clip, default 4, 1 for all 3,744 as the recipe):
+$SPEECH_DIAG_STRIDE: every n-th transfer clip, default 4, 1 for all; the transfer clips are
+3,744 by the labelled set's training voices, or with $SPEECH_DIAG_NEW_VOICES=1 the recipe's
+3,888 by voices the labelled set does not have):
   data      the labelled set and the transfer clips (every $SPEECH_DIAG_STRIDE-th), as tensors
   teacher   the recipe's teacher (SpeechCNN width 32, cosine over 16 epochs), best val kept;
             `--stop-after N` stops after epoch N (the docs' table: 6, the CPU was taken)
@@ -31,9 +33,15 @@ from distill.data.speech import speech_data
 from distill.engine.trainer import seed_everything
 from distill.losses.logits import kd_loss
 from distill.models.speech import DSCNN, SpeechCNN
+from distill.run.config import load_yaml
 
 torch.set_num_threads(1)
 W = Path(os.environ.get("SPEECH_DIAG_DIR", "runs/speech_kd_diag"))
+# SPEECH_DIAG_NEW_VOICES: the transfer voices of recipes/speech_digits_transfer.yaml (espeak-ng variants
+# outside distill.data.speech.VOICES: no labelled, val or test voice)
+NEW_VOICES = load_yaml(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits_transfer.yaml")[
+    "data"
+]["transfer"]["init_args"]["voices"]
 SHIFTS = [0]  # teacher at the unshifted clip only (CPU-starved run); students still shift ±8
 
 
@@ -53,7 +61,11 @@ def load():
     if path.exists():
         return load_file(path)
     d = speech_data(clips_per_voice=2, n_mels=40, time_shift=10)
-    tr = speech_data(clips_per_voice=8, synth_seed=1, split_seed=0, splits=["train"], time_shift=10)
+    if os.environ.get("SPEECH_DIAG_NEW_VOICES"):  # transfer clips by voices the labelled set never has
+        tr = speech_data(voices=NEW_VOICES, clips_per_voice=6, synth_seed=1, splits=["train"], time_shift=10,
+                         val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    else:
+        tr = speech_data(clips_per_voice=8, synth_seed=1, split_seed=0, splits=["train"], time_shift=10)
     out = {}
     out["xtr"], out["ytr"] = tensors(d.train)
     out["xva"], out["yva"] = tensors(d.val)
