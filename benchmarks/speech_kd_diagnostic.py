@@ -37,11 +37,11 @@ from distill.run.config import load_yaml
 
 torch.set_num_threads(1)
 W = Path(os.environ.get("SPEECH_DIAG_DIR", "runs/speech_kd_diag"))
-# SPEECH_DIAG_NEW_VOICES: the transfer voices of recipes/speech_digits_transfer.yaml (espeak-ng variants
-# outside distill.data.speech.VOICES: no labelled, val or test voice)
-NEW_VOICES = load_yaml(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits_transfer.yaml")[
+# SPEECH_DIAG_NEW_VOICES: the transfer set of recipes/speech_digits_transfer.yaml (espeak-ng variants
+# outside distill.data.speech.VOICES: no labelled, val or test voice), built from the recipe's own arguments
+RECIPE_TRANSFER = load_yaml(Path(__file__).resolve().parents[1] / "recipes" / "speech_digits_transfer.yaml")[
     "data"
-]["transfer"]["init_args"]["voices"]
+]["transfer"]["init_args"]
 SHIFTS = [0]  # teacher at the unshifted clip only (CPU-starved run); students still shift ±8
 
 
@@ -62,8 +62,7 @@ def load():
         return load_file(path)
     d = speech_data(clips_per_voice=2, n_mels=40, time_shift=10)
     if os.environ.get("SPEECH_DIAG_NEW_VOICES"):  # transfer clips by voices the labelled set never has
-        tr = speech_data(voices=NEW_VOICES, clips_per_voice=6, synth_seed=1, splits=["train"], time_shift=10,
-                         val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+        tr = speech_data(**RECIPE_TRANSFER)
     else:
         tr = speech_data(clips_per_voice=8, synth_seed=1, split_seed=0, splits=["train"], time_shift=10)
     out = {}
