@@ -77,6 +77,16 @@ def test_speech_commands_folder(tmp_path):
         SpeechCommands(tmp_path / "missing")
 
 
+def test_speech_commands_keeps_only_the_named_speakers(tmp_path):
+    _write_folder(tmp_path)
+    everyone = SpeechCommands(tmp_path, split=None)
+    two = SpeechCommands(tmp_path, split=None, speakers=["alice", "carol"])
+    assert len(two) == 4 and {two.voice(i) for i in range(len(two))} == {"alice", "carol"}
+    assert two.words == everyone.words  # the labels do not move when speakers are left out
+    with pytest.raises(DistillError, match="by speakers bob"):
+        SpeechCommands(tmp_path, split="train", speakers=["bob"])  # bob is a validation speaker
+
+
 def test_speech_models():
     x = torch.randn(3, 1, 40, 101)
     teacher, student = SpeechCNN(num_classes=18), DSCNN(num_classes=18)
@@ -175,6 +185,22 @@ def test_speech_data_bundle(tiny_speech):
     assert len(data.train) + len(data.val) + len(data.test) == 15
     torch.manual_seed(0)
     assert data.train[0][0].shape == (1, 40, 101)
+
+
+def test_speech_data_labels_only_some_training_voices(tiny_speech):
+    from distill.data.speech import speech_data
+
+    root, kw = tiny_speech
+    full = speech_data(root=root, synth_seed=0, **kw)
+    part = speech_data(root=root, synth_seed=0, train_voices=2, **kw)
+    voices = {part.train.voice(i) for i in range(len(part.train))}
+    assert len(voices) == 2 and voices < {full.train.voice(i) for i in range(len(full.train))}
+    assert len(part.train) == 2 * 3  # 2 voices x 3 words x 1 clip
+    assert part.val.files == full.val.files and part.test.files == full.test.files
+    again = speech_data(root=root, synth_seed=0, train_voices=2, **kw)
+    assert again.train.files == part.train.files  # drawn from synth_seed, not the run's seed
+    with pytest.raises(DistillError, match="train_voices 4"):
+        speech_data(root=root, synth_seed=0, train_voices=4, **kw)
 
 
 @needs_espeak

@@ -351,6 +351,7 @@ class SpeechCommands(torch.utils.data.Dataset):
             on the same folder start at once. Needs a `key()` method on `features`.
         time_shift: augmentation: roll each access's features by up to this many frames either
             way (drawn from torch's global RNG, so a seeded run sees the same views).
+        speakers: keep only the clips of these speakers (the file name's part before `_nohash_`).
 
     Item `i` is `(features (1, n_mels, frames) float32, label int)`.
     """
@@ -365,6 +366,7 @@ class SpeechCommands(torch.utils.data.Dataset):
         features: Any = None,
         cache: bool = True,
         time_shift: int = 0,
+        speakers: Sequence[str] | None = None,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -394,11 +396,14 @@ class SpeechCommands(torch.utils.data.Dataset):
             for path in sorted((root / _folder_name(word)).glob("*.wav")):
                 rel = f"{path.parent.name}/{path.name}"
                 where = "val" if rel in held["val"] else "test" if rel in held["test"] else "train"
+                if speakers is not None and path.name.split("_nohash_")[0] not in speakers:
+                    continue
                 if split is None or where == split:
                     self.files.append(rel)
                     self.labels.append(label)
         if not self.files:
-            raise DistillError(f"no .wav clips for split '{split}' in {root}")
+            who = f" by speakers {', '.join(speakers)}" if speakers is not None else ""
+            raise DistillError(f"no .wav clips for split '{split}'{who} in {root}")
         self._cache: dict[int, Tensor] = {}
         if cache and hasattr(self.features, "key"):
             self._load_or_build_cache()
@@ -494,6 +499,7 @@ def speech_data(
     synth_seed: int = 0,
     split_seed: int | None = None,
     splits: Sequence[str] = SPLITS,
+    train_voices: int | None = None,
     seed: int = 0,
     **synth: Any,
 ):
@@ -506,6 +512,9 @@ def speech_data(
 
     Args:
         time_shift: training augmentation, in feature frames (10 ms each).
+        train_voices: label only this many of the training split's speakers (drawn once from
+            `synth_seed`; val and test unchanged): few labelled speakers, the usual case beside a
+            transfer set of unlabelled audio from many.
         split_seed, splits: see `synthesize_speech`. A transfer set (`data.transfer`) of fresh
             utterances by the labelled set's training voices: another `synth_seed`, `split_seed`
             the labelled set's `synth_seed`, `splits: [train]` (its val/test are then None).
@@ -535,6 +544,12 @@ def speech_data(
         word_list = list(words)
     feats = LogMel(SAMPLE_RATE, n_mels=n_mels)
     train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift)
+    if train_voices is not None:
+        have = sorted({train.voice(i) for i in range(len(train))})
+        if not 1 <= train_voices <= len(have):
+            raise DistillError(f"speech_data: train_voices {train_voices} must be in [1, {len(have)}]")
+        keep = [have[i] for i in np.random.default_rng(synth_seed).permutation(len(have))[:train_voices]]
+        train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift, speakers=keep)
     spoken = SPLITS if folder is not None else splits  # (a transfer set spoke the train split only)
     val = SpeechCommands(root, "val", train.words, features=feats) if "val" in spoken else None
     test = SpeechCommands(root, "test", train.words, features=feats) if "test" in spoken else None
