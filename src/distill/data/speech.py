@@ -390,6 +390,8 @@ class SpeechCommands(torch.utils.data.Dataset):
         held = {
             s: _read_list(root / f) for s, f in (("val", "validation_list.txt"), ("test", "testing_list.txt"))
         }
+        if speakers is not None:
+            speakers = {speakers} if isinstance(speakers, str) else set(speakers)
         self.files: list[str] = []
         self.labels: list[int] = []
         for label, word in enumerate(self.words):
@@ -402,7 +404,7 @@ class SpeechCommands(torch.utils.data.Dataset):
                     self.files.append(rel)
                     self.labels.append(label)
         if not self.files:
-            who = f" by speakers {', '.join(speakers)}" if speakers is not None else ""
+            who = f" by speakers {', '.join(sorted(speakers))}" if speakers is not None else ""
             raise DistillError(f"no .wav clips for split '{split}'{who} in {root}")
         self._cache: dict[int, Tensor] = {}
         if cache and hasattr(self.features, "key"):
@@ -543,13 +545,14 @@ def speech_data(
         )
         word_list = list(words)
     feats = LogMel(SAMPLE_RATE, n_mels=n_mels)
-    train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift)
-    if train_voices is not None:
-        have = sorted({train.voice(i) for i in range(len(train))})
+    keep = None
+    if train_voices is not None:  # (the clip list alone, no features, names the speakers)
+        listed = SpeechCommands(root, "train", word_list, features=feats, cache=False)
+        have = sorted({listed.voice(i) for i in range(len(listed))})
         if not 1 <= train_voices <= len(have):
             raise DistillError(f"speech_data: train_voices {train_voices} must be in [1, {len(have)}]")
         keep = [have[i] for i in np.random.default_rng(synth_seed).permutation(len(have))[:train_voices]]
-        train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift, speakers=keep)
+    train = SpeechCommands(root, "train", word_list, features=feats, time_shift=time_shift, speakers=keep)
     spoken = SPLITS if folder is not None else splits  # (a transfer set spoke the train split only)
     val = SpeechCommands(root, "val", train.words, features=feats) if "val" in spoken else None
     test = SpeechCommands(root, "test", train.words, features=feats) if "test" in spoken else None
