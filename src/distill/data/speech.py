@@ -398,7 +398,7 @@ class SpeechCommands(torch.utils.data.Dataset):
             for path in sorted((root / _folder_name(word)).glob("*.wav")):
                 rel = f"{path.parent.name}/{path.name}"
                 where = "val" if rel in held["val"] else "test" if rel in held["test"] else "train"
-                if speakers is not None and path.name.split("_nohash_")[0] not in speakers:
+                if speakers is not None and _speaker(path.name) not in speakers:
                     continue
                 if split is None or where == split:
                     self.files.append(rel)
@@ -445,7 +445,7 @@ class SpeechCommands(torch.utils.data.Dataset):
 
     def voice(self, i: int) -> str:
         """The speaker id of clip `i` (the part of the file name before `_nohash_`)."""
-        return Path(self.files[i]).name.split("_nohash_")[0]
+        return _speaker(Path(self.files[i]).name)
 
     def audio(self, i: int) -> np.ndarray:
         import librosa
@@ -473,6 +473,11 @@ class SpeechCommands(torch.utils.data.Dataset):
         if self.time_shift:
             x = torch.roll(x, int(torch.randint(-self.time_shift, self.time_shift + 1, ()).item()), dims=-1)
         return x, self.labels[i]
+
+
+def _speaker(file_name: str) -> str:
+    """The speaker id in a Speech Commands file name (`<speaker>_nohash_<k>.wav`)."""
+    return file_name.split("_nohash_")[0]
 
 
 def _read_list(path: Path) -> set[str]:
